@@ -1,0 +1,270 @@
+"""The Hugging Face boundary: read a checkpoint folder into our Transformer.
+
+What is in here:
+- UserError: a mistake in what the user asked for; scripts print it as one line, exit 1.
+- find_checkpoint: `--ckpt` may name the folder or any file in it.
+- args_from_config: a `config.json` (llama, qwen2, mistral, mixtral, deepseek_v2/v3) -> ModelArgs.
+- HF_NAMES / hf_name: the one mapping from our parameter names to Hugging Face's.
+- The RoPE layout change at the boundary: DeepSeek checkpoints lay rotary pairs out
+  interleaved (x0, x1), (x2, x3), ...; model.py works in rotate_half (x_i, x_{i+D/2}). Rows of
+  the projections that produce q_pe and k_pe are permuted here once, so scores are unchanged.
+- load_model: build on the meta device, then stream tensors one at a time from the
+  safetensors file(s) with shapes checked, so memory never holds two copies of the weights.
+"""
+import json
+from pathlib import Path
+
+import torch
+
+from model import ModelArgs, Transformer
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: scripts print it as one line and exit non-zero."""
+
+
+SUPPORTED = ("llama", "qwen2", "mistral", "mixtral", "deepseek_v2", "deepseek_v3")
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder, given the folder itself or any file inside it."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    folder = path if path.is_dir() else path.parent
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder}: no config.json here; expected a Hugging Face checkpoint folder")
+    return folder
+
+
+def read_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{folder / 'config.json'}: cannot read it ({e})") from None
+
+
+def _rope_config(cfg: dict) -> tuple[float, dict | None]:
+    # transformers 5 writes "rope_parameters"; older configs write "rope_theta" + "rope_scaling"
+    params = cfg.get("rope_parameters") or {}
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    scaling = cfg.get("rope_scaling") or params
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind not in ("llama3", "linear"):
+        raise UserError(f"rope type {kind!r} is not supported (supported: default, linear, llama3)")
+    return theta, {**scaling, "rope_type": kind}
+
+
+def args_from_config(cfg: dict, **overrides) -> ModelArgs:
+    kind = cfg.get("model_type")
+    if kind not in SUPPORTED:
+        raise UserError(f"model_type {kind!r} is not supported (supported: {', '.join(SUPPORTED)})")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise UserError(f"hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
+    theta, scaling = _rope_config(cfg)
+    n_heads = cfg["num_attention_heads"]
+    a = dict(
+        dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], vocab_size=cfg["vocab_size"],
+        norm_eps=cfg.get("rms_norm_eps", 1e-6), tie_embeddings=cfg.get("tie_word_embeddings", False),
+        max_seq_len=cfg.get("max_position_embeddings", 4096), hidden_dim=cfg["intermediate_size"],
+        n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+        rope_theta=theta, rope_scaling=scaling, extra=cfg,
+    )
+    if kind == "llama":
+        a.update(qkv_bias=cfg.get("attention_bias", False), o_bias=cfg.get("attention_bias", False),
+                 mlp_bias=cfg.get("mlp_bias", False))
+    elif kind == "qwen2":
+        if cfg.get("use_sliding_window"):
+            raise UserError("qwen2 with use_sliding_window is not supported")
+        a.update(qkv_bias=True)
+    elif kind in ("mistral", "mixtral"):
+        a.update(sliding_window=cfg.get("sliding_window"))
+        if kind == "mixtral":
+            a.update(n_experts=cfg["num_local_experts"], n_experts_per_tok=cfg["num_experts_per_tok"])
+    else:  # deepseek
+        if cfg.get("n_routed_experts") and cfg.get("first_k_dense_replace", 0) < cfg["num_hidden_layers"]:
+            raise UserError(f"{kind} with MoE layers is not supported: only all-dense layers "
+                            "(first_k_dense_replace >= num_hidden_layers), as convert.py writes")
+        a.update(kv_lora_rank=cfg["kv_lora_rank"], q_lora_rank=cfg.get("q_lora_rank") or 0,
+                 qk_nope_head_dim=cfg["qk_nope_head_dim"], qk_rope_head_dim=cfg["qk_rope_head_dim"],
+                 v_head_dim=cfg["v_head_dim"], qkv_bias=cfg.get("attention_bias", False),
+                 o_bias=cfg.get("attention_bias", False), head_dim=cfg["qk_rope_head_dim"])
+    a.update(overrides)
+    return ModelArgs(**a)
+
+
+def rope_interleaved(args: ModelArgs) -> bool:
+    """Whether the checkpoint's q_pe / k_pe rows are interleaved pairs (DeepSeek) or halves (HF Llama)."""
+    kind = args.extra.get("model_type")
+    return kind == "deepseek_v2" or (kind == "deepseek_v3" and args.extra.get("rope_interleave", True))
+
+
+# ----------------------------------------------------------------------------- names
+
+# our module path -> Hugging Face module path, inside a layer (model.layers.{i}.) and outside it
+HF_NAMES = {
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "attention.wq_a": "self_attn.q_a_proj",
+    "attention.q_norm": "self_attn.q_a_layernorm",
+    "attention.wq_b": "self_attn.q_b_proj",
+    "attention.wkv_a": "self_attn.kv_a_proj_with_mqa",
+    "attention.kv_norm": "self_attn.kv_a_layernorm",
+    "attention.wkv_b": "self_attn.kv_b_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.gate": "block_sparse_moe.gate",  # Mixtral router
+    "feed_forward.experts": "block_sparse_moe.experts",  # + .{e}.w1 / w2 / w3, kept as is
+}
+TOP_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+
+
+def hf_name(ours: str) -> str:
+    if not ours.startswith("layers."):
+        module, param = ours.rsplit(".", 1)
+        return f"{TOP_NAMES[module]}.{param}"
+    _, i, rest = ours.split(".", 2)
+    for mine, theirs in HF_NAMES.items():
+        if rest.startswith(mine + "."):
+            return f"model.layers.{i}.{theirs}{rest[len(mine):]}"
+    raise KeyError(ours)
+
+
+def rope_rows(args: ModelArgs, ours: str) -> torch.Tensor | None:
+    """For a DeepSeek tensor whose rows include rotary pairs, the row permutation that takes the
+    checkpoint's interleaved pairs to our rotate_half layout; None for every other tensor."""
+    if not (args.is_mla and rope_interleaved(args)):
+        return None
+    r = args.qk_rope_head_dim
+    if ours.endswith(("attention.wq.weight", "attention.wq_b.weight")):
+        n_groups, group, offset = args.n_heads, args.qk_nope_head_dim + r, args.qk_nope_head_dim
+    elif ours.endswith(("attention.wkv_a.weight", "attention.wkv_a.bias")):
+        n_groups, group, offset = 1, args.kv_lora_rank + r, args.kv_lora_rank
+    else:
+        return None
+    perm = torch.arange(n_groups * group).view(n_groups, group)
+    rope = perm[:, offset:]
+    perm[:, offset:] = torch.cat([rope[:, 0::2], rope[:, 1::2]], dim=1)  # evens first, then odds
+    return perm.flatten()
+
+
+# ----------------------------------------------------------------------------- loading
+
+class _Tensors:
+    """Every tensor of a checkpoint, single-file or sharded, opened lazily with safe_open."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (folder / "model.safetensors").is_file():
+            weight_map = None
+        else:
+            raise UserError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+        self.files = {}
+        for name in sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]:
+            path = folder / name
+            try:
+                self.files[name] = safe_open(str(path), framework="pt")
+            except Exception as e:  # safetensors reports truncation and bad headers with its own types
+                raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+        if weight_map is None:
+            weight_map = {k: "model.safetensors" for k in self.files["model.safetensors"].keys()}
+        self.weight_map = weight_map
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.files[self.weight_map[name]].get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self.files[self.weight_map[name]].get_tensor(name)
+        except Exception as e:
+            raise UserError(f"{self.weight_map[name]}: cannot read tensor {name} ({e}); is the file truncated?") from None
+
+
+def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               **overrides) -> tuple[Transformer, Path]:
+    """Load a Hugging Face checkpoint folder (or any file in it) into our Transformer."""
+    folder = find_checkpoint(path)
+    args = args_from_config(read_config(folder), **overrides)
+    tensors = _Tensors(folder)
+    with torch.device("meta"):
+        model = Transformer(args)
+    state = {}
+    for ours, meta in model.state_dict().items():
+        theirs = hf_name(ours)
+        if theirs not in tensors.weight_map:
+            raise UserError(f"{folder}: tensor {theirs} is missing (config says model_type "
+                            f"{args.extra['model_type']!r}, {args.n_layers} layers)")
+        if tensors.shape(theirs) != tuple(meta.shape):
+            raise UserError(f"{folder}: tensor {theirs} has shape {list(tensors.shape(theirs))}, "
+                            f"config.json implies {list(meta.shape)}")
+        t = tensors.get(theirs)
+        perm = rope_rows(args, ours)
+        if perm is not None:
+            t = t[perm]
+        state[ours] = t.to(device=device, dtype=dtype)
+    used = {hf_name(k) for k in state}
+    unused = [k for k in tensors.weight_map if k not in used and not _ignorable(k, args)]
+    if unused:
+        raise UserError(f"{folder}: tensors that config.json does not account for, e.g. {unused[0]} "
+                        f"({len(unused)} in all)")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.set_rope(args.max_seq_len, device)
+    return model.eval(), folder
+
+
+def _ignorable(name: str, args: ModelArgs) -> bool:
+    if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and args.tie_embeddings):
+        return True
+    # DeepSeek-V3 ships multi-token-prediction layers after the last layer: not used for generation
+    parts = name.split(".")
+    return name.startswith("model.layers.") and int(parts[2]) >= args.n_layers
+
+
+# ----------------------------------------------------------------------------- command-line helpers
+
+def default_or(ckpt: str | None) -> Path:
+    """The checkpoint a script was given, or the embedded default model (fetched on first use)."""
+    if ckpt:
+        return find_checkpoint(ckpt)
+    from fetch import ensure_default_model
+    return ensure_default_model()
+
+
+def pick_device(name: str | None) -> str:
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
+def pick_dtype(name: str | None, device: str) -> torch.dtype:
+    # fp32 by default on CPU: its bf16 matmuls are slow on most CPUs and the references use fp32
+    name = name or ("bfloat16" if device.startswith("cuda") else "float32")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise UserError(f"--dtype {name}: choose one of {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+def run(main) -> None:
+    """Run a script's main(): a UserError becomes one line on stderr and exit status 1."""
+    import sys
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,145 @@
+"""Text generation with a preallocated KV cache (per-head K/V for GQA, the latent for MLA).
+
+    python generate.py --prompt "The capital of France is" --temperature 0
+    python generate.py --ckpt path/to/checkpoint --prompt "Tell me a story" --chat --max-new-tokens 200
+    python generate.py --prompt "Once upon a time" --compile        # compiled one-token decode step
+
+Prints only the continuation on stdout, streamed as it is produced; timing on stderr.
+Without --ckpt it runs the embedded SmolLM2-135M-Instruct (fetched on first use).
+
+The loop is two functions: prefill (the whole prompt in one forward, MLA in its naive form)
+and decode_one_token (one token against the cache, MLA in its absorbed form). The decode step
+has fixed shapes and takes positions as a tensor, so `torch.compile` traces it once.
+"""
+import argparse
+import sys
+import time
+
+import torch
+
+from checkpoint import UserError, default_or, load_model, pick_device, pick_dtype, run
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+    """(B, V) logits -> (B, 1) next tokens. temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    # argmax(p / E) with E ~ Exp(1) is a draw from p: no multinomial, no host sync, compiles cleanly
+    return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1, keepdim=True)
+
+
+def prefill(model, tokens: torch.Tensor, input_pos: torch.Tensor, temperature: float, top_k: int | None):
+    logits = model(tokens, input_pos)  # (B, T, V)
+    return sample(logits[:, -1], temperature, top_k)
+
+
+def decode_one_token(model, token: torch.Tensor, input_pos: torch.Tensor, temperature: float,
+                     top_k: int | None):
+    logits = model(token, input_pos)  # (B, 1, V)
+    return sample(logits[:, -1], temperature, top_k)
+
+
+@torch.no_grad()
+def generate(model, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, stop_ids: set[int] = frozenset(), decode_step=decode_one_token,
+             on_token=None) -> list[int]:
+    """Generate up to max_new_tokens after `prompt`; the caches must hold len(prompt) + max_new_tokens.
+    Returns the new tokens (the stop token, if one came, included)."""
+    device = model.tok_embeddings.weight.device
+    tokens = torch.tensor([prompt], device=device)
+    T = len(prompt)
+    token = prefill(model, tokens, torch.arange(T, device=device), temperature, top_k)
+    out = []
+    for i in range(max_new_tokens):
+        out.append(token.item())
+        if on_token:
+            on_token(out)
+        if out[-1] in stop_ids or i == max_new_tokens - 1:
+            break
+        input_pos = torch.tensor([T + i], device=device)
+        token = decode_step(model, token.view(1, 1), input_pos, temperature, top_k).clone()
+    return out
+
+
+def compile_decode_step(device: str):
+    # fullgraph: a graph break would put Python back into every token; reduce-overhead adds
+    # CUDA graphs, which replay the whole step as one launch
+    mode = "reduce-overhead" if device.startswith("cuda") else None
+    return torch.compile(decode_one_token, fullgraph=True, dynamic=False, mode=mode)
+
+
+class Streamer:
+    """Writes the decoded continuation as it grows, holding back an incomplete UTF-8 character."""
+
+    def __init__(self, tokenizer, stop_ids):
+        self.tok, self.stop_ids, self.shown = tokenizer, stop_ids, ""
+
+    def __call__(self, ids: list[int]):
+        text = self.tok.decode([t for t in ids if t not in self.stop_ids])
+        if text.endswith("\ufffd"):
+            return
+        sys.stdout.write(text[len(self.shown):])
+        sys.stdout.flush()
+        self.shown = text
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="checkpoint folder or any file in it (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--prompt", required=True, help="text to continue (or the user message with --chat)")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--seed", type=int, default=1234, help="random seed")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)")
+    args = p.parse_args()
+    if args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+
+    from tokenizer import load_tokenizer
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    t0 = time.perf_counter()
+    model, folder = load_model(default_or(args.ckpt), device=device, dtype=dtype)
+    tok = load_tokenizer(folder)
+    if args.chat:
+        prompt = tok.encode_chat([{"role": "user", "content": args.prompt}])
+    else:
+        prompt = tok.encode(args.prompt, bos=False)
+    if not prompt:
+        raise UserError("--prompt is empty")
+    model.setup_caches(1, len(prompt) + args.max_new_tokens)
+    print(f"loaded {folder.name} ({'MLA' if model.args.is_mla else 'GQA'}, "
+          f"{model.kv_bytes_per_token() // model.args.n_layers} cache bytes per token per layer) "
+          f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+
+    step = compile_decode_step(device) if args.compile else decode_one_token
+    if args.compile:  # compile on throwaway positions past the prompt, so timing below is steady-state
+        t0 = time.perf_counter()
+        for _ in range(2):
+            step(model, torch.zeros(1, 1, dtype=torch.long, device=device),
+                 torch.tensor([len(prompt)], device=device), args.temperature, args.top_k)
+        print(f"compiled the decode step in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        torch.manual_seed(args.seed)
+
+    stop = tok.eos_ids
+    t0 = time.perf_counter()
+    out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, stop, step,
+                   on_token=Streamer(tok, stop))
+    dt = time.perf_counter() - t0
+    sys.stdout.write("\n")
+    print(f"{len(out)} tokens in {dt:.2f}s: {len(out) / dt:.1f} tokens/s "
+          f"(prompt {len(prompt)} tokens)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,374 @@
+"""The model: one Transformer that runs both grouped-query attention (GQA: Llama, Qwen2,
+Mistral, Mixtral) and multi-head latent attention (MLA: DeepSeek-V2/V3, and what convert.py
+writes), with preallocated KV caches.
+
+What is in here, top to bottom:
+- ModelArgs: every shape, grouped by what it configures. `kv_lora_rank > 0` means MLA.
+- RMSNorm, RoPE helpers (one internal layout: rotate_half, converted at the checkpoint boundary
+  in checkpoint.py), FeedForward (SwiGLU), MoEFeedForward (Mixtral's softmax top-k router).
+- KVCache (GQA: per-KV-head keys and values) and LatentCache (MLA: the latent c and the shared
+  rope key k_pe, nothing per head).
+- Attention (GQA) and MLA with its two paths: naive (expand the latent into per-head K/V,
+  good for prefill) and absorbed (fold the up-projections into the query and the output, so
+  a decode step reads only R + r values per cached token).
+- Block and Transformer; `Transformer.forward(tokens, input_pos)` gives logits at every position.
+
+Loading Hugging Face checkpoints lives in checkpoint.py; this file knows nothing of file formats.
+"""
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    # the trunk
+    dim: int = 576
+    n_layers: int = 30
+    vocab_size: int = 49152
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    max_seq_len: int = 8192  # the longest context the checkpoint was trained for (RoPE table size)
+    # feed-forward (SwiGLU); n_experts > 0 makes it a Mixtral mixture of experts
+    hidden_dim: int = 1536
+    mlp_bias: bool = False
+    n_experts: int = 0
+    n_experts_per_tok: int = 0
+    # attention, Llama names (GQA)
+    n_heads: int = 9
+    n_kv_heads: int = 3
+    head_dim: int = 64
+    qkv_bias: bool = False  # Qwen2; for MLA: bias on q_a_proj and kv_a_proj_with_mqa
+    o_bias: bool = False
+    sliding_window: int | None = None  # Mistral: attend to at most this many past tokens
+    # rotary embedding
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", ...} or None
+    # MLA, DeepSeek names; kv_lora_rank > 0 switches every layer to MLA
+    kv_lora_rank: int = 0  # R: latent values cached per token
+    q_lora_rank: int = 0  # 0: full-rank query
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0  # r: the shared rope key cached per token
+    v_head_dim: int = 0
+    latent_norm_eps: float = 1e-6  # stock DeepSeek fixes the eps of kv_a_layernorm / q_a_layernorm
+    # which MLA path: "naive", "absorb", or "auto" (naive for multi-token prefill, absorbed for decode)
+    mla_impl: str = "auto"
+    extra: dict = field(default_factory=dict, repr=False)  # config fields kept for writing back
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def rope_dim(self) -> int:
+        return self.qk_rope_head_dim if self.is_mla else self.head_dim
+
+
+# ----------------------------------------------------------------------------- small pieces
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32 whatever the model dtype (bf16 squares overflow their precision)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_frequencies(dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """Inverse frequencies of the dim // 2 rotary pairs, float32 as every reference computes them."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        # Llama-3.1: leave high frequencies alone, divide low ones by `factor`, blend in between
+        factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+        lo, hi = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        inv_freq = torch.where(medium, blended, scaled)
+    elif kind != "default":
+        raise ValueError(f"unsupported rope_type {kind!r}")
+    return inv_freq
+
+
+def rope_table(inv_freq: torch.Tensor, n_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    angles = torch.outer(torch.arange(n_pos, dtype=torch.float32), inv_freq)  # (n_pos, dim/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, T, H, D) in the rotate_half layout: dims (i, i + D/2) form pair i.
+    cos, sin: (T, D/2) for the positions of x."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # (T, 1, D/2)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=bias)  # gate
+        self.w3 = nn.Linear(dim, hidden_dim, bias=bias)  # up
+        self.w2 = nn.Linear(hidden_dim, dim, bias=bias)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoEFeedForward(nn.Module):
+    """Mixtral: softmax over all experts, keep the top k, renormalise their weights to sum 1."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k = args.n_experts_per_tok
+        self.gate = nn.Linear(args.dim, args.n_experts, bias=False)
+        self.experts = nn.ModuleList(FeedForward(args.dim, args.hidden_dim) for _ in range(args.n_experts))
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, D)
+        probs = F.softmax(self.gate(x).float(), dim=-1)
+        weight, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
+        weight = (weight / weight.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            if token.numel():
+                out.index_add_(0, token, expert(x[token]) * weight[token, slot, None])
+        return out.view(shape)
+
+
+# ----------------------------------------------------------------------------- caches
+
+class KVCache(nn.Module):
+    """GQA cache: keys and values of every KV head, 2 * n_kv_heads * head_dim values per token."""
+
+    def __init__(self, batch: int, seq_len: int, n_kv_heads: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (batch, n_kv_heads, seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # index_copy_ with a position tensor keeps the compiled decode step shape-static
+        self.k[: k.shape[0]].index_copy_(2, input_pos, k)
+        self.v[: v.shape[0]].index_copy_(2, input_pos, v)
+        return self.k[: k.shape[0]], self.v[: v.shape[0]]
+
+
+class LatentCache(nn.Module):
+    """MLA cache: the normed latent c (R values) and the roped shared key k_pe (r values) per token."""
+
+    def __init__(self, batch: int, seq_len: int, kv_lora_rank: int, rope_dim: int, dtype, device=None):
+        super().__init__()
+        self.register_buffer("c", torch.zeros(batch, seq_len, kv_lora_rank, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("k_pe", torch.zeros(batch, seq_len, rope_dim, dtype=dtype, device=device),
+                             persistent=False)
+
+    def update(self, input_pos: torch.Tensor, c: torch.Tensor, k_pe: torch.Tensor):
+        self.c[: c.shape[0]].index_copy_(1, input_pos, c)
+        self.k_pe[: c.shape[0]].index_copy_(1, input_pos, k_pe)
+        return self.c[: c.shape[0]], self.k_pe[: c.shape[0]]
+
+
+# ----------------------------------------------------------------------------- attention
+
+class Attention(nn.Module):
+    """Grouped-query attention: n_heads queries share n_kv_heads keys and values."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+        self.cache: KVCache | None = None
+
+    def kv_values_per_token(self) -> int:
+        return 2 * self.n_kv_heads * self.head_dim
+
+    def make_cache(self, batch: int, seq_len: int, dtype, device) -> KVCache:
+        return KVCache(batch, seq_len, self.n_kv_heads, self.head_dim, dtype, device)
+
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if self.cache is not None:
+            k, v = self.cache.update(input_pos, k, v)  # (B, n_kv, S, D): the whole cache, masked below
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim ** -0.5,
+                                           enable_gqa=True)  # (B, H, T, D)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3).
+
+    Keys and values come from one latent c = norm(W_DKV x) of R values per token plus one rope
+    key k_pe of r values shared by all heads. Per head h:
+        k_h = [W_UK,h c ; k_pe]      v_h = W_UV,h c      (W_UK, W_UV stacked in wkv_b)
+    Naive: build k_h, v_h for every cached token. Absorbed: since q_h . W_UK,h c = (W_UK,h^T q_h) . c,
+    fold W_UK into the query and W_UV into the output, and attend over c directly.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.R, self.r = args.kv_lora_rank, args.qk_rope_head_dim
+        self.d_nope, self.d_v = args.qk_nope_head_dim, args.v_head_dim
+        self.q_lora_rank = args.q_lora_rank
+        self.impl = args.mla_impl
+        q_out = args.n_heads * (self.d_nope + self.r)
+        if self.q_lora_rank:
+            self.wq_a = nn.Linear(args.dim, self.q_lora_rank, bias=args.qkv_bias)
+            self.q_norm = RMSNorm(self.q_lora_rank, args.latent_norm_eps)
+            self.wq_b = nn.Linear(self.q_lora_rank, q_out, bias=False)
+        else:
+            self.wq = nn.Linear(args.dim, q_out, bias=False)
+        self.wkv_a = nn.Linear(args.dim, self.R + self.r, bias=args.qkv_bias)
+        self.kv_norm = RMSNorm(self.R, args.latent_norm_eps)
+        self.wkv_b = nn.Linear(self.R, args.n_heads * (self.d_nope + self.d_v), bias=False)
+        self.wo = nn.Linear(args.n_heads * self.d_v, args.dim, bias=args.o_bias)
+        self.scale = (self.d_nope + self.r) ** -0.5
+        self.cache: LatentCache | None = None
+
+    def kv_values_per_token(self) -> int:
+        return self.R + self.r
+
+    def make_cache(self, batch: int, seq_len: int, dtype, device) -> LatentCache:
+        return LatentCache(batch, seq_len, self.R, self.r, dtype, device)
+
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        B, T, _ = x.shape
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora_rank else self.wq(x)
+        q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.d_nope, self.r], dim=-1)
+        c, k_pe = self.wkv_a(x).split([self.R, self.r], dim=-1)
+        c = self.kv_norm(c)  # (B, T, R)
+        q_pe = apply_rope(q_pe, cos, sin)  # (B, T, H, r)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # (B, T, r)
+        if self.cache is not None:
+            c, k_pe = self.cache.update(input_pos, c, k_pe)  # (B, S, R), (B, S, r)
+        absorb = self.impl == "absorb" or (self.impl == "auto" and T == 1)
+        y = self._absorbed(q_nope, q_pe, c, k_pe, mask) if absorb else self._naive(q_nope, q_pe, c, k_pe, mask)
+        return self.wo(y.reshape(B, T, -1))
+
+    def _naive(self, q_nope, q_pe, c, k_pe, mask):
+        B, S, _ = c.shape
+        kv = self.wkv_b(c).view(B, S, self.n_heads, self.d_nope + self.d_v)
+        k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)  # (B, S, H, d_nope), (B, S, H, d_v)
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H, d_nope + r)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask, scale=self.scale)  # (B, H, T, d_v)
+        return y.transpose(1, 2)
+
+    def _absorbed(self, q_nope, q_pe, c, k_pe, mask):
+        w = self.wkv_b.weight.view(self.n_heads, self.d_nope + self.d_v, self.R)
+        w_uk, w_uv = w[:, : self.d_nope], w[:, self.d_nope:]  # (H, d_nope, R), (H, d_v, R)
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # the query, moved into latent space
+        scores = (torch.einsum("bthc,bsc->bhts", q_lat, c)
+                  + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)) * self.scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        p = F.softmax(scores.float(), dim=-1).to(c.dtype)
+        o_lat = torch.einsum("bhts,bsc->bthc", p, c)  # attention output, still in latent space
+        return torch.einsum("bthc,hdc->bthd", o_lat, w_uv)  # (B, T, H, d_v)
+
+
+# ----------------------------------------------------------------------------- the model
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = MLA(args) if args.is_mla else Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = MoEFeedForward(args) if args.n_experts else FeedForward(args.dim, args.hidden_dim, args.mlp_bias)
+
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.cache_len = 0  # 0: no cache, every forward sees the whole sequence
+        self.set_rope(args.max_seq_len)
+
+    def set_rope(self, n_pos: int, device=None):
+        inv_freq = rope_frequencies(self.args.rope_dim, self.args.rope_theta, self.args.rope_scaling)
+        cos, sin = rope_table(inv_freq, n_pos)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+
+    def setup_caches(self, batch: int, seq_len: int, dtype=None, device=None):
+        """Allocate every layer's cache for `batch` sequences of up to `seq_len` tokens."""
+        dtype = dtype or self.tok_embeddings.weight.dtype
+        device = device or self.tok_embeddings.weight.device
+        for layer in self.layers:
+            layer.attention.cache = layer.attention.make_cache(batch, seq_len, dtype, device)
+        self.cache_len = seq_len
+        if seq_len > self.rope_cos.shape[0]:
+            self.set_rope(seq_len, device)
+
+    def clear_caches(self):
+        for layer in self.layers:
+            layer.attention.cache = None
+        self.cache_len = 0
+
+    def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        """Cache bytes one token costs across all layers (GQA: 2 n_kv d_h; MLA: R + r per layer)."""
+        dtype = dtype or self.tok_embeddings.weight.dtype
+        per_layer = sum(layer.attention.kv_values_per_token() for layer in self.layers)
+        return per_layer * torch.finfo(dtype).bits // 8
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) at positions input_pos (T,) -> logits (B, T, vocab).
+        With caches set up, the tokens are written at input_pos and attend to every earlier
+        cached position, so prefill can be split into chunks and decode is T = 1."""
+        B, T = tokens.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=tokens.device)
+        if self.cache_len == 0 and T > self.rope_cos.shape[0]:
+            self.set_rope(T, tokens.device)
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+        mask = self._mask(input_pos)
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, input_pos)
+        x = self.norm(x)
+        return F.linear(x, self.tok_embeddings.weight) if self.output is None else self.output(x)
+
+    def _mask(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """(T, S) boolean, True where query i may attend to key j. Keys are the whole cache
+        (S = cache_len) or, without a cache, the T tokens themselves."""
+        key_pos = torch.arange(self.cache_len or input_pos.shape[0], device=input_pos.device)
+        if not self.cache_len:
+            key_pos = key_pos + input_pos[0]  # no cache: keys are exactly the queries' positions
+        mask = key_pos[None, :] <= input_pos[:, None]
+        if self.args.sliding_window:
+            mask &= key_pos[None, :] > input_pos[:, None] - self.args.sliding_window
+        return mask
