@@ -12,6 +12,10 @@ What is in here:
   safetensors file(s) with shapes checked, so memory never holds two copies of the weights.
 """
 import json
+import os
+import shutil
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -158,11 +162,13 @@ def rope_rows(args: ModelArgs, ours: str) -> torch.Tensor | None:
 
 # ----------------------------------------------------------------------------- loading
 
-class _Tensors:
+class CheckpointReader:
     """Every tensor of a checkpoint, single-file or sharded, opened lazily with safe_open."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, path: str | Path, **overrides):
         from safetensors import safe_open
+        self.folder = folder = find_checkpoint(path)
+        self.args = args_from_config(read_config(folder), **overrides)
         index = folder / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -172,17 +178,11 @@ class _Tensors:
             raise UserError(f"{folder}: no model.safetensors or model.safetensors.index.json")
         self.files = {}
         for name in sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]:
-            path = folder / name
             try:
-                self.files[name] = safe_open(str(path), framework="pt")
+                self.files[name] = safe_open(str(folder / name), framework="pt")
             except Exception as e:  # safetensors reports truncation and bad headers with its own types
-                raise UserError(f"{path}: not a readable safetensors file ({e})") from None
-        if weight_map is None:
-            weight_map = {k: "model.safetensors" for k in self.files["model.safetensors"].keys()}
-        self.weight_map = weight_map
-
-    def shape(self, name: str) -> tuple:
-        return tuple(self.files[self.weight_map[name]].get_slice(name).get_shape())
+                raise UserError(f"{folder / name}: not a readable safetensors file ({e})") from None
+        self.weight_map = weight_map or {k: "model.safetensors" for k in self.files["model.safetensors"].keys()}
 
     def get(self, name: str) -> torch.Tensor:
         try:
@@ -190,37 +190,41 @@ class _Tensors:
         except Exception as e:
             raise UserError(f"{self.weight_map[name]}: cannot read tensor {name} ({e}); is the file truncated?") from None
 
+    def fill(self, module: torch.nn.Module, prefix: str = "", device="cpu", dtype=torch.float32) -> dict:
+        """Load every parameter of `module` (built on the meta device; its names are ours, under
+        `prefix` in the whole model) from the checkpoint, shapes checked; returns the HF names used."""
+        state, used = {}, set()
+        for ours, meta in module.state_dict().items():
+            theirs = hf_name(prefix + ours)
+            if theirs not in self.weight_map:
+                raise UserError(f"{self.folder}: tensor {theirs} is missing (config says model_type "
+                                f"{self.args.extra['model_type']!r}, {self.args.n_layers} layers)")
+            shape = tuple(self.files[self.weight_map[theirs]].get_slice(theirs).get_shape())
+            if shape != tuple(meta.shape):
+                raise UserError(f"{self.folder}: tensor {theirs} has shape {list(shape)}, "
+                                f"config.json implies {list(meta.shape)}")
+            t = self.get(theirs)
+            perm = rope_rows(self.args, prefix + ours)
+            state[ours] = (t if perm is None else t[perm]).to(device=device, dtype=dtype)
+            used.add(theirs)
+        module.load_state_dict(state, strict=True, assign=True)
+        return used
+
 
 def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
                **overrides) -> tuple[Transformer, Path]:
     """Load a Hugging Face checkpoint folder (or any file in it) into our Transformer."""
-    folder = find_checkpoint(path)
-    args = args_from_config(read_config(folder), **overrides)
-    tensors = _Tensors(folder)
+    reader = CheckpointReader(path, **overrides)
+    args = reader.args
     with torch.device("meta"):
         model = Transformer(args)
-    state = {}
-    for ours, meta in model.state_dict().items():
-        theirs = hf_name(ours)
-        if theirs not in tensors.weight_map:
-            raise UserError(f"{folder}: tensor {theirs} is missing (config says model_type "
-                            f"{args.extra['model_type']!r}, {args.n_layers} layers)")
-        if tensors.shape(theirs) != tuple(meta.shape):
-            raise UserError(f"{folder}: tensor {theirs} has shape {list(tensors.shape(theirs))}, "
-                            f"config.json implies {list(meta.shape)}")
-        t = tensors.get(theirs)
-        perm = rope_rows(args, ours)
-        if perm is not None:
-            t = t[perm]
-        state[ours] = t.to(device=device, dtype=dtype)
-    used = {hf_name(k) for k in state}
-    unused = [k for k in tensors.weight_map if k not in used and not _ignorable(k, args)]
+    used = reader.fill(model, device=device, dtype=dtype)
+    unused = [k for k in reader.weight_map if k not in used and not _ignorable(k, args)]
     if unused:
-        raise UserError(f"{folder}: tensors that config.json does not account for, e.g. {unused[0]} "
+        raise UserError(f"{reader.folder}: tensors that config.json does not account for, e.g. {unused[0]} "
                         f"({len(unused)} in all)")
-    model.load_state_dict(state, strict=True, assign=True)
     model.set_rope(args.max_seq_len, device)
-    return model.eval(), folder
+    return model.eval(), reader.folder
 
 
 def _ignorable(name: str, args: ModelArgs) -> bool:
@@ -268,3 +272,67 @@ def run(main) -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+# ----------------------------------------------------------------------------- writing
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "tokenizer.model", "chat_template.jinja")
+
+
+class CheckpointWriter:
+    """Writes a Hugging Face folder atomically: tensors go, shard by shard, into a temporary
+    sibling folder that takes the place of `folder` only in commit(). Use it as a context
+    manager: an error or interruption before commit() leaves nothing behind."""
+
+    def __init__(self, folder: str | Path, config: dict, args: ModelArgs, max_shard_bytes: int = 2 << 30):
+        self.folder = Path(folder)
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.", dir=self.folder.parent))
+        self.config, self.args = config, replace(args, extra=config)
+        self.max_shard_bytes, self.pending, self.shards, self.weight_map = max_shard_bytes, {}, [], {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def add(self, ours: str, t: torch.Tensor):
+        """Add one of our parameters under its Hugging Face name, in the checkpoint's RoPE layout."""
+        if ours == "output.weight" and self.args.tie_embeddings:
+            return
+        perm = rope_rows(self.args, ours)
+        self.pending[hf_name(ours)] = (t if perm is None else t[torch.argsort(perm)]).contiguous()
+        if sum(v.numel() * v.element_size() for v in self.pending.values()) >= self.max_shard_bytes:
+            self._flush()
+
+    def _flush(self):
+        from safetensors.torch import save_file
+        if self.pending:
+            name = f"shard-{len(self.shards)}.safetensors"
+            save_file(self.pending, self.tmp / name, metadata={"format": "pt"})
+            self.shards.append((name, list(self.pending)))
+            self.pending = {}
+
+    def commit(self, source: Path | None = None, extra_files: dict | None = None):
+        """Finish the shards, write config.json (and copy the tokenizer files from `source`), then
+        move the folder into place."""
+        self._flush()
+        n = len(self.shards)
+        for k, (name, keys) in enumerate(self.shards):
+            final = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.tmp / name, self.tmp / final)
+            self.weight_map.update({key: final for key in keys})
+        if n > 1:
+            (self.tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {}, "weight_map": dict(sorted(self.weight_map.items()))}, indent=2))
+        (self.tmp / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+        for name in TOKENIZER_FILES if source else ():
+            if (source / name).is_file():
+                shutil.copy2(source / name, self.tmp / name)
+        for name, text in (extra_files or {}).items():
+            (self.tmp / name).write_text(text)
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        os.replace(self.tmp, self.folder)

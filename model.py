@@ -54,6 +54,9 @@ class ModelArgs:
     qk_rope_head_dim: int = 0  # r: the shared rope key cached per token
     v_head_dim: int = 0
     latent_norm_eps: float = 1e-6  # stock DeepSeek fixes the eps of kv_a_layernorm / q_a_layernorm
+    # conversion only (convert.py's intermediate, exactly equivalent models): k_pe pair m rotates at
+    # frequency number rope_pairs[m] of a head_dim RoPE instead of frequency m of a rope_dim RoPE
+    rope_pairs: list[int] | None = None
     # which MLA path: "naive", "absorb", or "auto" (naive for multi-token prefill, absorbed for decode)
     mla_impl: str = "auto"
     extra: dict = field(default_factory=dict, repr=False)  # config fields kept for writing back
@@ -319,7 +322,11 @@ class Transformer(nn.Module):
         self.set_rope(args.max_seq_len)
 
     def set_rope(self, n_pos: int, device=None):
-        inv_freq = rope_frequencies(self.args.rope_dim, self.args.rope_theta, self.args.rope_scaling)
+        a = self.args
+        if a.rope_pairs is None:
+            inv_freq = rope_frequencies(a.rope_dim, a.rope_theta, a.rope_scaling)
+        else:
+            inv_freq = rope_frequencies(a.head_dim, a.rope_theta, a.rope_scaling)[torch.tensor(a.rope_pairs)]
         cos, sin = rope_table(inv_freq, n_pos)
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)

@@ -241,3 +241,73 @@ def test_user_errors(tiny, tmp_path):
     (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="safetensors"):
         load_model(bad)
+
+
+# ----------------------------------------------------------------------------- conversion (convert.py)
+
+CONVERTIBLE = ["llama", "qwen2", "mistral", "llama_tied_headdim"]
+
+
+@pytest.mark.parametrize("name", CONVERTIBLE)
+@torch.no_grad()
+def test_conversion_steps_exact(tiny, name):
+    """Step 1 (GQA as MLA) and step 2 (RoRoPE with RoPE kept on every dim) reproduce the original
+    logits; step 3 (BKV-PCA) at full rank reproduces the partial-RoPE model it starts from; so does
+    a full-rank low-rank query. Each in MLA's naive and absorbed forms."""
+    from checkpoint import CheckpointReader
+    from convert import convert_in_memory
+    folder = tiny[name][0]
+    a = CheckpointReader(folder).args
+    L, r = a.n_kv_heads * a.head_dim, a.head_dim // 2
+    calib = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(6))
+    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(7))
+
+    def logits(model, impl):
+        for layer in model.layers:
+            layer.attention.impl = impl
+        return model(tokens)
+
+    def convert(**kw):
+        return convert_in_memory(CheckpointReader(folder), calib, **kw)
+
+    original = load_model(folder, sliding_window=None)[0](tokens)  # DeepSeek has no sliding window
+    step1 = convert(upto="gqa", rope_dim=L, kv_lora_rank=L, freqfold=1)
+    step2 = convert(upto="rorope", rope_dim=L, kv_lora_rank=2 * L, freqfold=1)
+    partial = convert(upto="rorope", rope_dim=r, kv_lora_rank=2 * L - r, freqfold=2)
+    step3 = convert(upto="bkv_pca", rope_dim=r, kv_lora_rank=2 * L - r, freqfold=2)
+    step4 = convert(upto="bkv_pca", rope_dim=r, kv_lora_rank=2 * L - r, freqfold=2, q_lora_rank=a.dim)
+    for impl in ("naive", "absorb"):
+        assert_close(f"{name} step 1 GQA as MLA ({impl}) vs original", logits(step1, impl), original, 1e-4)
+        assert_close(f"{name} step 2 RoRoPE, all RoPE kept ({impl}) vs original", logits(step2, impl), original, 1e-4)
+        want = logits(partial, impl)
+        assert_close(f"{name} step 3 BKV-PCA full rank ({impl}) vs partial RoPE", logits(step3, impl), want, 1e-4)
+        assert_close(f"{name} step 4 q_lora full rank ({impl}) vs partial RoPE", logits(step4, impl), want, 1e-4)
+    assert step3.args.rope_pairs is None  # the final model uses ordinary RoPE of dim r
+    dropped = (logits(partial, "naive") - original).abs().max().item()
+    print(f"{name}: dropping RoPE to r = {r} of {L} changes logits by up to {dropped:.3g} (expected: not exact)")
+
+
+@pytest.mark.parametrize("name", CONVERTIBLE)
+@torch.no_grad()
+def test_converted_folder_loads_in_stock_transformers(tiny, name, tmp_path):
+    """The written folder is a stock DeepSeek-V3 checkpoint: transformers' own DeepseekV3ForCausalLM
+    loads it (no remote code) and agrees with our model on it, and with the in-memory conversion."""
+    from transformers import AutoModelForCausalLM
+    from checkpoint import CheckpointReader
+    from convert import convert_in_memory, convert_layers, write_checkpoint
+    folder = tiny[name][0]
+    a = CheckpointReader(folder).args
+    calib = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(6))
+    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(7))
+    kw = dict(rope_dim=a.head_dim // 2, kv_lora_rank=20, freqfold=2)
+    out = tmp_path / "mla"
+    write_checkpoint(CheckpointReader(folder), out, convert_layers(CheckpointReader(folder), calib, **kw),
+                     torch.float32, {"method": "transmla"})
+    ref = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(ref).__name__ == "DeepseekV3ForCausalLM"
+    ours, _ = load_model(out)
+    in_memory = convert_in_memory(CheckpointReader(folder), calib, **kw)
+    theirs = ref(tokens).logits
+    assert_close(f"{name} converted: ours vs transformers DeepseekV3", ours(tokens), theirs, 1e-4)
+    assert_close(f"{name} converted: written vs in-memory", ours(tokens), in_memory(tokens), 1e-5)
+    assert ours.kv_bytes_per_token() == a.n_layers * (20 + a.head_dim // 2) * 4

@@ -1,0 +1,425 @@
+"""TransMLA: convert a GQA checkpoint (Llama, Qwen2, Mistral, Mixtral) into a stock DeepSeek-V3 MLA one.
+
+    python convert.py                                  # embedded SmolLM2-135M: 384 -> 96 cache values/token/layer
+    python convert.py --ckpt llama.safetensors --out llama-mla --kv-lora-rank 512 --rope-dim 64 --freqfold 4
+
+The steps, each one function below (test_equivalence.py proves the exact ones exact):
+1. gqa_as_mla   GQA is an MLA: keys become the rope key k_pe (all of them), values the latent,
+                query heads pick their group through the maps qmap / uv. Exact.
+2. rorope       per-frequency PCA across KV heads rotates the keys so the first components carry
+                the most energy (exact: a rotation shared by the real and imaginary halves commutes
+                with RoPE), then keeps RoPE on r dims only; the rest join the latent without RoPE.
+                FreqFold F treats F adjacent frequencies as one, so each kept pair stands for F.
+3. bkv_pca      balance the no-RoPE keys against the values (alpha), then one joint PCA of both
+                into R latent dims. Exact at full rank.
+4. to_deepseek  the stock layout: softmax-scale compensation, an optional low-rank query
+                (--q-lora-rank), the latent RMSNorm made linear, q biases carried exactly.
+
+Every map acts on x1 = [x ; 1], so biases (Qwen2) ride through every step as a last column.
+Statistics are float64 second moments of the attention input, gathered layer by layer while the
+calibration text streams through the original model: peak memory is one layer plus activations.
+
+Written with stock DeepSeek in mind (transformers, vLLM, SGLang load it without custom code):
+- Stock DeepSeek always applies RMSNorm (eps 1e-6) to the latent. We scale the latent rows of
+  kv_a_proj_with_mqa down so the latent's RMS is ~1e-10: there RMSNorm(c) = w * c / sqrt(eps + ~1e-20)
+  is linear to fp32 precision, and w = sqrt(eps) / scale undoes it. Works in fp32 and bf16, not fp16.
+- Stock DeepSeek has no q bias without q_lora_rank. A q bias forces a q_lora path whose latent
+  has a constant channel (q_a_proj's bias) that q_b_proj turns into the bias; exact, same cache.
+"""
+import argparse
+import itertools
+import json
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from checkpoint import CheckpointReader, CheckpointWriter, UserError, default_or, hf_name, load_model, run
+from model import Block, ModelArgs, Transformer, rope_frequencies, rope_table
+
+TINY = 1e-10  # RMS of the latent before its (stock, unavoidable) RMSNorm: far below sqrt(eps)
+
+
+@dataclass
+class LayerMLA:
+    """One attention layer in MLA form, float64; every map acts on x1 = [x ; 1].
+
+    query head h:  q_nope = wq[h] x1 (d_h dims, no RoPE),  q_pe = qmap[h] q_nope (r dims, RoPE)
+    keys:          k_pe = kpe x1 (r dims, rotate_half; pair m turns at frequency number pairs[m]
+                   of the original head_dim RoPE), latent c = lat x1 (R dims)
+    per head:      k_nope[h] = uk[h] c,  v[h] = uv[h] c
+    score(h) = (q_nope . k_nope + q_pe . k_pe) / sqrt(d_h), the original model's scale.
+    """
+    wq: torch.Tensor  # (H, d_h, D+1)
+    qmap: torch.Tensor  # (H, r, d_h)
+    kpe: torch.Tensor  # (r, D+1)
+    pairs: list
+    lat: torch.Tensor  # (R, D+1)
+    n_lat_k: int  # the first n_lat_k latent rows are (no-RoPE) key dims, the rest values
+    uk: torch.Tensor  # (H, d_h, R)
+    uv: torch.Tensor  # (H, d_h, R)
+
+
+def _affine(linear: torch.nn.Linear) -> torch.Tensor:
+    """[W | b] as one float64 matrix acting on x1 = [x ; 1]."""
+    w = linear.weight.double()
+    b = linear.bias.double() if linear.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    return torch.cat([w, b[:, None]], dim=1)
+
+
+def top_eigvecs(cov: torch.Tensor, k: int) -> torch.Tensor:
+    """The k leading eigenvectors of a symmetric matrix, as columns, largest eigenvalue first."""
+    _, vecs = torch.linalg.eigh(cov)
+    return vecs.flip(-1)[:, :k]
+
+
+# ----------------------------------------------------------------------------- step 1
+
+def gqa_as_mla(attn, n_kv: int, d_h: int) -> LayerMLA:
+    """GQA as MLA, exact. k_pe holds every key dim, reordered so pairs of the same frequency
+    sit together: real halves [f0: head0..head(n_kv-1), f1: ...], then imaginary halves."""
+    H = attn.n_heads
+    g = H // n_kv
+    wq = _affine(attn.wq).view(H, d_h, -1)
+    wk = _affine(attn.wk).view(n_kv, d_h, -1)
+    wv = _affine(attn.wv).view(n_kv * d_h, -1)
+    half = d_h // 2
+    re = wk[:, :half].transpose(0, 1).reshape(half * n_kv, -1)  # row f * n_kv + j: head j, frequency f
+    im = wk[:, half:].transpose(0, 1).reshape(half * n_kv, -1)
+    pairs = [f for f in range(half) for _ in range(n_kv)]
+    L = n_kv * d_h
+    qmap = torch.zeros(H, L, d_h, dtype=torch.float64)
+    uv = torch.zeros(H, d_h, L, dtype=torch.float64)
+    for h in range(H):
+        j = h // g  # the KV head this query head reads
+        for f in range(half):
+            qmap[h, f * n_kv + j, f] = 1.0
+            qmap[h, L // 2 + f * n_kv + j, half + f] = 1.0
+        uv[h, :, j * d_h:(j + 1) * d_h] = torch.eye(d_h, dtype=torch.float64)
+    return LayerMLA(wq=wq, qmap=qmap, kpe=torch.cat([re, im]), pairs=pairs, lat=wv, n_lat_k=0,
+                    uk=torch.zeros(H, d_h, L, dtype=torch.float64), uv=uv)
+
+
+# ----------------------------------------------------------------------------- step 2
+
+def rorope(layer: LayerMLA, cov: torch.Tensor, rope_dim: int, freqfold: int, n_kv: int) -> LayerMLA:
+    """RoRoPE + FreqFold: rotate each block of `freqfold` frequencies (n_kv * freqfold pairs) by the
+    PCA of its keys, keep RoPE on the leading rope_dim / 2 pairs overall, move the rest to the latent."""
+    n_pairs = layer.kpe.shape[0] // 2
+    block = n_kv * freqfold
+    n_blocks = n_pairs // block
+    keep = rope_dim // 2 // n_blocks  # pairs kept per block
+    re, im = layer.kpe[:n_pairs], layer.kpe[n_pairs:]
+    q_re, q_im = layer.qmap[:, :n_pairs], layer.qmap[:, n_pairs:]
+    kept, dropped, q_kept, q_dropped, pairs = [], [], [], [], []
+    for b in range(n_blocks):
+        s = slice(b * block, (b + 1) * block)
+        # real and imaginary halves are two samples of the same n_kv*F features: RoPE only rotates within a pair
+        c = re[s] @ cov @ re[s].T + im[s] @ cov @ im[s].T
+        U = top_eigvecs(c, block)  # (block, block), orthogonal
+        r_re, r_im = U.T @ re[s], U.T @ im[s]
+        qr_re, qr_im = U.T @ q_re[:, s], U.T @ q_im[:, s]  # the same rotation on the query side
+        kept.append((r_re[:keep], r_im[:keep]))
+        dropped.append((r_re[keep:], r_im[keep:]))
+        q_kept.append((qr_re[:, :keep], qr_im[:, :keep]))
+        q_dropped.append((qr_re[:, keep:], qr_im[:, keep:]))
+        # kept pair j of block b turns at one of the block's frequencies, spread evenly: with
+        # keep = F / C this is frequency (b * keep + j) * C, ordinary RoPE of dim rope_dim
+        first = layer.pairs[b * block]
+        pairs += [first + j * freqfold // keep for j in range(keep)]
+    kpe = torch.cat([torch.cat([k[0] for k in kept]), torch.cat([k[1] for k in kept])])
+    qmap = torch.cat([torch.cat([q[0] for q in q_kept], 1), torch.cat([q[1] for q in q_kept], 1)], 1)
+    k_drop = torch.cat([torch.cat([k[0] for k in dropped]), torch.cat([k[1] for k in dropped])])
+    q_drop = torch.cat([torch.cat([q[0] for q in q_dropped], 1), torch.cat([q[1] for q in q_dropped], 1)], 1)
+    # without RoPE, q_drop . k_drop = q_nope . (q_drop_map^T k_drop): a key up-projection from the latent
+    n = k_drop.shape[0]
+    H, d_h = layer.uk.shape[:2]
+    return replace(layer, kpe=kpe, qmap=qmap, pairs=pairs,
+                   lat=torch.cat([k_drop, layer.lat]), n_lat_k=n,
+                   uk=torch.cat([q_drop.transpose(1, 2), layer.uk], 2),
+                   uv=torch.cat([torch.zeros(H, layer.uv.shape[1], n, dtype=torch.float64), layer.uv], 2))
+
+
+# ----------------------------------------------------------------------------- step 3
+
+def bkv_pca(layer: LayerMLA, cov: torch.Tensor, rank: int) -> LayerMLA:
+    """Balanced joint PCA of the no-RoPE keys and the values into `rank` latent dims."""
+    k, v = layer.lat[: layer.n_lat_k], layer.lat[layer.n_lat_k:]
+    alpha = 1.0
+    if layer.n_lat_k:  # keys are larger than values: without balancing they would own the PCA
+        norm = lambda m: torch.einsum("id,de,ie->i", m, cov, m).clamp_min(0).sqrt().mean()
+        alpha = (norm(k) / norm(v)).item()
+    scale = torch.ones(layer.lat.shape[0], dtype=torch.float64)
+    scale[: layer.n_lat_k] = 1 / alpha
+    z = scale[:, None] * layer.lat
+    W = top_eigvecs(z @ cov @ z.T, rank)  # (R_old, rank)
+    return replace(layer, lat=W.T @ z, n_lat_k=0, uk=(layer.uk / scale) @ W, uv=(layer.uv / scale) @ W)
+
+
+# ----------------------------------------------------------------------------- step 4
+
+def to_deepseek(layer: LayerMLA, attn, cov: torch.Tensor, q_lora_rank: int, bias: bool, eps: float) -> dict:
+    """Our MLA module's parameters (float64) for a LayerMLA, in the stock DeepSeek-V3 layout.
+    bias: the source has attention biases (then kv_a_proj_with_mqa, o_proj and the q path get them)."""
+    H, d_h, _ = layer.wq.shape
+    r = layer.kpe.shape[0]
+    D = layer.wq.shape[2] - 1
+    # DeepSeek scales scores by (d_nope + r)^-0.5; the GQA model used d_h^-0.5
+    q = torch.cat([layer.wq, layer.qmap @ layer.wq], 1) * math.sqrt((d_h + r) / d_h)  # (H, d_h + r, D+1)
+    q = q.reshape(H * (d_h + r), D + 1)
+    p = {}
+    if q_lora_rank or bias:
+        if q_lora_rank:  # low-rank query: PCA of the query outputs
+            P = top_eigvecs(q @ cov @ q.T, q_lora_rank)  # (n_q, Q)
+            qa, qb = P.T @ q, P
+        elif D + 1 <= q.shape[0]:  # exact: q latent = [x ; 1], its constant channel carries the bias
+            qa, qb = torch.eye(D + 1, dtype=torch.float64), q
+        else:
+            qa, qb = q, torch.eye(q.shape[0], dtype=torch.float64)
+        s = TINY / _rms(qa, cov)
+        p["wq_a.weight"], p["wq_a.bias"] = s * qa[:, :D], s * qa[:, D]
+        p["q_norm.weight"] = torch.full((qa.shape[0],), math.sqrt(eps) / s, dtype=torch.float64)
+        p["wq_b.weight"] = qb
+    else:
+        p["wq.weight"] = q[:, :D]
+    s = TINY / _rms(layer.lat, cov)
+    kv_a = torch.cat([s * layer.lat, layer.kpe])
+    p["wkv_a.weight"] = kv_a[:, :D]
+    p["kv_norm.weight"] = torch.full((layer.lat.shape[0],), math.sqrt(eps) / s, dtype=torch.float64)
+    p["wkv_b.weight"] = torch.cat([layer.uk, layer.uv], 1).reshape(-1, layer.lat.shape[0])
+    p["wo.weight"] = attn.wo.weight.double()
+    if bias:  # stock DeepSeek's attention_bias covers q_a_proj, kv_a_proj_with_mqa and o_proj alike
+        p["wkv_a.bias"] = kv_a[:, D]
+        p["wo.bias"] = attn.wo.bias.double() if attn.wo.bias is not None else torch.zeros(D, dtype=torch.float64)
+    elif q_lora_rank:
+        del p["wq_a.bias"]  # zero anyway: the source has no biases
+    return p
+
+
+def _rms(rows: torch.Tensor, cov: torch.Tensor) -> float:
+    """RMS over rows and calibration tokens of rows @ x1."""
+    return math.sqrt(max(torch.einsum("id,de,ie->", rows, cov, rows).item() / rows.shape[0], 1e-30))
+
+
+def mla_args(gqa: ModelArgs, layer: LayerMLA, params: dict) -> ModelArgs:
+    """ModelArgs of the converted model; rope_pairs only where the pairs are not ordinary RoPE."""
+    H, d_h, _ = layer.wq.shape
+    r, R = layer.kpe.shape[0], layer.lat.shape[0]
+    ordinary = all(p * r == m * d_h for m, p in enumerate(layer.pairs))
+    has_bias = "wkv_a.bias" in params
+    return replace(gqa, kv_lora_rank=R, q_lora_rank=params["wq_a.weight"].shape[0] if "wq_a.weight" in params else 0,
+                   qk_nope_head_dim=d_h, qk_rope_head_dim=r, v_head_dim=d_h, head_dim=d_h, qkv_bias=has_bias,
+                   o_bias=has_bias, rope_pairs=None if ordinary else list(layer.pairs), n_kv_heads=H,
+                   sliding_window=None)  # stock DeepSeek has no sliding window: attend to everything
+
+
+# ----------------------------------------------------------------------------- streaming the model
+
+def calibration_windows(ids: list[int], length: int, max_tokens: int | None, seed: int = 42) -> torch.Tensor:
+    n = len(ids) // length
+    if n == 0:
+        raise UserError(f"the calibration text has {len(ids)} tokens, fewer than one sample of {length}")
+    windows = torch.tensor(ids[: n * length]).view(n, length)
+    windows = windows[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+    return windows[: max(1, max_tokens // length)] if max_tokens else windows
+
+
+@torch.no_grad()
+def convert_layers(reader: CheckpointReader, calib: torch.Tensor, rope_dim: int, kv_lora_rank: int,
+                   freqfold: int, q_lora_rank: int = 0, upto: str = "bkv_pca", progress=None):
+    """Stream the original model over the calibration windows one layer at a time; yield
+    (i, converted attention params, the layer's other params, converted ModelArgs) per layer."""
+    gqa = reader.args
+    with torch.device("meta"):
+        emb = torch.nn.Embedding(gqa.vocab_size, gqa.dim)
+    reader.fill(emb, "tok_embeddings.")
+    h = emb(calib)  # (N, T, D) float32 hidden states of the calibration windows
+    del emb
+    T = calib.shape[1]
+    cos, sin = rope_table(rope_frequencies(gqa.head_dim, gqa.rope_theta, gqa.rope_scaling), T)
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    for i in range(gqa.n_layers):
+        with torch.device("meta"):
+            block = Block(gqa)
+        reader.fill(block, f"layers.{i}.")
+        cov = torch.zeros(gqa.dim + 1, gqa.dim + 1, dtype=torch.float64)
+        for b in range(0, len(h), 8):  # second moments of x1 = [attention input ; 1], then the next layer's input
+            x = block.attention_norm(h[b:b + 8]).reshape(-1, gqa.dim).double()
+            x1 = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+            cov += x1.T @ x1
+            h[b:b + 8] = block(h[b:b + 8], cos, sin, mask)
+        cov /= h.shape[0] * T
+        layer = gqa_as_mla(block.attention, gqa.n_kv_heads, gqa.head_dim)
+        if upto in ("rorope", "bkv_pca"):
+            layer = rorope(layer, cov, rope_dim, freqfold, gqa.n_kv_heads)
+        if upto == "bkv_pca":
+            layer = bkv_pca(layer, cov, kv_lora_rank)
+        params = to_deepseek(layer, block.attention, cov, q_lora_rank, gqa.qkv_bias or gqa.o_bias,
+                             ModelArgs.latent_norm_eps)
+        rest = {k: v for k, v in block.state_dict().items() if not k.startswith("attention.")}
+        yield i, params, rest, mla_args(gqa, layer, params)
+        if progress:
+            progress()
+
+
+def convert_in_memory(reader: CheckpointReader, calib: torch.Tensor, **kw) -> Transformer:
+    """The converted model as one in-memory Transformer (float32): for tests and small models."""
+    blocks = list(convert_layers(reader, calib, **kw))
+    args = blocks[0][3]
+    with torch.device("meta"):
+        model = Transformer(args)
+    reader.fill(model.tok_embeddings, "tok_embeddings.")
+    reader.fill(model.norm, "norm.")
+    if model.output is not None:
+        reader.fill(model.output, "output.")
+    for i, params, rest, _ in blocks:
+        state = {**{f"attention.{k}": v.float() for k, v in params.items()}, **rest}
+        model.layers[i].load_state_dict(state, strict=True, assign=True)
+    model.set_rope(args.max_seq_len)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- writing the checkpoint
+
+def deepseek_config(args: ModelArgs, dtype: torch.dtype) -> dict:
+    src = args.extra
+    rope = {"rope_theta": args.rope_theta, "rope_type": "default", **(args.rope_scaling or {})}
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "hidden_size": args.dim, "intermediate_size": args.hidden_dim, "moe_intermediate_size": args.hidden_dim,
+        "num_hidden_layers": args.n_layers, "first_k_dense_replace": args.n_layers,  # every layer dense
+        "n_routed_experts": 1, "n_shared_experts": 1, "num_experts_per_tok": 1, "n_group": 1, "topk_group": 1,
+        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_heads,
+        "kv_lora_rank": args.kv_lora_rank, "q_lora_rank": args.q_lora_rank or None,
+        "qk_nope_head_dim": args.qk_nope_head_dim, "qk_rope_head_dim": args.qk_rope_head_dim,
+        "v_head_dim": args.v_head_dim, "rope_interleave": True, "rope_parameters": rope,
+        "attention_bias": args.qkv_bias, "rms_norm_eps": args.norm_eps, "hidden_act": "silu",
+        "vocab_size": args.vocab_size, "max_position_embeddings": args.max_seq_len,
+        "tie_word_embeddings": args.tie_embeddings, "num_nextn_predict_layers": 0,
+        "bos_token_id": src.get("bos_token_id"), "eos_token_id": src.get("eos_token_id"),
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def write_checkpoint(reader: CheckpointReader, out: Path, layers, dtype: torch.dtype, settings: dict):
+    """Stream converted layers into a stock DeepSeek-V3 folder at `out`, atomically."""
+    layers = iter(layers)
+    first = next(layers)
+    args = first[3]
+    config = {**deepseek_config(args, dtype), "transmla": settings}
+    with CheckpointWriter(out, config, args) as writer:
+        for name in ("tok_embeddings", "norm") + (() if args.tie_embeddings else ("output",)):
+            writer.add(f"{name}.weight", reader.get(hf_name(f"{name}.weight")).to(dtype))
+        for i, params, rest, _ in itertools.chain([first], layers):
+            for k, v in {**{f"attention.{k}": v for k, v in params.items()}, **rest}.items():
+                writer.add(f"layers.{i}.{k}", v.to(dtype))
+        writer.commit(source=reader.folder)
+
+
+def check_request(args: ModelArgs, rope_dim: int, kv_lora_rank: int, freqfold: int, q_lora_rank: int):
+    """Say in one line what is wrong with the request, before any work is done."""
+    kind = args.extra.get("model_type")
+    if args.is_mla:
+        raise UserError(f"this checkpoint is already MLA ({kind}, kv_lora_rank {args.kv_lora_rank}): "
+                        "nothing to convert; run it with generate.py or bench.py")
+    d_h, L = args.head_dim, args.n_kv_heads * args.head_dim
+    if rope_dim <= 0 or rope_dim % 2 or d_h % rope_dim:
+        raise UserError(f"--rope-dim {rope_dim}: must be even and divide head_dim {d_h} (e.g. {d_h // 2})")
+    collapse = d_h // rope_dim
+    if freqfold <= 0 or freqfold % collapse or (d_h // 2) % freqfold:
+        raise UserError(f"--freqfold {freqfold}: must be a multiple of head_dim / rope_dim = {collapse} "
+                        f"and divide head_dim / 2 = {d_h // 2}")
+    if not 0 < kv_lora_rank <= 2 * L - rope_dim:
+        raise UserError(f"--kv-lora-rank {kv_lora_rank}: must be between 1 and 2 * n_kv_heads * head_dim "
+                        f"- rope_dim = {2 * L - rope_dim} for this model (no compression at the maximum)")
+    if q_lora_rank < 0 or q_lora_rank > args.dim:
+        raise UserError(f"--q-lora-rank {q_lora_rank}: must be between 0 (full-rank query) and hidden size {args.dim}")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="GQA checkpoint: folder, .safetensors or index file (default: embedded SmolLM2)")
+    p.add_argument("--out", help="output folder (default: the checkpoint folder's name + '-mla', beside it)")
+    p.add_argument("--kv-lora-rank", type=int, default=64, help="R: latent values cached per token per layer")
+    p.add_argument("--rope-dim", type=int, default=32, help="r: dims of the shared rope key (qk_rope_head_dim)")
+    p.add_argument("--freqfold", type=int, default=4, help="F: adjacent RoPE frequencies folded into one PCA")
+    p.add_argument("--q-lora-rank", type=int, default=0, help="low-rank query of this rank (0: full rank)")
+    p.add_argument("--method", default="transmla", choices=["transmla"], help="conversion method")
+    p.add_argument("--calib-text", help="calibration text file (default: the embedded calibration split)")
+    p.add_argument("--calib-tokens", type=int, help="use at most this many calibration tokens (default: all)")
+    p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration sample")
+    p.add_argument("--eval-text", help="text for perplexity before and after (default: the embedded "
+                                       "evaluation split for the default model; 'none' to skip)")
+    p.add_argument("--dtype", help="dtype of the written weights (default: float32)")
+    args = p.parse_args()
+
+    from bench import perplexity, read_text
+    from checkpoint import pick_dtype
+    from fetch import ensure_texts
+    from tokenizer import load_tokenizer
+    t_start = time.perf_counter()
+    folder = default_or(args.ckpt)
+    reader = CheckpointReader(folder)
+    check_request(reader.args, args.rope_dim, args.kv_lora_rank, args.freqfold, args.q_lora_rank)
+    out = Path(args.out) if args.out else folder.parent / f"{folder.name}-mla"
+    if out.resolve() == folder.resolve():
+        raise UserError("--out must differ from the input checkpoint folder")
+    dtype = pick_dtype(args.dtype, "cpu")
+    if args.calib_text is None or (args.eval_text is None and args.ckpt is None):
+        calib_default, eval_default = ensure_texts()
+    calib_text = read_text(args.calib_text or calib_default)
+    eval_path = args.eval_text if args.eval_text else (eval_default if args.ckpt is None else None)
+    if eval_path == "none":
+        eval_path = None
+    tok = load_tokenizer(folder)
+    calib = calibration_windows(tok.encode(calib_text), args.calib_len, args.calib_tokens)
+    eval_ids = tok.encode(read_text(eval_path)) if eval_path else None
+
+    a = reader.args
+    settings = {"method": args.method, "kv_lora_rank": args.kv_lora_rank, "rope_dim": args.rope_dim,
+                "freqfold": args.freqfold, "q_lora_rank": args.q_lora_rank,
+                "calibration": f"{len(calib)} samples x {args.calib_len} tokens"}
+    report = {"settings": settings, "source": str(folder), "out": str(out)}
+    from tqdm import tqdm
+    bar = tqdm(total=a.n_layers, desc="calibrate + convert", unit="layer", file=sys.stderr)
+    layers = convert_layers(reader, calib, args.rope_dim, args.kv_lora_rank, args.freqfold, args.q_lora_rank,
+                            progress=bar.update)
+    write_checkpoint(reader, out, layers, dtype, settings)
+    bar.close()
+    report["convert_seconds"] = round(time.perf_counter() - t_start, 1)
+    report["convert_peak_rss_mb"] = round(peak_rss_mb())
+    before, after = 2 * a.n_kv_heads * a.head_dim, args.kv_lora_rank + args.rope_dim
+    report.update(kv_values_per_token_per_layer={"before": before, "after": after},
+                  compression=round(before / after, 2))
+    if eval_ids is not None:
+        for name, path in (("ppl_before", folder), ("ppl_after", out)):
+            model, _ = load_model(path)
+            report[name] = round(perplexity(model, eval_ids, 1024)["ppl"], 4)
+            del model
+        report["eval_text"] = str(eval_path)
+    report["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    report["peak_rss_mb"] = round(peak_rss_mb())
+    (out / "convert_report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    rows = [("KV cache values / token / layer", f"{before} -> {after}"), ("compression", f"{before / after:.2f}x")]
+    if eval_ids is not None:
+        rows.append(("perplexity (eval text)", f"{report['ppl_before']:.2f} -> {report['ppl_after']:.2f}"))
+    rows += [("conversion time", f"{report['convert_seconds']}s (with evaluation {report['total_seconds']}s)"),
+             ("peak memory", f"{report['convert_peak_rss_mb']} MB converting, {report['peak_rss_mb']} MB overall"),
+             ("written", str(out))]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+if __name__ == "__main__":
+    run(main)
