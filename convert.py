@@ -220,49 +220,91 @@ def mla_args(gqa: ModelArgs, layer: LayerMLA, params: dict) -> ModelArgs:
 
 # ----------------------------------------------------------------------------- streaming the model
 
-def calibration_windows(ids: list[int], length: int, max_tokens: int | None, seed: int = 42) -> torch.Tensor:
-    n = len(ids) // length
-    if n == 0:
-        raise UserError(f"the calibration text has {len(ids)} tokens, fewer than one sample of {length}")
-    windows = torch.tensor(ids[: n * length]).view(n, length)
-    windows = windows[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
-    return windows[: max(1, max_tokens // length)] if max_tokens else windows
+def calibration_samples(documents: list[str], tokenizer, length: int, max_samples: int | None = None,
+                        seed: int = 42) -> torch.Tensor:
+    """Calibration samples of `length` tokens, built as the official code builds them: start at a
+    random unused document, append the following unused ones ("\n\n" between) until the sample
+    is long enough, truncate, and drop a sample that runs out of documents before that."""
+    torch.manual_seed(seed)
+    left, samples = list(range(len(documents))), []
+    while left and (max_samples is None or len(samples) < max_samples):
+        start = int(torch.randint(0, len(left), (1,)))
+        ids, end = [], start
+        while len(ids) < length and end < len(left):
+            ids += tokenizer.encode(("\n\n" if ids else "") + documents[left[end]])
+            end += 1
+        left = left[:start] + left[end:]
+        if len(ids) >= length:
+            samples.append(ids[:length])
+    if not samples:
+        raise UserError(f"the calibration text has no run of documents as long as {length} tokens")
+    return torch.tensor(samples)
+
+
+def second_moments(norm, h: torch.Tensor) -> torch.Tensor:
+    """E[x1 x1^T] in float64, x1 = [norm(h) ; 1]: every statistic the steps need, since each map is linear in x1."""
+    cov = torch.zeros(h.shape[-1] + 1, h.shape[-1] + 1, dtype=torch.float64)
+    for b in range(0, len(h), 8):
+        x = norm(h[b:b + 8]).reshape(-1, h.shape[-1]).double()
+        x1 = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+        cov += x1.T @ x1
+    return cov / (h.shape[0] * h.shape[1])
+
+
+def mla_block(gqa: ModelArgs, layer: LayerMLA, block: Block, cov: torch.Tensor, q_lora_rank: int):
+    """A float32 Block with MLA attention for `layer` and the rest of `block`; also its params and args."""
+    params = to_deepseek(layer, block.attention, cov, q_lora_rank, gqa.qkv_bias or gqa.o_bias,
+                         ModelArgs.latent_norm_eps)
+    args = mla_args(gqa, layer, params)
+    rest = {k: v for k, v in block.state_dict().items() if not k.startswith("attention.")}
+    with torch.device("meta"):
+        new = Block(args)
+    new.load_state_dict({**{f"attention.{k}": v.float() for k, v in params.items()}, **rest}, assign=True)
+    return new, params, rest, args
+
+
+def _run(block: Block, h: torch.Tensor, rope: tuple, mask: torch.Tensor) -> torch.Tensor:
+    for b in range(0, len(h), 8):
+        h[b:b + 8] = block(h[b:b + 8], *rope, mask)
+    return h
 
 
 @torch.no_grad()
 def convert_layers(reader: CheckpointReader, calib: torch.Tensor, rope_dim: int, kv_lora_rank: int,
                    freqfold: int, q_lora_rank: int = 0, upto: str = "bkv_pca", progress=None):
-    """Stream the original model over the calibration windows one layer at a time; yield
-    (i, converted attention params, the layer's other params, converted ModelArgs) per layer."""
+    """Stream the calibration samples through the model one layer at a time and convert each layer;
+    yield (i, converted attention params, the layer's other params, converted ModelArgs).
+
+    As in the official code, RoRoPE is fitted on the original model's activations and BKV-PCA
+    on the partial-RoPE model's own (each layer sees what the partial-RoPE layers before it
+    produce), so two streams of hidden states run side by side."""
     gqa = reader.args
     with torch.device("meta"):
         emb = torch.nn.Embedding(gqa.vocab_size, gqa.dim)
     reader.fill(emb, "tok_embeddings.")
-    h = emb(calib)  # (N, T, D) float32 hidden states of the calibration windows
+    h = emb(calib)  # (N, T, D) hidden states of the original model
+    h_partial = h.clone() if upto == "bkv_pca" else None  # ... and of the partial-RoPE model
     del emb
     T = calib.shape[1]
-    cos, sin = rope_table(rope_frequencies(gqa.head_dim, gqa.rope_theta, gqa.rope_scaling), T)
+    inv_freq = rope_frequencies(gqa.head_dim, gqa.rope_theta, gqa.rope_scaling)
     mask = torch.ones(T, T, dtype=torch.bool).tril()
     for i in range(gqa.n_layers):
         with torch.device("meta"):
             block = Block(gqa)
         reader.fill(block, f"layers.{i}.")
-        cov = torch.zeros(gqa.dim + 1, gqa.dim + 1, dtype=torch.float64)
-        for b in range(0, len(h), 8):  # second moments of x1 = [attention input ; 1], then the next layer's input
-            x = block.attention_norm(h[b:b + 8]).reshape(-1, gqa.dim).double()
-            x1 = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
-            cov += x1.T @ x1
-            h[b:b + 8] = block(h[b:b + 8], cos, sin, mask)
-        cov /= h.shape[0] * T
+        cov = second_moments(block.attention_norm, h)
         layer = gqa_as_mla(block.attention, gqa.n_kv_heads, gqa.head_dim)
         if upto in ("rorope", "bkv_pca"):
             layer = rorope(layer, cov, rope_dim, freqfold, gqa.n_kv_heads)
         if upto == "bkv_pca":
+            partial, *_ = mla_block(gqa, layer, block, cov, 0)
+            cov = second_moments(block.attention_norm, h_partial)
+            rope = rope_table(inv_freq[torch.tensor(layer.pairs)], T)
+            h_partial = _run(partial, h_partial, rope, mask)
             layer = bkv_pca(layer, cov, kv_lora_rank)
-        params = to_deepseek(layer, block.attention, cov, q_lora_rank, gqa.qkv_bias or gqa.o_bias,
-                             ModelArgs.latent_norm_eps)
-        rest = {k: v for k, v in block.state_dict().items() if not k.startswith("attention.")}
-        yield i, params, rest, mla_args(gqa, layer, params)
+        _, params, rest, args = mla_block(gqa, layer, block, cov, q_lora_rank)
+        h = _run(block, h, rope_table(inv_freq, T), mask)
+        yield i, params, rest, args
         if progress:
             progress()
 
@@ -355,7 +397,8 @@ def main():
     p.add_argument("--q-lora-rank", type=int, default=0, help="low-rank query of this rank (0: full rank)")
     p.add_argument("--method", default="transmla", choices=["transmla"], help="conversion method")
     p.add_argument("--calib-text", help="calibration text file (default: the embedded calibration split)")
-    p.add_argument("--calib-tokens", type=int, help="use at most this many calibration tokens (default: all)")
+    p.add_argument("--calib-tokens", type=int, default=128 * 256,
+                   help="calibration budget in tokens: at most this // --calib-len samples (documents: one per line)")
     p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration sample")
     p.add_argument("--eval-text", help="text for perplexity before and after (default: the embedded "
                                        "evaluation split for the default model; 'none' to skip)")
@@ -381,7 +424,8 @@ def main():
     if eval_path == "none":
         eval_path = None
     tok = load_tokenizer(folder)
-    calib = calibration_windows(tok.encode(calib_text), args.calib_len, args.calib_tokens)
+    documents = [line for line in calib_text.splitlines() if line.strip()]
+    calib = calibration_samples(documents, tok, args.calib_len, max(1, args.calib_tokens // args.calib_len))
     eval_ids = tok.encode(read_text(eval_path)) if eval_path else None
 
     a = reader.args
