@@ -9,6 +9,7 @@ one-shot prefill; compiled decode == eager decode; greedy generation == transfor
 Plus: our tiktoken tokenizer == Hugging Face tokenizers, and user errors end in one clear line.
 transformers is the test oracle only: no script imports it.
 """
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -311,3 +312,102 @@ def test_converted_folder_loads_in_stock_transformers(tiny, name, tmp_path):
     assert_close(f"{name} converted: ours vs transformers DeepseekV3", ours(tokens), theirs, 1e-4)
     assert_close(f"{name} converted: written vs in-memory", ours(tokens), in_memory(tokens), 1e-5)
     assert ours.kv_bytes_per_token() == a.n_layers * (20 + a.head_dim // 2) * 4
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+
+TRICKY = ("Hello  world 123 4567,  x  1\n\n  22 \t3 ünïcödé 😀 \x04ctrl's don't I'll  \n 9.5% 1,000 "
+          "«quote» 中文字符 ٣٤ ½ <|im_start|>user")
+
+
+def test_tiktoken_equals_hf_tokenizers():
+    from tokenizers import Tokenizer as HFTokenizer
+    from fetch import CALIB_TEXT, EVAL_TEXT, ensure_default_model, ensure_texts
+    from tokenizer import load_tokenizer
+    folder = ensure_default_model()
+    ensure_texts()
+    ours, theirs = load_tokenizer(folder), HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    for name, text in (("evaluation split", EVAL_TEXT.read_text()), ("calibration split", CALIB_TEXT.read_text()),
+                       ("digits, spaces, unicode, control codes, special tokens", TRICKY)):
+        a, b = ours.encode(text), theirs.encode(text, add_special_tokens=False).ids
+        differ = sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
+        print(f"tokenizer on {name}: {len(a)} tokens, {differ} differ from Hugging Face tokenizers")
+        assert a == b
+    assert ours.decode(ours.encode(EVAL_TEXT.read_text())) == EVAL_TEXT.read_text()
+
+
+def test_chat_template_matches_transformers():
+    from transformers import AutoTokenizer
+    from fetch import ensure_default_model
+    from tokenizer import load_tokenizer
+    folder = ensure_default_model()
+    ours, theirs = load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+    for messages in ([{"role": "user", "content": "What is 2 + 2?"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a colour."}]):
+        text = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert ours.apply_chat_template(messages) == text
+        assert ours.encode_chat(messages) == theirs(text, add_special_tokens=False).input_ids
+
+
+@torch.no_grad()
+def test_perplexity_matches_transformers(smollm):
+    """bench.py's perplexity equals transformers' on the same tokens (first 4 windows of 1024)."""
+    import math
+    import torch.nn.functional as F
+    from bench import perplexity
+    from fetch import EVAL_TEXT
+    from tokenizer import load_tokenizer
+    folder, model, ref = smollm
+    ids = load_tokenizer(folder).encode(EVAL_TEXT.read_text())[: 4 * 1024 + 100]
+    ours = perplexity(model, ids, 1024)["ppl"]
+    windows = torch.tensor(ids[: 4 * 1024]).view(4, 1024)
+    nll = sum(F.cross_entropy(ref(w[None]).logits[0, :-1], w[1:], reduction="sum").item() for w in windows)
+    theirs = math.exp(nll / (4 * 1023))
+    print(f"perplexity on 4 x 1024 tokens: ours {ours:.4f}, transformers {theirs:.4f}, "
+          f"relative difference {abs(ours / theirs - 1):.2e}")
+    assert abs(ours / theirs - 1) < 1e-4
+
+
+# ----------------------------------------------------------------------------- converting the embedded model
+
+def test_convert_embedded_model_loads_in_stock_transformers(smollm, tmp_path):
+    """python convert.py on the embedded model at the default setting (R = 64, r = 32, F = 4; a
+    smaller calibration budget to keep CI short): the folder loads in stock transformers with the
+    cache of R + r values per token per layer and matches our model on it."""
+    from transformers import AutoModelForCausalLM
+    from generate import generate
+    from tokenizer import load_tokenizer
+    out = tmp_path / "smollm-mla"
+    res = _script("convert.py", "--out", str(out), "--calib-tokens", "4096", "--eval-text", "none")
+    print(res.stdout)
+    assert res.returncode == 0, res.stderr
+    report = json.loads((out / "convert_report.json").read_text())
+    assert report["kv_values_per_token_per_layer"] == {"before": 384, "after": 96}
+    ref = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(ref).__name__ == "DeepseekV3ForCausalLM"
+    ours, _ = load_model(out)
+    tok = load_tokenizer(out)
+    ids = torch.tensor([tok.encode("The capital of France is Paris. The capital of Germany is Berlin. " * 8)])
+    with torch.no_grad():
+        assert_close("converted SmolLM2: ours vs transformers DeepseekV3", ours(ids), ref(ids).logits, 1e-3)
+    prompt = tok.encode("The capital of France is")
+    ours.setup_caches(1, len(prompt) + 16)
+    print("greedy from the converted model:", repr(tok.decode(generate(ours, prompt, 16))))
+
+
+def test_convert_user_errors(tiny, tmp_path):
+    folder = str(tiny["llama"][0])
+    calib = tmp_path / "calib.txt"
+    calib.write_text("hello world " * 200 + "\n" + "more text " * 300)
+    common = ["--ckpt", folder, "--calib-text", str(calib), "--eval-text", "none", "--calib-len", "16", "--rope-dim", "8",
+              "--kv-lora-rank", "16"]
+    out = tmp_path / "out"
+    for extra, needle in ((["--rope-dim", "3"], "--rope-dim 3"), (["--rope-dim", "6"], "--rope-dim 6"),
+                          (["--kv-lora-rank", "1000"], "--kv-lora-rank 1000"), (["--freqfold", "3"], "--freqfold 3")):
+        _one_clear_line(_script("convert.py", *common, "--out", str(out), *extra), needle)
+    _one_clear_line(_script("convert.py", *common, "--out", str(out), "--calib-text", str(tmp_path / "none.txt")),
+                    "cannot read")
+    _one_clear_line(_script("convert.py", "--ckpt", str(tiny["deepseek_v3"][0]), "--out", str(out),
+                            "--calib-text", str(calib), "--eval-text", "none"), "already MLA")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
