@@ -162,11 +162,50 @@ def rope_rows(args: ModelArgs, ours: str) -> torch.Tensor | None:
 
 # ----------------------------------------------------------------------------- loading
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class SafetensorsFile:
+    """One .safetensors file, read one tensor at a time with plain reads. (safetensors' own
+    safe_open maps the whole file: every tensor read stays resident and counts as memory, which
+    hides whether a conversion really streams.) Format: 8-byte little-endian header length, a
+    JSON header {name: {dtype, shape, data_offsets}}, then the raw little-endian data."""
+
+    def __init__(self, path: Path):
+        self.path, size = path, path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            try:
+                if not 0 < n <= size - 8:
+                    raise ValueError("bad header length")
+                header = json.loads(f.read(n))
+            except ValueError as e:
+                raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+        header.pop("__metadata__", None)
+        self.start, self.entries = 8 + n, header
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if self.start + end > size:
+            raise UserError(f"{path}: truncated ({size} bytes, its header describes {self.start + end})")
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.entries[name]["shape"])
+
+    def get(self, name: str) -> torch.Tensor:
+        e = self.entries[name]
+        begin, end = e["data_offsets"]
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self.start + begin)
+            f.readinto(buf.numpy())
+        return buf.view(SAFETENSORS_DTYPES[e["dtype"]]).reshape(e["shape"])
+
+
 class CheckpointReader:
-    """Every tensor of a checkpoint, single-file or sharded, opened lazily with safe_open."""
+    """Every tensor of a checkpoint, single-file or sharded; a tensor is read when asked for."""
 
     def __init__(self, path: str | Path, **overrides):
-        from safetensors import safe_open
         self.folder = folder = find_checkpoint(path)
         self.args = args_from_config(read_config(folder), **overrides)
         index = folder / "model.safetensors.index.json"
@@ -176,19 +215,12 @@ class CheckpointReader:
             weight_map = None
         else:
             raise UserError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-        self.files = {}
-        for name in sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]:
-            try:
-                self.files[name] = safe_open(str(folder / name), framework="pt")
-            except Exception as e:  # safetensors reports truncation and bad headers with its own types
-                raise UserError(f"{folder / name}: not a readable safetensors file ({e})") from None
-        self.weight_map = weight_map or {k: "model.safetensors" for k in self.files["model.safetensors"].keys()}
+        names = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+        self.files = {name: SafetensorsFile(folder / name) for name in names}
+        self.weight_map = weight_map or {k: "model.safetensors" for k in self.files["model.safetensors"].entries}
 
     def get(self, name: str) -> torch.Tensor:
-        try:
-            return self.files[self.weight_map[name]].get_tensor(name)
-        except Exception as e:
-            raise UserError(f"{self.weight_map[name]}: cannot read tensor {name} ({e}); is the file truncated?") from None
+        return self.files[self.weight_map[name]].get(name)
 
     def fill(self, module: torch.nn.Module, prefix: str = "", device="cpu", dtype=torch.float32) -> dict:
         """Load every parameter of `module` (built on the meta device; its names are ours, under
@@ -199,7 +231,7 @@ class CheckpointReader:
             if theirs not in self.weight_map:
                 raise UserError(f"{self.folder}: tensor {theirs} is missing (config says model_type "
                                 f"{self.args.extra['model_type']!r}, {self.args.n_layers} layers)")
-            shape = tuple(self.files[self.weight_map[theirs]].get_slice(theirs).get_shape())
+            shape = self.files[self.weight_map[theirs]].shape(theirs)
             if shape != tuple(meta.shape):
                 raise UserError(f"{self.folder}: tensor {theirs} has shape {list(shape)}, "
                                 f"config.json implies {list(meta.shape)}")
@@ -281,21 +313,25 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 class CheckpointWriter:
-    """Writes a Hugging Face folder atomically: tensors go, shard by shard, into a temporary
-    sibling folder that takes the place of `folder` only in commit(). Use it as a context
-    manager: an error or interruption before commit() leaves nothing behind."""
+    """Writes a Hugging Face folder atomically and tensor by tensor: each tensor's bytes go
+    straight to disk (a shard's data file; the shard gets its header when it closes), so memory
+    holds one tensor at a time. Everything lands in a temporary sibling folder that takes the
+    place of `folder` only in commit(). Use it as a context manager: an error or interruption
+    before commit() leaves nothing behind."""
 
     def __init__(self, folder: str | Path, config: dict, args: ModelArgs, max_shard_bytes: int = 2 << 30):
         self.folder = Path(folder)
         self.folder.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.", dir=self.folder.parent))
         self.config, self.args = config, replace(args, extra=config)
-        self.max_shard_bytes, self.pending, self.shards, self.weight_map = max_shard_bytes, {}, [], {}
+        self.max_shard_bytes, self.shards, self.header, self.data = max_shard_bytes, [], {}, None
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
+        if self.data:
+            self.data.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def add(self, ours: str, t: torch.Tensor):
@@ -303,36 +339,51 @@ class CheckpointWriter:
         if ours == "output.weight" and self.args.tie_embeddings:
             return
         perm = rope_rows(self.args, ours)
-        self.pending[hf_name(ours)] = (t if perm is None else t[torch.argsort(perm)]).contiguous()
-        if sum(v.numel() * v.element_size() for v in self.pending.values()) >= self.max_shard_bytes:
-            self._flush()
+        t = (t if perm is None else t[torch.argsort(perm)]).contiguous()
+        if self.data is None:
+            self.data, self.offset = open(self.tmp / "data", "wb"), 0
+        dtype = {v: k for k, v in SAFETENSORS_DTYPES.items()}[t.dtype]
+        n = t.numel() * t.element_size()
+        self.header[hf_name(ours)] = {"dtype": dtype, "shape": list(t.shape),
+                                      "data_offsets": [self.offset, self.offset + n]}
+        self.data.write(t.view(-1).view(torch.uint8).numpy().data)
+        self.offset += n
+        if self.offset >= self.max_shard_bytes:
+            self._close_shard()
 
-    def _flush(self):
-        from safetensors.torch import save_file
-        if self.pending:
-            name = f"shard-{len(self.shards)}.safetensors"
-            save_file(self.pending, self.tmp / name, metadata={"format": "pt"})
-            self.shards.append((name, list(self.pending)))
-            self.pending = {}
+    def _close_shard(self):
+        if self.data is None:
+            return
+        self.data.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.header}).encode()
+        header += b" " * (-len(header) % 8)  # keep the data 8-byte aligned
+        name = f"shard-{len(self.shards)}.safetensors"
+        with open(self.tmp / name, "wb") as out, open(self.tmp / "data", "rb") as data:
+            out.write(len(header).to_bytes(8, "little") + header)
+            shutil.copyfileobj(data, out, 16 << 20)
+        os.remove(self.tmp / "data")
+        self.shards.append((name, list(self.header)))
+        self.header, self.data = {}, None
 
     def commit(self, source: Path | None = None, extra_files: dict | None = None):
-        """Finish the shards, write config.json (and copy the tokenizer files from `source`), then
-        move the folder into place."""
-        self._flush()
-        n = len(self.shards)
+        """Close the last shard, write config.json (and copy the tokenizer files from `source`),
+        then move the folder into place."""
+        self._close_shard()
+        n, weight_map = len(self.shards), {}
         for k, (name, keys) in enumerate(self.shards):
             final = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
             os.replace(self.tmp / name, self.tmp / final)
-            self.weight_map.update({key: final for key in keys})
+            weight_map.update({key: final for key in keys})
         if n > 1:
             (self.tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {}, "weight_map": dict(sorted(self.weight_map.items()))}, indent=2))
+                json.dumps({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
         (self.tmp / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
         for name in TOKENIZER_FILES if source else ():
             if (source / name).is_file():
                 shutil.copy2(source / name, self.tmp / name)
         for name, text in (extra_files or {}).items():
             (self.tmp / name).write_text(text)
+        os.chmod(self.tmp, 0o755)
         if self.folder.exists():
             shutil.rmtree(self.folder)
         os.replace(self.tmp, self.folder)

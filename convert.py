@@ -366,6 +366,9 @@ def write_checkpoint(reader: CheckpointReader, out: Path, layers, dtype: torch.d
 def check_request(args: ModelArgs, rope_dim: int, kv_lora_rank: int, freqfold: int, q_lora_rank: int):
     """Say in one line what is wrong with the request, before any work is done."""
     kind = args.extra.get("model_type")
+    if args.n_experts:
+        raise UserError(f"{kind}: not converted yet. Its router renormalises the top-k softmax weights; stock "
+                        "DeepSeek-V2 does not renormalise and V3 routes with sigmoid scores, so neither loads it exactly")
     if args.is_mla:
         raise UserError(f"this checkpoint is already MLA ({kind}, kv_lora_rank {args.kv_lora_rank}): "
                         "nothing to convert; run it with generate.py or bench.py")

@@ -411,3 +411,25 @@ def test_convert_user_errors(tiny, tmp_path):
     _one_clear_line(_script("convert.py", "--ckpt", str(tiny["deepseek_v3"][0]), "--out", str(out),
                             "--calib-text", str(calib), "--eval-text", "none"), "already MLA")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_llama3_style_tokenizer_model(tmp_path):
+    """A tiktoken-format tokenizer.model (Llama-3's) loads and encodes as transformers' own
+    converter of that format does. The vocabulary is SmolLM2's, renumbered from 0."""
+    import base64
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    from fetch import EVAL_TEXT, ensure_default_model, ensure_texts
+    from tokenizer import LLAMA3_PATTERN, load_tokenizer
+    src = load_tokenizer(ensure_default_model())
+    ensure_texts()
+    ranks = src.enc._mergeable_ranks  # tiktoken's own table: token bytes -> rank
+    order = sorted(ranks, key=ranks.get)
+    (tmp_path / "tokenizer.model").write_text(
+        "".join(f"{base64.b64encode(b).decode()} {i}\n" for i, b in enumerate(order)))
+    ours = load_tokenizer(tmp_path)
+    theirs = TikTokenConverter(vocab_file=str(tmp_path / "tokenizer.model"), pattern=LLAMA3_PATTERN).converted()
+    text = EVAL_TEXT.read_text()
+    a, b = ours.encode(text), theirs.encode(text, add_special_tokens=False).ids
+    print(f"tokenizer.model: {len(a)} tokens, {sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))} differ")
+    assert a == b and ours.decode(a) == text
+    assert ours.encode_chat([{"role": "user", "content": "hi"}])[0] == ours.enc._special_tokens["<|begin_of_text|>"]

@@ -49,7 +49,11 @@ class Tokenizer:
     def __init__(self, enc: tiktoken.Encoding, bos_id: int | None, eos_ids: set[int], chat_template: str | None,
                  normalize: str | None = None, n_real: int | None = None):
         self.enc, self.bos_id, self.eos_ids = enc, bos_id, eos_ids
-        self.chat_template, self.normalize = chat_template or "", normalize
+        # no template written down: recognise the format by its special tokens
+        specials = " ".join(enc.special_tokens_set)
+        self.chat_template = chat_template or ("<|start_header_id|>" if "<|start_header_id|>" in specials
+                                               else "<|im_start|>" if "<|im_start|>" in specials else "")
+        self.normalize = normalize
         self.n_real = n_real  # ids from here on stand for bytes the vocabulary lacks: dropped, as HF does
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
