@@ -39,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import CheckpointReader, CheckpointWriter, UserError, default_or, hf_name, load_model, run
+from checkpoint import (SAFETENSORS_DTYPES, CheckpointReader, CheckpointWriter, UserError, default_or, hf_name,
+                        load_model, pick_dtype, run)
 from model import Block, ModelArgs, Transformer, rope_frequencies, rope_table
 
 TINY = 1e-10  # RMS of the latent before its (stock, unavoidable) RMSNorm: far below sqrt(eps)
@@ -405,11 +406,10 @@ def main():
     p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration sample")
     p.add_argument("--eval-text", help="text for perplexity before and after (default: the embedded "
                                        "evaluation split for the default model; 'none' to skip)")
-    p.add_argument("--dtype", help="dtype of the written weights (default: float32)")
+    p.add_argument("--dtype", help="dtype of the written weights (default: the input's)")
     args = p.parse_args()
 
     from bench import perplexity, read_text
-    from checkpoint import pick_dtype
     from fetch import ensure_texts
     from tokenizer import load_tokenizer
     t_start = time.perf_counter()
@@ -419,7 +419,9 @@ def main():
     out = Path(args.out) if args.out else folder.parent / f"{folder.name}-mla"
     if out.resolve() == folder.resolve():
         raise UserError("--out must differ from the input checkpoint folder")
-    dtype = pick_dtype(args.dtype, "cpu")
+    emb = hf_name("tok_embeddings.weight")
+    source_dtype = SAFETENSORS_DTYPES[reader.files[reader.weight_map[emb]].entries[emb]["dtype"]]
+    dtype = pick_dtype(args.dtype, "cpu") if args.dtype else source_dtype
     if args.calib_text is None or (args.eval_text is None and args.ckpt is None):
         calib_default, eval_default = ensure_texts()
     calib_text = read_text(args.calib_text or calib_default)
