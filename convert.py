@@ -30,7 +30,6 @@ import argparse
 import itertools
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -274,7 +273,8 @@ def _run(block: Block, h: torch.Tensor, rope: tuple, mask: torch.Tensor) -> torc
 def convert_layers(reader: CheckpointReader, calib: torch.Tensor, rope_dim: int, kv_lora_rank: int,
                    freqfold: int, q_lora_rank: int = 0, upto: str = "bkv_pca", progress=None):
     """Stream the calibration samples through the model one layer at a time and convert each layer;
-    yield (i, converted attention params, the layer's other params, converted ModelArgs).
+    yield (i, converted attention params, the layer's other params, converted ModelArgs, the
+    converted float32 Block).
 
     As in the official code, RoRoPE is fitted on the original model's activations and BKV-PCA
     on the partial-RoPE model's own (each layer sees what the partial-RoPE layers before it
@@ -303,9 +303,9 @@ def convert_layers(reader: CheckpointReader, calib: torch.Tensor, rope_dim: int,
             rope = rope_table(inv_freq[torch.tensor(layer.pairs)], T)
             h_partial = _run(partial, h_partial, rope, mask)
             layer = bkv_pca(layer, cov, kv_lora_rank)
-        _, params, rest, args = mla_block(gqa, layer, block, cov, q_lora_rank)
+        converted, params, rest, args = mla_block(gqa, layer, block, cov, q_lora_rank)
         h = _run(block, h, rope_table(inv_freq, T), mask)
-        yield i, params, rest, args
+        yield i, params, rest, args, converted
         if progress:
             progress()
 
@@ -320,9 +320,8 @@ def convert_in_memory(reader: CheckpointReader, calib: torch.Tensor, **kw) -> Tr
     reader.fill(model.norm, "norm.")
     if model.output is not None:
         reader.fill(model.output, "output.")
-    for i, params, rest, _ in blocks:
-        state = {**{f"attention.{k}": v.float() for k, v in params.items()}, **rest}
-        model.layers[i].load_state_dict(state, strict=True, assign=True)
+    for i, *_, block in blocks:
+        model.layers[i] = block
     model.set_rope(args.max_seq_len)
     return model.eval()
 
@@ -358,7 +357,7 @@ def write_checkpoint(reader: CheckpointReader, out: Path, layers, dtype: torch.d
     with CheckpointWriter(out, config, args) as writer:
         for name in ("tok_embeddings", "norm") + (() if args.tie_embeddings else ("output",)):
             writer.add(f"{name}.weight", reader.get(hf_name(f"{name}.weight")).to(dtype))
-        for i, params, rest, _ in itertools.chain([first], layers):
+        for i, params, rest, *_ in itertools.chain([first], layers):
             for k, v in {**{f"attention.{k}": v for k, v in params.items()}, **rest}.items():
                 writer.add(f"layers.{i}.{k}", v.to(dtype))
         writer.commit(source=reader.folder)
