@@ -3,15 +3,18 @@
 What is in here:
 - UserError: a mistake in what the user asked for; scripts print it as one line, exit 1.
 - find_checkpoint: `--ckpt` may name the folder or any file in it.
-- args_from_config: a `config.json` (llama, qwen2, mistral, mixtral, deepseek_v2/v3) -> ModelArgs.
-- HF_NAMES / hf_name: the one mapping from our parameter names to Hugging Face's.
+- args_from_config: a `config.json` (llama, qwen2, mistral, mixtral, deepseek_v2/v3, mistral4) -> ModelArgs.
+- HF_NAMES / hf_name: the one mapping from our parameter names to Hugging Face's; STACKED_EXPERTS:
+  how mistral4 (MLA + Mixtral's router, what convert.py writes for Mixtral) stacks experts.
 - The RoPE layout change at the boundary: DeepSeek checkpoints lay rotary pairs out
   interleaved (x0, x1), (x2, x3), ...; model.py works in rotate_half (x_i, x_{i+D/2}). Rows of
   the projections that produce q_pe and k_pe are permuted here once, so scores are unchanged.
 - load_model: build on the meta device, then stream tensors one at a time from the
   safetensors file(s) with shapes checked, so memory never holds two copies of the weights.
+- CheckpointWriter: the way back, tensor by tensor and atomically.
 """
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -27,7 +30,13 @@ class UserError(Exception):
     """A mistake in what the user asked for: scripts print it as one line and exit non-zero."""
 
 
-SUPPORTED = ("llama", "qwen2", "mistral", "mixtral", "deepseek_v2", "deepseek_v3")
+SUPPORTED = ("llama", "qwen2", "mistral", "mixtral", "deepseek_v2", "deepseek_v3", "mistral4")
+
+# mistral4 is DeepSeek's MLA with a router that, set as below, is exactly Mixtral's (softmax over all
+# experts, top-k, renormalised); transformers' defaults first, for fields a config.json may leave out
+MISTRAL4_AS_MIXTRAL = {"n_shared_experts": (1, 0), "n_group": (1, 1), "topk_group": (1, 1),
+                       "norm_topk_prob": (True, True), "routed_scaling_factor": (1.0, 1.0),
+                       "first_k_dense_replace": (0, 0)}
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -88,8 +97,12 @@ def args_from_config(cfg: dict, **overrides) -> ModelArgs:
         a.update(sliding_window=cfg.get("sliding_window"))
         if kind == "mixtral":
             a.update(n_experts=cfg["num_local_experts"], n_experts_per_tok=cfg["num_experts_per_tok"])
-    else:  # deepseek
-        if cfg.get("n_routed_experts") and cfg.get("first_k_dense_replace", 0) < cfg["num_hidden_layers"]:
+    else:  # MLA: deepseek_v2 / v3 with dense layers, mistral4 with Mixtral's routing
+        if kind == "mistral4":
+            _check_mistral4(cfg)
+            a.update(n_experts=cfg["n_routed_experts"], n_experts_per_tok=cfg["num_experts_per_tok"],
+                     hidden_dim=cfg["moe_intermediate_size"])
+        elif cfg.get("n_routed_experts") and cfg.get("first_k_dense_replace", 0) < cfg["num_hidden_layers"]:
             raise UserError(f"{kind} with MoE layers is not supported: only all-dense layers "
                             "(first_k_dense_replace >= num_hidden_layers), as convert.py writes")
         a.update(kv_lora_rank=cfg["kv_lora_rank"], q_lora_rank=cfg.get("q_lora_rank") or 0,
@@ -100,10 +113,25 @@ def args_from_config(cfg: dict, **overrides) -> ModelArgs:
     return ModelArgs(**a)
 
 
+def _check_mistral4(cfg: dict):
+    """Refuse, in one line, a mistral4 checkpoint whose MoE or attention our Transformer does not compute."""
+    bad = [f"{k} {cfg.get(k, default)!r}" for k, (default, want) in MISTRAL4_AS_MIXTRAL.items()
+           if cfg.get(k, default) != want]
+    rope = cfg.get("rope_parameters")
+    if not rope:
+        bad.append("no rope_parameters (transformers then uses yarn)")
+    elif rope.get("llama_4_scaling_beta"):  # queries scaled by 1 + beta log(1 + floor(pos / original_max))
+        bad.append(f"llama_4_scaling_beta {rope['llama_4_scaling_beta']!r}")
+    if bad:
+        raise UserError(f"mistral4 with {', '.join(bad)} is not supported: only Mixtral's routing "
+                        f"({', '.join(f'{k} {want!r}' for k, (_, want) in MISTRAL4_AS_MIXTRAL.items())}, "
+                        "llama_4_scaling_beta 0), as convert.py writes")
+
+
 def rope_interleaved(args: ModelArgs) -> bool:
     """Whether the checkpoint's q_pe / k_pe rows are interleaved pairs (DeepSeek) or halves (HF Llama)."""
     kind = args.extra.get("model_type")
-    return kind == "deepseek_v2" or (kind == "deepseek_v3" and args.extra.get("rope_interleave", True))
+    return kind == "deepseek_v2" or (kind in ("deepseek_v3", "mistral4") and args.extra.get("rope_interleave", True))
 
 
 # ----------------------------------------------------------------------------- names
@@ -129,14 +157,24 @@ HF_NAMES = {
     "feed_forward.experts": "block_sparse_moe.experts",  # + .{e}.w1 / w2 / w3, kept as is
 }
 TOP_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+# mistral4 keeps the MoE under mlp., like DeepSeek: the router is mlp.gate, and the experts ...
+MISTRAL4_NAMES = {**HF_NAMES, "feed_forward.gate": "mlp.gate", "feed_forward.experts": "mlp.experts"}
+# ... are stacked per layer into 3-D tensors, rows in this order (expert e's weights are rows
+# e * M ... (e + 1) * M of the tensor seen as 2-D, so one expert is one contiguous read):
+#   mlp.experts.gate_up_proj (E, 2 * hidden, dim): [w1 ; w3] of expert 0, of expert 1, ...
+#   mlp.experts.down_proj    (E, dim, hidden):      w2 of expert 0, of expert 1, ...
+# The names mlp.experts.{e}.w1.weight that hf_name gives are therefore not on disk: CheckpointReader
+# presents each expert's block of the stacked tensor under it, CheckpointWriter.add_layer stacks.
+STACKED_EXPERTS = {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)}
 
 
-def hf_name(ours: str) -> str:
+def hf_name(ours: str, kind: str | None = None) -> str:
+    """The Hugging Face name of one of our parameters in a checkpoint of model_type `kind`."""
     if not ours.startswith("layers."):
         module, param = ours.rsplit(".", 1)
         return f"{TOP_NAMES[module]}.{param}"
     _, i, rest = ours.split(".", 2)
-    for mine, theirs in HF_NAMES.items():
+    for mine, theirs in (MISTRAL4_NAMES if kind == "mistral4" else HF_NAMES).items():
         if rest.startswith(mine + "."):
             return f"model.layers.{i}.{theirs}{rest[len(mine):]}"
     raise KeyError(ours)
@@ -192,14 +230,21 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple:
         return tuple(self.entries[name]["shape"])
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor, or only rows [first, first + n) of it seen as 2-D (n, last dim): one contiguous read."""
         e = self.entries[name]
+        dtype = SAFETENSORS_DTYPES[e["dtype"]]
         begin, end = e["data_offsets"]
+        shape = e["shape"]
+        if rows is not None:
+            first, n = rows
+            row_bytes = shape[-1] * dtype.itemsize
+            begin, end, shape = begin + first * row_bytes, begin + (first + n) * row_bytes, [n, shape[-1]]
         buf = torch.empty(end - begin, dtype=torch.uint8)
         with open(self.path, "rb") as f:
             f.seek(self.start + begin)
             f.readinto(buf.numpy())
-        return buf.view(SAFETENSORS_DTYPES[e["dtype"]]).reshape(e["shape"])
+        return buf.view(dtype).reshape(shape)
 
 
 class CheckpointReader:
@@ -218,20 +263,44 @@ class CheckpointReader:
         names = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
         self.files = {name: SafetensorsFile(folder / name) for name in names}
         self.weight_map = weight_map or {k: "model.safetensors" for k in self.files["model.safetensors"].entries}
+        self.blocks = {}  # expert weight -> (stacked tensor, (first row, rows)), for mistral4
+        if self.args.extra.get("model_type") == "mistral4":
+            self._unstack_experts()
+
+    def _unstack_experts(self):
+        """List each expert's w1 / w3 / w2 (STACKED_EXPERTS) as a tensor of its own: rows of the stack."""
+        for name in [k for k in self.weight_map if k.rsplit(".", 1)[-1] in STACKED_EXPERTS]:
+            prefix, stacked = name.rsplit(".", 1)  # model.layers.{i}.mlp.experts, gate_up_proj
+            parts = STACKED_EXPERTS[stacked]
+            n_experts, m, _ = self.shape(name)  # m rows per expert, n per weight
+            n = m // len(parts)
+            for e in range(n_experts):
+                for j, w in enumerate(parts):
+                    self.blocks[f"{prefix}.{e}.{w}.weight"] = name, (e * m + j * n, n)
+                    self.weight_map[f"{prefix}.{e}.{w}.weight"] = self.weight_map[name]
+            del self.weight_map[name]
+
+    def shape(self, name: str) -> tuple:
+        file = self.files[self.weight_map[name]]
+        if name in self.blocks:
+            stacked, (_, n) = self.blocks[name]
+            return n, file.shape(stacked)[-1]
+        return file.shape(name)
 
     def get(self, name: str) -> torch.Tensor:
-        return self.files[self.weight_map[name]].get(name)
+        file = self.files[self.weight_map[name]]
+        return file.get(*self.blocks[name]) if name in self.blocks else file.get(name)
 
     def fill(self, module: torch.nn.Module, prefix: str = "", device="cpu", dtype=torch.float32) -> dict:
         """Load every parameter of `module` (built on the meta device; its names are ours, under
         `prefix` in the whole model) from the checkpoint, shapes checked; returns the HF names used."""
         state, used = {}, set()
         for ours, meta in module.state_dict().items():
-            theirs = hf_name(prefix + ours)
+            theirs = hf_name(prefix + ours, self.args.extra["model_type"])
             if theirs not in self.weight_map:
                 raise UserError(f"{self.folder}: tensor {theirs} is missing (config says model_type "
                                 f"{self.args.extra['model_type']!r}, {self.args.n_layers} layers)")
-            shape = self.files[self.weight_map[theirs]].shape(theirs)
+            shape = self.shape(theirs)
             if shape != tuple(meta.shape):
                 raise UserError(f"{self.folder}: tensor {theirs} has shape {list(shape)}, "
                                 f"config.json implies {list(meta.shape)}")
@@ -262,6 +331,8 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch
 def _ignorable(name: str, args: ModelArgs) -> bool:
     if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and args.tie_embeddings):
         return True
+    if ".mlp.shared_experts." in name and args.extra.get("model_type") == "mistral4":
+        return True  # n_shared_experts 0 (args_from_config checked): stock Mistral4 still lists them, empty
     # DeepSeek-V3 ships multi-token-prediction layers after the last layer: not used for generation
     parts = name.split(".")
     return name.startswith("model.layers.") and int(parts[2]) >= args.n_layers
@@ -339,15 +410,40 @@ class CheckpointWriter:
         if ours == "output.weight" and self.args.tie_embeddings:
             return
         perm = rope_rows(self.args, ours)
-        t = (t if perm is None else t[torch.argsort(perm)]).contiguous()
+        t = t if perm is None else t[torch.argsort(perm)]
+        self._write(hf_name(ours, self.config["model_type"]), [t], t.shape, t.dtype)
+
+    def add_layer(self, i: int, tensors: dict, dtype: torch.dtype):
+        """Add layer i's parameters (our names within the layer), each cast to dtype as it is written.
+        In a mistral4 folder the experts go into the stacked tensors (STACKED_EXPERTS) one expert at
+        a time, and the shared expert stock Mistral4 always builds gets zero rows: it adds nothing."""
+        mistral4 = self.config["model_type"] == "mistral4"
+        for k, t in tensors.items():
+            if not (mistral4 and k.startswith("feed_forward.experts.")):
+                self.add(f"layers.{i}.{k}", t.to(dtype))
+        if not mistral4:
+            return
+        n_experts, prefix = self.args.n_experts, f"model.layers.{i}.mlp"
+        for stacked, parts in STACKED_EXPERTS.items():
+            blocks = [tensors[f"feed_forward.experts.{e}.{w}.weight"] for e in range(n_experts) for w in parts]
+            shape = (n_experts, sum(b.shape[0] for b in blocks[:len(parts)]), blocks[0].shape[1])
+            self._write(f"{prefix}.experts.{stacked}", (b.to(dtype) for b in blocks), shape, dtype)
+        for name, shape in (("gate_proj", (0, self.args.dim)), ("up_proj", (0, self.args.dim)),
+                            ("down_proj", (self.args.dim, 0))):
+            self._write(f"{prefix}.shared_experts.{name}.weight", [torch.empty(shape, dtype=dtype)], shape, dtype)
+
+    def _write(self, theirs: str, blocks, shape: tuple, dtype: torch.dtype):
+        """One tensor of `shape` whose bytes come as consecutive blocks, each written as it arrives."""
         if self.data is None:
             self.data, self.offset = open(self.tmp / "data", "wb"), 0
-        dtype = {v: k for k, v in SAFETENSORS_DTYPES.items()}[t.dtype]
-        n = t.numel() * t.element_size()
-        self.header[hf_name(ours)] = {"dtype": dtype, "shape": list(t.shape),
-                                      "data_offsets": [self.offset, self.offset + n]}
-        self.data.write(t.view(-1).view(torch.uint8).numpy().data)
-        self.offset += n
+        begin = self.offset
+        for t in blocks:
+            assert t.dtype == dtype, (theirs, t.dtype, dtype)
+            self.data.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
+            self.offset += t.numel() * t.element_size()
+        assert self.offset - begin == math.prod(shape) * dtype.itemsize, (theirs, shape)
+        self.header[theirs] = {"dtype": {v: k for k, v in SAFETENSORS_DTYPES.items()}[dtype], "shape": list(shape),
+                               "data_offsets": [begin, self.offset]}
         if self.offset >= self.max_shard_bytes:
             self._close_shard()
 

@@ -1,4 +1,5 @@
-"""TransMLA: convert a GQA checkpoint (Llama, Qwen2, Mistral, Mixtral) into a stock DeepSeek-V3 MLA one.
+"""TransMLA: convert a GQA checkpoint (Llama, Qwen2, Mistral, Mixtral) into a stock MLA one:
+DeepSeek-V3 for dense models, Mistral4 (DeepSeek's MLA + Mixtral's router) for Mixtral.
 
     python convert.py                                  # embedded SmolLM2-135M: 384 -> 96 cache values/token/layer
     python convert.py --ckpt llama.safetensors --out llama-mla --kv-lora-rank 512 --rope-dim 64 --freqfold 4
@@ -25,6 +26,14 @@ Written with stock DeepSeek in mind (transformers, vLLM, SGLang load it without 
   is linear to fp32 precision, and w = sqrt(eps) / scale undoes it. Works in fp32 and bf16, not fp16.
 - Stock DeepSeek has no q bias without q_lora_rank. A q bias forces a q_lora path whose latent
   has a constant channel (q_a_proj's bias) that q_b_proj turns into the bias; exact, same cache.
+- Mixtral's router renormalises its top-k softmax weights. Stock DeepSeek-V2 does not renormalise
+  and V3 scores with a sigmoid, but stock Mistral4 has V3's attention and, with one expert group,
+  no shared expert and scaling 1, exactly Mixtral's router: Mixtral becomes a mistral4 folder, its
+  router and expert weights unchanged, the experts stacked as Mistral4 stores them (see
+  mistral4_config for what else must be set, and why). transformers 5.23 loads it with
+  Mistral4ForCausalLM (it does not list mistral4 under AutoModelForCausalLM).
+- Mistral's and Mixtral's sliding window is dropped (neither format has one): the converted model
+  attends to the whole context, identical to the original within the window.
 """
 import argparse
 import itertools
@@ -328,47 +337,82 @@ def convert_in_memory(reader: CheckpointReader, calib: torch.Tensor, **kw) -> Tr
 
 # ----------------------------------------------------------------------------- writing the checkpoint
 
-def deepseek_config(args: ModelArgs, dtype: torch.dtype) -> dict:
+def _mla_config(args: ModelArgs, dtype: torch.dtype) -> dict:
+    """The config fields DeepSeek-V3 and Mistral4 share: the trunk and the MLA attention."""
     src = args.extra
-    rope = {"rope_theta": args.rope_theta, "rope_type": "default", **(args.rope_scaling or {})}
     return {
-        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-        "hidden_size": args.dim, "intermediate_size": args.hidden_dim, "moe_intermediate_size": args.hidden_dim,
-        "num_hidden_layers": args.n_layers, "first_k_dense_replace": args.n_layers,  # every layer dense
-        "n_routed_experts": 1, "n_shared_experts": 1, "num_experts_per_tok": 1, "n_group": 1, "topk_group": 1,
+        "hidden_size": args.dim, "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_heads,
         "kv_lora_rank": args.kv_lora_rank, "q_lora_rank": args.q_lora_rank or None,
         "qk_nope_head_dim": args.qk_nope_head_dim, "qk_rope_head_dim": args.qk_rope_head_dim,
-        "v_head_dim": args.v_head_dim, "rope_interleave": True, "rope_parameters": rope,
+        "v_head_dim": args.v_head_dim, "rope_interleave": True,
         "attention_bias": args.qkv_bias, "rms_norm_eps": args.norm_eps, "hidden_act": "silu",
         "vocab_size": args.vocab_size, "max_position_embeddings": args.max_seq_len,
-        "tie_word_embeddings": args.tie_embeddings, "num_nextn_predict_layers": 0,
+        "tie_word_embeddings": args.tie_embeddings,
         "bos_token_id": src.get("bos_token_id"), "eos_token_id": src.get("eos_token_id"),
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
 
 
-def write_checkpoint(reader: CheckpointReader, out: Path, layers, dtype: torch.dtype, settings: dict):
-    """Stream converted layers into a stock DeepSeek-V3 folder at `out`, atomically."""
+def deepseek_config(args: ModelArgs, dtype: torch.dtype) -> dict:
+    rope = {"rope_theta": args.rope_theta, "rope_type": "default", **(args.rope_scaling or {})}
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", **_mla_config(args, dtype),
+        "intermediate_size": args.hidden_dim, "moe_intermediate_size": args.hidden_dim,
+        "first_k_dense_replace": args.n_layers,  # every layer dense
+        "n_routed_experts": 1, "n_shared_experts": 1, "num_experts_per_tok": 1, "n_group": 1, "topk_group": 1,
+        "rope_parameters": rope, "num_nextn_predict_layers": 0,
+    }
+
+
+def mistral4_config(args: ModelArgs, dtype: torch.dtype) -> dict:
+    """Stock Mistral4 for a converted Mixtral. Its router (softmax over all experts, best of n_group
+    groups, top k, renormalised if norm_topk_prob, times routed_scaling_factor) is Mixtral's with
+    one group, renormalisation and scaling 1; it always adds a shared expert of n_shared_experts *
+    moe_intermediate_size rows, none here. Two things in its attention need care:
+    - its "default" RoPE spans all qk_nope + qk_rope dims; the other types honour
+      partial_rotary_factor, so a source without scaling gets "linear" with factor 1: plain RoPE.
+    - it multiplies queries by 1 + llama_4_scaling_beta * log(1 + floor(pos / original_max_position_embeddings)):
+      beta 0 makes that exactly 1. The field must still be a number (transformers logs that linear
+      RoPE does not expect it; Mistral4 reads it all the same)."""
+    r, head_dim = args.qk_rope_head_dim, args.qk_nope_head_dim + args.qk_rope_head_dim
+    rope = {"rope_theta": args.rope_theta, **(args.rope_scaling or {"rope_type": "linear", "factor": 1.0}),
+            "partial_rotary_factor": _fraction(r, head_dim), "llama_4_scaling_beta": 0.0}
+    rope.setdefault("original_max_position_embeddings", args.max_seq_len)
+    return {
+        "architectures": ["Mistral4ForCausalLM"], "model_type": "mistral4", **_mla_config(args, dtype),
+        "intermediate_size": args.hidden_dim, "moe_intermediate_size": args.hidden_dim,
+        "n_routed_experts": args.n_experts, "num_experts_per_tok": args.n_experts_per_tok,
+        "n_shared_experts": 0, "n_group": 1, "topk_group": 1, "norm_topk_prob": True, "routed_scaling_factor": 1.0,
+        "first_k_dense_replace": 0, "rope_parameters": rope, "pad_token_id": args.extra.get("pad_token_id"),
+    }
+
+
+def _fraction(part: int, whole: int) -> float:
+    """part / whole, nudged up where needed so that int(whole * f) == part, as transformers computes the rotary dim."""
+    f = part / whole
+    return f if int(whole * f) == part else math.nextafter(f, 1.0)
+
+
+def write_checkpoint(reader: CheckpointReader, out: Path, layers, dtype: torch.dtype, settings: dict) -> dict:
+    """Stream converted layers into a stock folder at `out`, atomically: DeepSeek-V3, or Mistral4 for
+    a mixture of experts. Returns its config."""
     layers = iter(layers)
     first = next(layers)
     args = first[3]
-    config = {**deepseek_config(args, dtype), "transmla": settings}
+    config = {**(mistral4_config if args.n_experts else deepseek_config)(args, dtype), "transmla": settings}
     with CheckpointWriter(out, config, args) as writer:
         for name in ("tok_embeddings", "norm") + (() if args.tie_embeddings else ("output",)):
             writer.add(f"{name}.weight", reader.get(hf_name(f"{name}.weight")).to(dtype))
         for i, params, rest, *_ in itertools.chain([first], layers):
-            for k, v in {**{f"attention.{k}": v for k, v in params.items()}, **rest}.items():
-                writer.add(f"layers.{i}.{k}", v.to(dtype))
+            writer.add_layer(i, {**{f"attention.{k}": v for k, v in params.items()}, **rest}, dtype)
         writer.commit(source=reader.folder)
+    return config
 
 
 def check_request(args: ModelArgs, rope_dim: int, kv_lora_rank: int, freqfold: int, q_lora_rank: int):
     """Say in one line what is wrong with the request, before any work is done."""
     kind = args.extra.get("model_type")
-    if args.n_experts:
-        raise UserError(f"{kind}: not converted yet. Its router renormalises the top-k softmax weights; stock "
-                        "DeepSeek-V2 does not renormalise and V3 routes with sigmoid scores, so neither loads it exactly")
     if args.is_mla:
         raise UserError(f"this checkpoint is already MLA ({kind}, kv_lora_rank {args.kv_lora_rank}): "
                         "nothing to convert; run it with generate.py or bench.py")
@@ -441,7 +485,7 @@ def main():
     bar = tqdm(total=a.n_layers, desc="calibrate + convert", unit="layer", file=sys.stderr)
     layers = convert_layers(reader, calib, args.rope_dim, args.kv_lora_rank, args.freqfold, args.q_lora_rank,
                             progress=bar.update)
-    write_checkpoint(reader, out, layers, dtype, settings)
+    config = write_checkpoint(reader, out, layers, dtype, settings)
     bar.close()
     report["convert_seconds"] = round(time.perf_counter() - t_start, 1)
     report["convert_peak_rss_mb"] = round(peak_rss_mb())
@@ -463,7 +507,7 @@ def main():
         rows.append(("perplexity (eval text)", f"{report['ppl_before']:.2f} -> {report['ppl_after']:.2f}"))
     rows += [("conversion time", f"{report['convert_seconds']}s (with evaluation {report['total_seconds']}s)"),
              ("peak memory", f"{report['convert_peak_rss_mb']} MB converting, {report['peak_rss_mb']} MB overall"),
-             ("written", str(out))]
+             ("written", f"{out} (stock {config['architectures'][0]})")]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

@@ -5,7 +5,9 @@
 Rungs: our forward == transformers (tiny random Llama, Qwen2, Mistral, Mixtral, DeepSeek-V2/V3
 checkpoints written by transformers itself, and the embedded SmolLM2); cached token-by-token
 decode == one full forward (GQA, MLA naive, MLA absorbed); naive == absorbed; chunked prefill ==
-one-shot prefill; compiled decode == eager decode; greedy generation == transformers'.
+one-shot prefill; compiled decode == eager decode; greedy generation == transformers'; each exact
+conversion step == the model it starts from (Mixtral too), and the converted folder in stock
+transformers (DeepSeek-V3; Mistral4 for Mixtral) == our model on it.
 Plus: our tiktoken tokenizer == Hugging Face tokenizers, and user errors end in one clear line.
 transformers is the test oracle only: no script imports it.
 """
@@ -245,7 +247,7 @@ def test_user_errors(tiny, tmp_path):
 
 # ----------------------------------------------------------------------------- conversion (convert.py)
 
-CONVERTIBLE = ["llama", "qwen2", "mistral", "llama_tied_headdim"]
+CONVERTIBLE = ["llama", "qwen2", "mistral", "llama_tied_headdim", "mixtral"]
 
 
 @pytest.mark.parametrize("name", CONVERTIBLE)
@@ -290,9 +292,10 @@ def test_conversion_steps_exact(tiny, name):
 @pytest.mark.parametrize("name", CONVERTIBLE)
 @torch.no_grad()
 def test_converted_folder_loads_in_stock_transformers(tiny, name, tmp_path):
-    """The written folder is a stock DeepSeek-V3 checkpoint: transformers' own DeepseekV3ForCausalLM
-    loads it (no remote code) and agrees with our model on it, and with the in-memory conversion."""
-    from transformers import AutoModelForCausalLM
+    """The written folder is a stock checkpoint, DeepSeek-V3 (Mistral4 for Mixtral): transformers' own
+    class loads it (no remote code, no missing or unexpected tensor) and agrees with our model on
+    it, and with the in-memory conversion."""
+    from transformers import AutoModelForCausalLM, Mistral4ForCausalLM
     from checkpoint import CheckpointReader
     from convert import convert_in_memory, convert_layers, write_checkpoint
     folder = tiny[name][0]
@@ -303,14 +306,46 @@ def test_converted_folder_loads_in_stock_transformers(tiny, name, tmp_path):
     out = tmp_path / "mla"
     write_checkpoint(CheckpointReader(folder), out, convert_layers(CheckpointReader(folder), calib, **kw),
                      torch.float32, {"method": "transmla"})
-    ref = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(ref).__name__ == "DeepseekV3ForCausalLM"
+    # transformers 5.23 does not list mistral4 under AutoModelForCausalLM: its own class, then
+    cls = Mistral4ForCausalLM if a.n_experts else AutoModelForCausalLM
+    ref, info = cls.from_pretrained(out, output_loading_info=True)
+    ref.eval()
+    kind = type(ref).__name__.removesuffix("ForCausalLM")
+    assert kind == ("Mistral4" if a.n_experts else "DeepseekV3")
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
     ours, _ = load_model(out)
     in_memory = convert_in_memory(CheckpointReader(folder), calib, **kw)
     theirs = ref(tokens).logits
-    assert_close(f"{name} converted: ours vs transformers DeepseekV3", ours(tokens), theirs, 1e-4)
+    assert_close(f"{name} converted: ours vs transformers {kind}", ours(tokens), theirs, 1e-4)
     assert_close(f"{name} converted: written vs in-memory", ours(tokens), in_memory(tokens), 1e-5)
     assert ours.kv_bytes_per_token() == a.n_layers * (20 + a.head_dim // 2) * 4
+
+
+def test_mistral4_other_than_mixtral_is_refused():
+    """A mistral4 checkpoint with a router or query scaling that is not Mixtral's (Mistral-Small-4:
+    shared expert, llama-4 query scaling, yarn) is refused in one line naming the field."""
+    from transformers import Mistral4Config
+    from checkpoint import args_from_config
+    shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                 intermediate_size=96, moe_intermediate_size=96, vocab_size=VOCAB, n_routed_experts=4,
+                 num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=16,
+                 qk_rope_head_dim=8, v_head_dim=16)
+    rope = {"rope_type": "linear", "factor": 1.0, "rope_theta": 1e6, "llama_4_scaling_beta": 0.0,
+            "original_max_position_embeddings": 256}
+    ok = Mistral4Config(**shape, n_shared_experts=0, rope_parameters=rope).to_dict()
+    a = args_from_config(ok)
+    assert (a.n_experts, a.n_experts_per_tok, a.hidden_dim, a.kv_lora_rank) == (4, 2, 96, 16)
+    bad = [({"n_shared_experts": 1}, "n_shared_experts 1"), ({"n_group": 2}, "n_group 2"),
+           ({"topk_group": 2}, "topk_group 2"), ({"norm_topk_prob": False}, "norm_topk_prob False"),
+           ({"routed_scaling_factor": 2.5}, "routed_scaling_factor 2.5"),
+           ({"first_k_dense_replace": 1}, "first_k_dense_replace 1"),
+           ({"rope_parameters": {**rope, "llama_4_scaling_beta": 0.1}}, "llama_4_scaling_beta 0.1"),
+           (Mistral4Config(**shape).to_dict(), "rope type 'yarn'")]  # the stock defaults
+    for change, needle in bad:
+        with pytest.raises(UserError) as e:
+            args_from_config({**ok, **change})
+        print("refused:", e.value)
+        assert needle in str(e.value) and "\n" not in str(e.value)
 
 
 # ----------------------------------------------------------------------------- the tokenizer
