@@ -172,19 +172,19 @@ class KVCache(nn.Module):
 
 
 class LatentCache(nn.Module):
-    """MLA cache: the normed latent c (R values) and the roped shared key k_pe (r values) per token."""
+    """MLA cache: per token the normed latent c (R values) and the roped shared key k_pe (r values),
+    side by side in one buffer kv = [c ; k_pe], so absorbed attention scores read it in one matmul."""
 
     def __init__(self, batch: int, seq_len: int, kv_lora_rank: int, rope_dim: int, dtype, device=None):
         super().__init__()
-        self.register_buffer("c", torch.zeros(batch, seq_len, kv_lora_rank, dtype=dtype, device=device),
-                             persistent=False)
-        self.register_buffer("k_pe", torch.zeros(batch, seq_len, rope_dim, dtype=dtype, device=device),
+        self.R = kv_lora_rank
+        self.register_buffer("kv", torch.zeros(batch, seq_len, kv_lora_rank + rope_dim, dtype=dtype, device=device),
                              persistent=False)
 
-    def update(self, input_pos: torch.Tensor, c: torch.Tensor, k_pe: torch.Tensor):
-        self.c[: c.shape[0]].index_copy_(1, input_pos, c)
-        self.k_pe[: c.shape[0]].index_copy_(1, input_pos, k_pe)
-        return self.c[: c.shape[0]], self.k_pe[: c.shape[0]]
+    def update(self, input_pos: torch.Tensor, c: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
+        kv = self.kv[: c.shape[0]]
+        kv.index_copy_(1, input_pos, torch.cat([c, k_pe], dim=-1))
+        return kv  # (B, S, R + r)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -209,16 +209,22 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, input_pos=None):
         B, T, _ = x.shape
+        n_kv, G = self.n_kv_heads, self.n_heads // self.n_kv_heads
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        k = self.wk(x).view(B, T, n_kv, self.head_dim)
+        v = self.wv(x).view(B, T, n_kv, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, n_kv, T, D)
         if self.cache is not None:
             k, v = self.cache.update(input_pos, k, v)  # (B, n_kv, S, D): the whole cache, masked below
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim ** -0.5,
-                                           enable_gqa=True)  # (B, H, T, D)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        # the G query heads of a KV head become G * T query rows against that head's keys, so each
+        # key and value is read once per KV head (not once per query head, nor copied G times)
+        q = q.view(B, T, n_kv, G, self.head_dim).permute(0, 2, 3, 1, 4).reshape(B, n_kv, G * T, -1)
+        if mask is not None:
+            mask = mask.repeat(G, 1)  # (G * T, S)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim ** -0.5)
+        y = y.view(B, n_kv, G, T, self.head_dim).permute(0, 3, 1, 2, 4)  # (B, T, n_kv, G, D)
+        return self.wo(y.reshape(B, T, -1))
 
 
 class MLA(nn.Module):
@@ -266,32 +272,38 @@ class MLA(nn.Module):
         c = self.kv_norm(c)  # (B, T, R)
         q_pe = apply_rope(q_pe, cos, sin)  # (B, T, H, r)
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # (B, T, r)
-        if self.cache is not None:
-            c, k_pe = self.cache.update(input_pos, c, k_pe)  # (B, S, R), (B, S, r)
+        if self.cache is None:
+            kv = torch.cat([c, k_pe], dim=-1)  # (B, T, R + r)
+        else:
+            kv = self.cache.update(input_pos, c, k_pe)  # (B, S, R + r): the whole cache, masked below
         absorb = self.impl == "absorb" or (self.impl == "auto" and T == 1)
-        y = self._absorbed(q_nope, q_pe, c, k_pe, mask) if absorb else self._naive(q_nope, q_pe, c, k_pe, mask)
+        y = self._absorbed(q_nope, q_pe, kv, mask) if absorb else self._naive(q_nope, q_pe, kv, mask)
         return self.wo(y.reshape(B, T, -1))
 
-    def _naive(self, q_nope, q_pe, c, k_pe, mask):
-        B, S, _ = c.shape
-        kv = self.wkv_b(c).view(B, S, self.n_heads, self.d_nope + self.d_v)
-        k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)  # (B, S, H, d_nope), (B, S, H, d_v)
+    def _naive(self, q_nope, q_pe, kv, mask):
+        """Expand every cached latent into per-head keys and values, then ordinary attention."""
+        B, S, _ = kv.shape
+        c, k_pe = kv.split([self.R, self.r], dim=-1)
+        k_nope, v = self.wkv_b(c).view(B, S, self.n_heads, -1).split([self.d_nope, self.d_v], dim=-1)
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H, d_nope + r)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=mask, scale=self.scale)  # (B, H, T, d_v)
         return y.transpose(1, 2)
 
-    def _absorbed(self, q_nope, q_pe, c, k_pe, mask):
-        w = self.wkv_b.weight.view(self.n_heads, self.d_nope + self.d_v, self.R)
+    def _absorbed(self, q_nope, q_pe, kv, mask):
+        """Attend over the latent itself: every head's query is moved into latent space, so the
+        cache is read as it is stored, by two batched matmuls over (heads x query tokens) rows."""
+        B, T, H, _ = q_nope.shape
+        w = self.wkv_b.weight.view(H, self.d_nope + self.d_v, self.R)
         w_uk, w_uv = w[:, : self.d_nope], w[:, self.d_nope:]  # (H, d_nope, R), (H, d_v, R)
-        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # the query, moved into latent space
-        scores = (torch.einsum("bthc,bsc->bhts", q_lat, c)
-                  + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)) * self.scale
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # q_h . W_UK,h c = (W_UK,h^T q_h) . c
+        q = torch.cat([q_lat, q_pe], dim=-1).view(B, T * H, -1) * self.scale  # (B, T*H, R + r)
+        scores = torch.bmm(q, kv.transpose(1, 2)).view(B, T, H, -1)  # (B, T, H, S)
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        p = F.softmax(scores.float(), dim=-1).to(c.dtype)
-        o_lat = torch.einsum("bhts,bsc->bthc", p, c)  # attention output, still in latent space
+            scores.masked_fill_(~mask[:, None, :], float("-inf"))
+        p = F.softmax(scores.float(), dim=-1).to(kv.dtype).view(B, T * H, -1)
+        o_lat = torch.bmm(p, kv[..., : self.R]).view(B, T, H, self.R)  # attention output, in latent space
         return torch.einsum("bthc,hdc->bthd", o_lat, w_uv)  # (B, T, H, d_v)
 
 
