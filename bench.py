@@ -1,16 +1,34 @@
-"""Benchmarks. For now: perplexity (the speed and memory benchmark comes with the fast path).
+"""Benchmarks: decode speed and memory against context length (the reason to convert), and perplexity.
 
-    python bench.py --ppl                          # the embedded model on the evaluation split
-    python bench.py --ppl assets/lee_eval.txt --ckpt path/to/checkpoint --ctx 1024
+    python bench.py                                   # embedded GQA model vs its default MLA conversion
+    python bench.py --compile --plot bench.png        # eager and compiled, and a plot
+    python bench.py --ckpt MLA_DIR --baseline GQA_DIR --contexts 1024,8192 --batch 1
+    python bench.py --ppl                             # perplexity on the embedded evaluation split
+
+Speed. For each model, batch and context: the KV-cache bytes per token, prefill tokens/s (a real
+prefill of --prefill tokens), and decode ms/token (warm-up, then the median of --new-tokens steps).
+Contexts longer than the prefill are reached by filling the cache with random entries: decode
+cost does not depend on the values. MLA is timed in both forms: naive (expand the latent into
+per-head keys and values every step) and absorbed (attend over the latent itself).
+The same run measures the machine: memory read bandwidth and matmul throughput. Every decode
+point gets its roofline bound: a step must read every weight once and the whole cache once
+(memory_ms = bytes / bandwidth) and do its multiply-adds (compute_ms = flops / matmul
+throughput); roofline_ms is the larger. With transformers installed, its Llama (GQA at 8K) and
+DeepSeek-V3 (MLA at 16K) code run the same weights in the same run, the baseline users have today.
 
 Perplexity protocol (the same everywhere in this project, and the one the published
 comparison used): tokenize the text without BOS, cut it into non-overlapping windows of
 --ctx tokens, drop a shorter tail, and average the next-token NLL over every predicted token
-(ctx - 1 per window). The last stdout line is one JSON object with "ppl".
+(ctx - 1 per window).
+
+The last stdout line is one JSON object (also written to --json).
 """
 import argparse
 import json
 import math
+import resource
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import UserError, default_or, load_model, pick_device, pick_dtype, run
+from model import MLA
 
 
 def read_text(path: str | Path) -> str:
@@ -27,6 +46,8 @@ def read_text(path: str | Path) -> str:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read it as UTF-8 text ({e})") from None
 
+
+# ----------------------------------------------------------------------------- perplexity
 
 @torch.no_grad()
 def perplexity(model, ids: list[int], ctx: int, progress=None) -> dict:
@@ -46,28 +67,367 @@ def perplexity(model, ids: list[int], ctx: int, progress=None) -> dict:
     return {"ppl": math.exp(total / n), "nll": total / n, "tokens": n, "windows": n_windows, "ctx": ctx}
 
 
+# ----------------------------------------------------------------------------- the machine
+
+def sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn, device: str, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def memory_bandwidth(device: str) -> float:
+    """Read bandwidth in GB/s: summing 1 GiB, far larger than any CPU cache."""
+    x = torch.ones(2 ** 28, device=device)
+    return x.numel() * 4 / median_seconds(x.sum, device, 7) / 1e9
+
+
+def matmul_throughput(device: str, dtype: torch.dtype) -> float:
+    """GFLOP/s of a large square matmul in the model's dtype: the most a decode step can get."""
+    a = torch.randn(2048, 2048, device=device).to(dtype)
+    return 2 * 2048 ** 3 / median_seconds(lambda: a @ a, device, 7) / 1e9
+
+
+def latent_score_throughput(attn: MLA, device: str, dtype: torch.dtype, tokens: int = 8192, batch: int = 4) -> float:
+    """GFLOP/s of absorbed MLA's score matmul at its decode shape: per sequence, H query rows
+    of width R + r against `tokens` cached rows. So few rows that a CPU's GEMM runs it far
+    below the square rate: this, not the bytes, is what bounds absorbed decode on a CPU."""
+    q = torch.randn(batch, attn.n_heads, attn.R + attn.r, device=device).to(dtype)
+    kv = torch.randn(batch, tokens, attn.R + attn.r, device=device).to(dtype)
+    flops = 2 * batch * attn.n_heads * (attn.R + attn.r) * tokens
+    return flops / median_seconds(lambda: torch.bmm(q, kv.mT), device, 7) / 1e9
+
+
+# ----------------------------------------------------------------------------- what one decode step must do
+
+def weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads: all of them, except that an untied embedding
+    table is only indexed (one row per token) while a tied one is read whole by the output."""
+    n = sum(p.numel() * p.element_size() for p in model.parameters())
+    if model.output is not None:
+        e = model.tok_embeddings.weight
+        n -= e.numel() * e.element_size()
+    return n
+
+
+def step_bytes(model, context: int, batch: int) -> int:
+    """The least a decode step must read: every weight once and every cached token once."""
+    return weight_bytes(model) + batch * context * model.kv_bytes_per_token()
+
+
+def step_flops(model, context: int, batch: int) -> int:
+    """Multiply-adds x 2 of one decode step: the matmuls of the weights, then attention over
+    `context` cached tokens (per layer, per cached token, per sequence)."""
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    if model.output is None:
+        matmul += model.tok_embeddings.weight.numel()
+    attn = 0
+    for layer in model.layers:
+        a = layer.attention
+        if not isinstance(a, MLA):
+            attn += 2 * a.n_heads * a.head_dim  # q.k and p.v for every query head
+        elif a.impl == "naive":  # expand the latent into keys and values, then attend per head
+            attn += a.R * a.n_heads * (a.d_nope + a.d_v) + a.n_heads * (a.d_nope + a.r + a.d_v)
+        else:  # q.[c; k_pe] and p.c per head
+            attn += a.n_heads * (2 * a.R + a.r)
+    return 2 * batch * (matmul + context * attn)
+
+
+# ----------------------------------------------------------------------------- timing our models
+
+def fill_cache(model, context: int):
+    """Stand-in for a prefill of `context` tokens: random cache entries (decode time does not
+    depend on them); the later steps write at positions context, context + 1, ..."""
+    g = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(0)
+    for layer in model.layers:
+        for buf in layer.attention.cache.buffers():  # tokens are the second-last dim of every cache
+            buf.narrow(-2, 0, context).normal_(generator=g)
+
+
+@torch.no_grad()
+def time_decode(step, model, context: int, batch: int, steps: int, device: str, budget_s: float = 20.0) -> float:
+    """Median ms of one decode step with `context` tokens already cached."""
+    from generate import decode_one_token
+    model.setup_caches(batch, context + steps + 2)
+    fill_cache(model, context)
+    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    times = []
+    for i in range(steps + 2):
+        pos = torch.tensor([context + i], device=device)
+        sync(device)
+        t0 = time.perf_counter()
+        token = step(model, token, pos, 0.0, None).clone()
+        sync(device)
+        if i >= 2:  # two warm-up steps (the first compiles, when compiling)
+            times.append(time.perf_counter() - t0)
+            if len(times) >= 3 and sum(times) > budget_s:  # slow points (naive MLA at long context)
+                break
+    model.clear_caches()
+    return 1e3 * statistics.median(times)
+
+
+@torch.no_grad()
+def prefill_tokens_per_s(model, batch: int, n_tokens: int, device: str) -> float:
+    model.setup_caches(batch, n_tokens)
+    tokens = torch.randint(0, model.args.vocab_size, (batch, n_tokens), device=device)
+    pos = torch.arange(n_tokens, device=device)
+    seconds = median_seconds(lambda: model(tokens, pos), device, 2)
+    model.clear_caches()
+    return batch * n_tokens / seconds
+
+
+def set_mla_impl(model, impl: str):
+    for layer in model.layers:
+        if isinstance(layer.attention, MLA):
+            layer.attention.impl = impl
+
+
+# ----------------------------------------------------------------------------- transformers, same weights
+
+@torch.no_grad()
+def transformers_decode_ms(folder: Path, context: int, batch: int, steps: int, dtype) -> float:
+    """transformers' own decode with a cache of `context` random entries, grown by its DynamicCache."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    cfg, g = model.config, torch.Generator().manual_seed(0)
+    cache = DynamicCache(config=cfg)
+    for i in range(cfg.num_hidden_layers):
+        if hasattr(cfg, "kv_lora_rank"):  # DeepSeek caches the normed latent and the rope key
+            shapes = (batch, 1, context, cfg.kv_lora_rank), (batch, 1, context, cfg.qk_rope_head_dim)
+        else:
+            d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            shapes = ((batch, cfg.num_key_value_heads, context, d),) * 2
+        cache.update(*(torch.randn(s, generator=g).to(dtype) for s in shapes), i)
+    token = torch.zeros(batch, 1, dtype=torch.long)
+    times = []
+    for i in range(steps + 2):
+        t0 = time.perf_counter()
+        out = model(input_ids=token, past_key_values=cache, cache_position=torch.tensor([context + i]),
+                    position_ids=torch.tensor([[context + i]] * batch), use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+# ----------------------------------------------------------------------------- the speed benchmark
+
+def default_conversion(gqa_folder: Path) -> Path:
+    """The embedded model's default MLA conversion, made on first use."""
+    out = gqa_folder.parent / f"{gqa_folder.name}-mla"
+    if not (out / "config.json").exists():
+        print(f"converting {gqa_folder.name} at the default setting (first use) ...", file=sys.stderr)
+        cmd = [sys.executable, str(Path(__file__).with_name("convert.py")), "--ckpt", str(gqa_folder),
+               "--out", str(out), "--eval-text", "none"]
+        if subprocess.run(cmd, stdout=sys.stderr).returncode:
+            raise UserError("the default conversion failed (see above)")
+    return out
+
+
+def speed(args, device: str, dtype: torch.dtype) -> dict:
+    from generate import compile_decode_step, decode_one_token
+    gqa_folder = default_or(args.baseline)
+    mla_folder = Path(args.ckpt) if args.ckpt else default_conversion(default_or(None))
+    contexts = [int(c) for c in args.contexts.split(",")]
+    batches = [int(b) for b in args.batch.split(",")]
+
+    bw, flops = memory_bandwidth(device), matmul_throughput(device, dtype)
+    print(f"machine: {torch.get_num_threads()} threads, memory read {bw:.1f} GB/s, "
+          f"{dtype} matmul {flops:.0f} GFLOP/s")
+    print(f"contexts above {args.prefill} tokens are reached by filling the cache with random entries")
+    result = {"bandwidth_gbs": round(bw, 2), "matmul_gflops": round(flops, 1), "device": device,
+              "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+              "synthetic_cache": True, "kv_bytes_per_token": {}, "weight_bytes": {}, "prefill": [], "decode": []}
+
+    steps = {"eager": decode_one_token}
+    if args.compile:
+        torch._dynamo.config.cache_size_limit = 256  # one graph per cache shape, by design
+        steps["compiled"] = compile_decode_step(device)
+
+    header = f"{'model':<13}{'batch':>6}{'context':>9}{'mode':>10}{'ms/token':>10}{'memory_ms':>11}" \
+             f"{'compute_ms':>12}{'x roofline':>12}{'cache MB':>10}"
+    rows = []
+    for folder in (gqa_folder, mla_folder):
+        model, _ = load_model(folder, device=device, dtype=dtype)
+        is_mla = model.args.is_mla
+        name = "mla" if is_mla else "gqa"
+        result["kv_bytes_per_token"][name] = model.kv_bytes_per_token()
+        result["weight_bytes"][name] = weight_bytes(model)
+        if is_mla:
+            rate = latent_score_throughput(model.layers[0].attention, device, dtype)
+            result["latent_score_gflops"] = round(rate, 1)
+            print(f"absorbed MLA's score matmul ({model.layers[0].attention.n_heads} rows per sequence) "
+                  f"runs at {rate:.0f} GFLOP/s here, {rate / flops:.0%} of the square rate")
+        for batch in batches:
+            tps = prefill_tokens_per_s(model, batch, args.prefill, device)
+            result["prefill"].append({"model": name, "batch": batch, "tokens": args.prefill,
+                                      "tokens_per_s": round(tps, 1)})
+            print(f"{name}: prefill {args.prefill} tokens x batch {batch}: {tps:.0f} tokens/s", file=sys.stderr)
+        for impl in (("naive", "absorb") if is_mla else ("gqa",)):
+            if is_mla:
+                set_mla_impl(model, impl)
+            label = {"naive": "mla_naive", "absorb": "mla_absorbed"}.get(impl, "gqa")
+            for batch in batches:
+                for context in contexts:
+                    for mode, step in steps.items():
+                        if mode == "compiled" and impl == "naive":
+                            continue  # the naive form is the reference, not a fast path
+                        ms = time_decode(step, model, context, batch, args.new_tokens, device)
+                        mem_ms = step_bytes(model, context, batch) / bw / 1e6
+                        comp_ms = step_flops(model, context, batch) / flops / 1e6
+                        roof = max(mem_ms, comp_ms)
+                        cache_mb = batch * context * model.kv_bytes_per_token() / 1e6
+                        result["decode"].append({
+                            "model": label, "context": context, "batch": batch, "compiled": mode == "compiled",
+                            "ms_per_token": round(ms, 2), "roofline_ms": round(roof, 2),
+                            "memory_ms": round(mem_ms, 2), "compute_ms": round(comp_ms, 2),
+                            "cache_mb": round(cache_mb, 1)})
+                        rows.append(f"{label:<13}{batch:>6}{context:>9}{mode:>10}{ms:>10.1f}{mem_ms:>11.1f}"
+                                    f"{comp_ms:>12.1f}{ms / roof:>12.2f}{cache_mb:>10.0f}")
+                        print(rows[-1], file=sys.stderr)
+        del model
+
+    if args.transformers:
+        result["transformers"] = []
+        for kind, folder, context, ours in (("llama", gqa_folder, 8192, "gqa"),
+                                            ("deepseek_v3", mla_folder, 16384, "mla_absorbed")):
+            theirs = transformers_decode_ms(folder, context, 1, min(args.new_tokens, 4), dtype)
+            mine = next((r["ms_per_token"] for r in result["decode"] if r["model"] == ours
+                         and r["context"] == context and r["batch"] == 1 and not r["compiled"]), None)
+            if mine is None:  # not on the grid: measure ours at the same point
+                model, _ = load_model(folder, device=device, dtype=dtype)
+                mine = time_decode(decode_one_token, model, context, 1, args.new_tokens, device)
+                del model
+            result["transformers"].append({"model": kind, "context": context, "batch": 1,
+                                           "ms_per_token": round(theirs, 1), "ours_ms_per_token": round(mine, 1),
+                                           "speedup": round(theirs / mine, 2)})
+            print(f"transformers {kind}, context {context}, batch 1: {theirs:.1f} ms/token; ours {mine:.1f} "
+                  f"({theirs / mine:.2f}x)", file=sys.stderr)
+
+    print(header)
+    print("\n".join(rows))
+    print(speedup_table(result))
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return result
+
+
+def speedup_table(result: dict) -> str:
+    """GQA ms / MLA-absorbed ms at every (batch, context, mode) both were measured at."""
+    t = {(r["model"], r["batch"], r["context"], r["compiled"]): r for r in result["decode"]}
+    lines = ["speed-up of MLA absorbed over GQA (and what the bytes and flops allow):"]
+    for (model, batch, context, compiled), r in t.items():
+        mla = t.get(("mla_absorbed", batch, context, compiled))
+        if model == "gqa" and mla:
+            lines.append(f"  batch {batch} context {context:>6} {'compiled' if compiled else 'eager   '}: "
+                         f"{r['ms_per_token'] / mla['ms_per_token']:.2f}x measured, "
+                         f"{r['memory_ms'] / mla['memory_ms']:.2f}x in bytes, "
+                         f"{r['roofline_ms'] / mla['roofline_ms']:.2f}x by the roofline")
+    return "\n".join(lines)
+
+
+def pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install matplotlib") from None
+    return plt
+
+
+def plot(result: dict, path: str):
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len({r["batch"] for r in result["decode"]}), figsize=(11, 4.5), squeeze=False)
+    for ax, batch in zip(axes[0], sorted({r["batch"] for r in result["decode"]})):
+        series = {}
+        for r in result["decode"]:
+            if r["batch"] == batch:
+                series.setdefault((r["model"], r["compiled"]), []).append(r)
+        for (model, compiled), rs in sorted(series.items()):
+            ax.plot([r["context"] for r in rs], [r["ms_per_token"] for r in rs], "o-",
+                    label=model + (" compiled" if compiled else ""))
+            if not compiled and model != "mla_naive":
+                ax.plot([r["context"] for r in rs], [r["roofline_ms"] for r in rs], ":", color="gray")
+        ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decode ms / token",
+               title=f"batch {batch} (dotted: roofline)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"decode, {result['device']} {result['dtype']}, {result['threads']} threads, "
+                 f"{result['bandwidth_gbs']} GB/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ----------------------------------------------------------------------------- command line
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="checkpoint folder or any file in it (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--ckpt", help="checkpoint (speed: the MLA model, default the embedded model's default "
+                                  "conversion; --ppl: the model to score, default the embedded model)")
+    p.add_argument("--baseline", help="GQA checkpoint to compare against (default: the embedded model)")
+    p.add_argument("--contexts", default="1024,4096,16384,32768", help="comma-separated context lengths")
+    p.add_argument("--batch", default="1,4", help="comma-separated batch sizes")
+    p.add_argument("--new-tokens", type=int, default=8, help="timed decode steps per point (after 2 warm-up)")
+    p.add_argument("--prefill", type=int, default=1024, help="tokens of the real prefill that is timed")
+    p.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
+    p.add_argument("--no-transformers", dest="transformers", action="store_false",
+                   help="skip the comparison with transformers' own decode")
+    p.add_argument("--json", help="also write the JSON result here")
+    p.add_argument("--plot", help="write a plot of ms/token against context to this PNG")
     p.add_argument("--ppl", nargs="?", const="", metavar="TEXT",
-                   help="measure perplexity on this text file (no file: the embedded evaluation split)")
-    p.add_argument("--ctx", type=int, default=1024, help="window length in tokens")
-    p.add_argument("--max-tokens", type=int, help="use only the first N tokens of the text")
+                   help="measure perplexity on this text file instead (no file: the embedded evaluation split)")
+    p.add_argument("--ctx", type=int, default=1024, help="perplexity window length in tokens")
+    p.add_argument("--max-tokens", type=int, help="perplexity: use only the first N tokens of the text")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU)")
     args = p.parse_args()
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+
     if args.ppl is None:
-        raise UserError("nothing to do: pass --ppl [TEXT] (the speed benchmark is not written yet)")
+        try:
+            contexts = [int(c) for c in args.contexts.split(",")]
+            batches = [int(b) for b in args.batch.split(",")]
+        except ValueError:
+            raise UserError("--contexts and --batch take comma-separated integers, e.g. 1024,4096") from None
+        if min(contexts + batches) < 1 or args.new_tokens < 1 or args.prefill < 1:
+            raise UserError("contexts, batch sizes, --new-tokens and --prefill must be positive")
+        if args.plot:
+            pyplot()  # fail now, not after the benchmark
+        if args.transformers:
+            try:
+                import transformers  # noqa: F401
+            except ImportError:
+                args.transformers = False
+        result = speed(args, device, dtype)
+    else:
+        result = ppl(args, device, dtype)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    if args.plot and "decode" in result:
+        plot(result, args.plot)
+    print(json.dumps(result))
+
+
+def ppl(args, device: str, dtype: torch.dtype) -> dict:
     if args.ctx < 2:
         raise UserError("--ctx must be at least 2")
-
     from tokenizer import load_tokenizer
     if args.ppl == "":
         from fetch import ensure_texts
         args.ppl = ensure_texts()[1]
     text = read_text(args.ppl)
-    device = pick_device(args.device)
-    model, folder = load_model(default_or(args.ckpt), device=device, dtype=pick_dtype(args.dtype, device))
+    model, folder = load_model(default_or(args.ckpt), device=device, dtype=dtype)
     ids = load_tokenizer(folder).encode(text, bos=False)[: args.max_tokens]
 
     def progress(i, n):
@@ -79,7 +439,7 @@ def main():
     result.update(ckpt=str(folder), text=str(args.ppl), seconds=round(time.perf_counter() - t0, 1))
     print(f"perplexity {result['ppl']:.4f} over {result['tokens']} predicted tokens "
           f"({result['windows']} windows of {args.ctx}) in {result['seconds']}s")
-    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ decode == one full forward (GQA, MLA naive, MLA absorbed); naive == absorbed; ch
 one-shot prefill; compiled decode == eager decode; greedy generation == transformers'; each exact
 conversion step == the model it starts from (Mixtral too), and the converted folder in stock
 transformers (DeepSeek-V3; Mistral4 for Mixtral) == our model on it.
-Plus: our tiktoken tokenizer == Hugging Face tokenizers, and user errors end in one clear line.
+Plus: our tiktoken tokenizer == Hugging Face tokenizers, bench.py runs end to end and its byte
+and flop accounting is the hand count (its timings are measurements, never tested), and user
+errors end in one clear line.
 transformers is the test oracle only: no script imports it.
 """
 import json
@@ -244,6 +246,43 @@ def test_user_errors(tiny, tmp_path):
     with pytest.raises(UserError, match="safetensors"):
         load_model(bad)
 
+    _one_clear_line(_script("bench.py", "--contexts", "1k"), "comma-separated integers")
+    _one_clear_line(_script("bench.py", "--batch", "0"), "must be positive")
+
+
+# ----------------------------------------------------------------------------- bench.py (speed)
+
+def test_bench_speed_runs_and_reports(tiny, tmp_path):
+    """bench.py end to end on tiny checkpoints: every (model, batch, context, mode) point is
+    measured, the byte and flop accounting is the hand count, and the last stdout line is the JSON."""
+    from bench import step_flops
+    out = tmp_path / "bench.json"
+    res = _script("bench.py", "--ckpt", str(tiny["deepseek_v3"][0]), "--baseline", str(tiny["llama"][0]),
+                  "--contexts", "16,48", "--batch", "1,2", "--new-tokens", "2", "--prefill", "8",
+                  "--compile", "--no-transformers", "--json", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    assert result == json.loads(out.read_text())
+    print(res.stdout)
+    # 2 layers x (k + v) x 2 KV heads x 16 dims x 4 bytes; 2 layers x (R = 16 + r = 8) x 4 bytes
+    assert result["kv_bytes_per_token"] == {"gqa": 512, "mla": 192}
+    assert result["bandwidth_gbs"] > 0 and result["matmul_gflops"] > 0 and result["latent_score_gflops"] > 0
+    points = {(r["model"], r["batch"], r["context"], r["compiled"]) for r in result["decode"]}
+    want = {(m, b, c, comp) for m in ("gqa", "mla_naive", "mla_absorbed") for b in (1, 2) for c in (16, 48)
+            for comp in (False, True) if not (m == "mla_naive" and comp)}
+    assert points == want
+    for r in result["decode"]:
+        assert r["ms_per_token"] > 0 and r["roofline_ms"] == max(r["memory_ms"], r["compute_ms"]) > 0
+    assert len(result["prefill"]) == 4
+    # flops: absorbed MLA does H (2R + r) multiply-adds per cached token per layer, GQA 2 H D
+    model = load_model(tiny["deepseek_v3"][0])[0]
+    for layer in model.layers:
+        layer.attention.impl = "absorb"
+    a = model.layers[0].attention
+    assert step_flops(model, 48, 2) - step_flops(model, 16, 2) == 2 * 2 * 32 * 2 * a.n_heads * (2 * a.R + a.r)
+    model = load_model(tiny["llama"][0])[0]
+    assert step_flops(model, 48, 2) - step_flops(model, 16, 2) == 2 * 2 * 32 * 2 * 2 * 4 * 16
+
 
 # ----------------------------------------------------------------------------- conversion (convert.py)
 
@@ -348,7 +387,7 @@ def test_mistral4_other_than_mixtral_is_refused():
         assert needle in str(e.value) and "\n" not in str(e.value)
 
 
-# ----------------------------------------------------------------------------- the tokenizer
+# ----------------------------------------------------------------------------- perplexity (bench.py --ppl)
 
 @torch.no_grad()
 def test_perplexity_matches_transformers(smollm):
@@ -391,6 +430,19 @@ def test_convert_embedded_model_loads_in_stock_transformers(smollm, tmp_path):
     ids = torch.tensor([tok.encode("The capital of France is Paris. The capital of Germany is Berlin. " * 8)])
     with torch.no_grad():
         assert_close("converted SmolLM2: ours vs transformers DeepseekV3", ours(ids), ref(ids).logits, 1e-3)
+        # bench.py's perplexity of the converted model == transformers' (2 windows of 1024)
+        import math
+        import torch.nn.functional as F
+        from bench import perplexity
+        from fetch import EVAL_TEXT
+        eval_ids = tok.encode(EVAL_TEXT.read_text(), bos=False)[: 2 * 1024]
+        mine = perplexity(ours, eval_ids, 1024)["ppl"]
+        windows = torch.tensor(eval_ids).view(2, 1024)
+        nll = sum(F.cross_entropy(ref(w[None]).logits[0, :-1], w[1:], reduction="sum").item() for w in windows)
+        theirs = math.exp(nll / (2 * 1023))
+        print(f"converted SmolLM2 perplexity on 2 x 1024 tokens: ours {mine:.4f}, transformers {theirs:.4f}, "
+              f"relative difference {abs(mine / theirs - 1):.2e}")
+        assert abs(mine / theirs - 1) < 1e-3
     prompt = tok.encode("The capital of France is")
     ours.setup_caches(1, len(prompt) + 16)
     print("greedy from the converted model:", repr(tok.decode(generate(ours, prompt, 16))))
