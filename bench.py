@@ -69,6 +69,11 @@ def perplexity(model, ids: list[int], ctx: int, progress=None) -> dict:
 
 # ----------------------------------------------------------------------------- the machine
 
+def sig(x: float, digits: int = 4) -> float:
+    """x to `digits` significant digits: milliseconds of a 100 KB model and of a 32K cache alike."""
+    return float(f"{x:.{digits}g}")
+
+
 def sync(device: str):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -289,9 +294,8 @@ def speed(args, device: str, dtype: torch.dtype) -> dict:
                         cache_mb = batch * context * model.kv_bytes_per_token() / 1e6
                         result["decode"].append({
                             "model": label, "context": context, "batch": batch, "compiled": mode == "compiled",
-                            "ms_per_token": round(ms, 2), "roofline_ms": round(roof, 2),
-                            "memory_ms": round(mem_ms, 2), "compute_ms": round(comp_ms, 2),
-                            "cache_mb": round(cache_mb, 1)})
+                            "ms_per_token": sig(ms), "roofline_ms": sig(roof),
+                            "memory_ms": sig(mem_ms), "compute_ms": sig(comp_ms), "cache_mb": sig(cache_mb)})
                         rows.append(f"{label:<13}{batch:>6}{context:>9}{mode:>10}{ms:>10.1f}{mem_ms:>11.1f}"
                                     f"{comp_ms:>12.1f}{ms / roof:>12.2f}{cache_mb:>10.0f}")
                         print(rows[-1], file=sys.stderr)
@@ -354,10 +358,10 @@ def plot(result: dict, path: str):
             if r["batch"] == batch:
                 series.setdefault((r["model"], r["compiled"]), []).append(r)
         for (model, compiled), rs in sorted(series.items()):
-            ax.plot([r["context"] for r in rs], [r["ms_per_token"] for r in rs], "o-",
-                    label=model + (" compiled" if compiled else ""))
-            if not compiled and model != "mla_naive":
-                ax.plot([r["context"] for r in rs], [r["roofline_ms"] for r in rs], ":", color="gray")
+            line, = ax.plot([r["context"] for r in rs], [r["ms_per_token"] for r in rs], "o-",
+                            label=model + (" compiled" if compiled else ""))
+            if not compiled and model != "mla_naive":  # the roofline, in the model's colour
+                ax.plot([r["context"] for r in rs], [r["roofline_ms"] for r in rs], ":", color=line.get_color())
         ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decode ms / token",
                title=f"batch {batch} (dotted: roofline)")
         ax.grid(True, which="both", alpha=0.3)

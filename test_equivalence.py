@@ -114,6 +114,29 @@ def test_cached_decode_equals_full_forward(kind):
     assert_close(f"{kind}: prefill + token-by-token decode vs one forward", torch.cat(steps, 1), full, 1e-5)
 
 
+@pytest.mark.parametrize("kind", ["gqa", "mla_naive", "mla_absorb"])
+@torch.no_grad()
+def test_bfloat16_decode_tracks_float32(kind):
+    """bf16 weights and cache, eager and compiled, against the fp32 model. Not exact: bf16 keeps 8
+    significant bits (relative rounding 2^-9), and some ten roundings deep on logits of size ~3.5
+    that is ~0.1; measured 0.05-0.07. The bound 0.15 fails any real bug (a wrong cache
+    entry or head moves logits by ~1)."""
+    import copy
+    model = _random_model(kind != "gqa", kind.removeprefix("mla_"))
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    tokens = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(2))
+    full = model(tokens)
+    bf16.setup_caches(2, 48)
+    steps = [bf16(tokens[:, :10], torch.arange(10))]
+    steps += [bf16(tokens[:, i:i + 1], torch.tensor([i])) for i in range(10, 29)]
+    assert steps[-1].dtype == torch.bfloat16
+    assert all(b.dtype == torch.bfloat16 for layer in bf16.layers for b in layer.attention.cache.buffers())
+    assert_close(f"{kind}: bf16 cached decode vs fp32 forward", torch.cat(steps, 1), full[:, :29], 0.15)
+    compiled = torch.compile(bf16, fullgraph=True, dynamic=False)
+    assert_close(f"{kind}: bf16 compiled decode vs fp32 forward", compiled(tokens[:, 29:], torch.tensor([29])),
+                 full[:, 29:], 0.15)
+
+
 @torch.no_grad()
 def test_chunked_prefill_equals_one_shot():
     for kind in ("gqa", "mla"):
