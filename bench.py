@@ -26,6 +26,7 @@ The last stdout line is one JSON object (also written to --json).
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -36,7 +37,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from checkpoint import UserError, default_or, load_model, pick_device, pick_dtype, run
+import tpla
+from checkpoint import CheckpointReader, UserError, default_or, load_model, pick_device, pick_dtype, run
 from model import MLA
 
 
@@ -50,21 +52,45 @@ def read_text(path: str | Path) -> str:
 # ----------------------------------------------------------------------------- perplexity
 
 @torch.no_grad()
-def perplexity(model, ids: list[int], ctx: int, progress=None) -> dict:
-    """Mean next-token NLL over non-overlapping full windows of ctx tokens."""
+def perplexity(model, ids: list[int], ctx: int, progress=None, decode_form: bool = False, batch: int = 4) -> dict:
+    """Mean next-token NLL over non-overlapping full windows of ctx tokens: `ppl` over every
+    predicted token, `ppl_decode` over the tokens a decode step predicts when the first half of
+    the window is the prompt (the tokens at h + 1 ... ctx - 1, h = ctx // 2).
+    decode_form: score those tokens by real decode steps (teacher forcing: prefill the first half,
+    then feed the true tokens h ... ctx - 2 one at a time), `batch` windows at once; otherwise
+    one full forward per window gives both (the same numbers for an exact model)."""
     n_windows = len(ids) // ctx
     if n_windows == 0:
         raise UserError(f"the text has {len(ids)} tokens, fewer than one window of --ctx {ctx}")
     device = model.tok_embeddings.weight.device
     windows = torch.tensor(ids[: n_windows * ctx], device=device).view(n_windows, ctx)
-    total = 0.0
-    for i, w in enumerate(windows):
-        logits = model(w[None])  # (1, ctx, V)
-        total += F.cross_entropy(logits[0, :-1].float(), w[1:], reduction="sum").item()
-        if progress:
-            progress(i + 1, n_windows)
-    n = n_windows * (ctx - 1)
-    return {"ppl": math.exp(total / n), "nll": total / n, "tokens": n, "windows": n_windows, "ctx": ctx}
+    h = ctx // 2
+    total, total_decode = 0.0, 0.0
+    if not decode_form:
+        for i, w in enumerate(windows):
+            logits = model(w[None])  # (1, ctx, V)
+            nll = F.cross_entropy(logits[0, :-1].float(), w[1:], reduction="none")  # nll[j]: token j + 1
+            total += nll.sum().item()
+            total_decode += nll[h:].sum().item()
+            if progress:
+                progress(i + 1, n_windows)
+    else:
+        model.setup_caches(min(batch, n_windows), ctx)
+        for b in range(0, n_windows, batch):
+            w = windows[b: b + batch]
+            logits = model(w[:, :h], torch.arange(h, device=device))  # (B, h, V): prefill predicts 1 ... h
+            total += F.cross_entropy(logits.flatten(0, 1).float(), w[:, 1: h + 1].flatten(), reduction="sum").item()
+            for pos in range(h, ctx - 1):
+                logits = model(w[:, pos: pos + 1], torch.tensor([pos], device=device))  # (B, 1, V)
+                nll = F.cross_entropy(logits[:, 0].float(), w[:, pos + 1], reduction="sum").item()
+                total, total_decode = total + nll, total_decode + nll
+            if progress:
+                progress(min(b + batch, n_windows), n_windows)
+        model.clear_caches()
+    n, n_decode = n_windows * (ctx - 1), n_windows * (ctx - 1 - h)
+    return {"ppl": math.exp(total / n), "nll": total / n, "tokens": n,
+            "ppl_decode": math.exp(total_decode / n_decode), "nll_decode": total_decode / n_decode,
+            "tokens_decode": n_decode, "windows": n_windows, "ctx": ctx}
 
 
 # ----------------------------------------------------------------------------- the machine
@@ -141,6 +167,8 @@ def step_flops(model, context: int, batch: int) -> int:
         a = layer.attention
         if not isinstance(a, MLA):
             attn += 2 * a.n_heads * a.head_dim  # q.k and p.v for every query head
+        elif isinstance(a, tpla.TPLA):  # every head, over this rank's latent shard and rope dims
+            attn += a.n_heads * (2 * a.w_uk.shape[-1] + len(a.rope_dims))
         elif a.impl == "naive":  # expand the latent into keys and values, then attend per head
             attn += a.R * a.n_heads * (a.d_nope + a.d_v) + a.n_heads * (a.d_nope + a.r + a.d_v)
         else:  # q.[c; k_pe] and p.c per head
@@ -325,6 +353,62 @@ def speed(args, device: str, dtype: torch.dtype) -> dict:
     return result
 
 
+def tp_speed(args, device: str, dtype: torch.dtype) -> dict:
+    """Under torchrun: decode ms/token of head-parallel MLA and of TPLA, same checkpoint, same ranks,
+    one run. Times are rank 0's (the all-reduces keep the ranks in step); bytes are per rank."""
+    import torch.distributed as dist
+    from generate import decode_one_token
+    rank, world, device = tpla.init_distributed(device)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    folder = tpla.checkpoint_or_default(args.ckpt)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    batches = [int(b) for b in args.batch.split(",")]
+    dist.barrier()
+    bw = memory_bandwidth(device)  # every rank at once: its share of the machine's bandwidth
+    dist.barrier()
+    flops = matmul_throughput(device, dtype)
+    say(f"machine, per rank with {world} ranks running: {torch.get_num_threads()} threads, memory read "
+        f"{bw:.1f} GB/s, {dtype} matmul {flops:.0f} GFLOP/s")
+    result = {"bandwidth_gbs": round(bw, 2), "matmul_gflops": round(flops, 1), "device": device,
+              "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(), "world_size": world,
+              "synthetic_cache": True, "tpla_transform": args.tpla_transform, "tpla_rope": args.tpla_rope,
+              "kv_bytes_per_token": {}, "weight_bytes": {}, "prefill": [], "decode": []}
+    rows, raw = [], {}
+    for mode in [args.tp] if args.tp else ["heads", "tpla"]:
+        model, _ = tpla.load_parallel(folder, mode, rank, world, device, dtype, args.tpla_transform,
+                                      args.tpla_rope, args.tpla_rescale)
+        result["kv_bytes_per_token"][mode] = model.kv_bytes_per_token()
+        result["weight_bytes"][mode] = weight_bytes(model)
+        for batch in batches:
+            for context in contexts:
+                # no time budget: every rank must run the same number of steps
+                ms = time_decode(decode_one_token, model, context, batch, args.new_tokens, device, math.inf)
+                mem_ms = step_bytes(model, context, batch) / bw / 1e6
+                comp_ms = step_flops(model, context, batch) / flops / 1e6
+                roof = max(mem_ms, comp_ms)
+                cache_mb = batch * context * model.kv_bytes_per_token() / 1e6
+                raw[mode, batch, context] = ms, mem_ms, comp_ms
+                result["decode"].append({
+                    "model": mode, "context": context, "batch": batch, "compiled": False,
+                    "ms_per_token": round(ms, 2), "roofline_ms": round(roof, 2), "memory_ms": round(mem_ms, 2),
+                    "compute_ms": round(comp_ms, 2), "cache_mb": round(cache_mb, 1), "world_size": world})
+                rows.append(f"{mode:<13}{batch:>6}{context:>9}{'eager':>10}{ms:>10.1f}{mem_ms:>11.1f}"
+                            f"{comp_ms:>12.1f}{ms / roof:>12.2f}{cache_mb:>10.0f}")
+                say(rows[-1], file=sys.stderr)
+        del model
+    say(f"{'model':<13}{'batch':>6}{'context':>9}{'mode':>10}{'ms/token':>10}{'memory_ms':>11}"
+        f"{'compute_ms':>12}{'x roofline':>12}{'cache MB':>10}   (per rank, {world} ranks)")
+    say("\n".join(rows))
+    for (mode, batch, context), heads in raw.items():
+        if mode == "heads" and ("tpla", batch, context) in raw:
+            ratio = [h / t for h, t in zip(heads, raw["tpla", batch, context])]
+            result.setdefault("tpla_speedup", []).append({"batch": batch, "context": context,
+                                                          "measured": round(ratio[0], 3)})
+            say(f"tpla over heads, batch {batch} context {context}: {ratio[0]:.2f}x measured, "
+                f"{ratio[1]:.2f}x in bytes, {ratio[2]:.2f}x in flops")
+    return result
+
+
 def speedup_table(result: dict) -> str:
     """GQA ms / MLA-absorbed ms at every (batch, context, mode) both were measured at."""
     t = {(r["model"], r["batch"], r["context"], r["compiled"]): r for r in result["decode"]}
@@ -394,6 +478,14 @@ def main():
     p.add_argument("--max-tokens", type=int, help="perplexity: use only the first N tokens of the text")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU)")
+    p.add_argument("--tp", choices=tpla.MODES, help="tensor parallelism under torchrun (speed: only this mode; "
+                                                   "default both; --ppl: default tpla for MLA, heads for GQA)")
+    p.add_argument("--tpla-transform", choices=tpla.TRANSFORMS, default=tpla.DEFAULT_TRANSFORM,
+                   help="orthogonal transform of the latent before TPLA splits it")
+    p.add_argument("--tpla-rope", choices=("full", "split"), default=tpla.ROPE,
+                   help="TPLA: every rank keeps the whole rope key (full) or its share of the rotary pairs (split)")
+    p.add_argument("--tpla-rescale", action=argparse.BooleanOptionalAction, default=tpla.RESCALE,
+                   help="TPLA: scale each shard's partial scores by the world size")
     args = p.parse_args()
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
@@ -413,9 +505,11 @@ def main():
                 import transformers  # noqa: F401
             except ImportError:
                 args.transformers = False
-        result = speed(args, device, dtype)
+        result = tp_speed(args, device, dtype) if tpla.launched() or args.tp else speed(args, device, dtype)
     else:
         result = ppl(args, device, dtype)
+    if tpla.launched() and int(os.environ["RANK"]):
+        return  # rank 0 reports
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     if args.plot and "decode" in result:
@@ -424,25 +518,40 @@ def main():
 
 
 def ppl(args, device: str, dtype: torch.dtype) -> dict:
-    if args.ctx < 2:
-        raise UserError("--ctx must be at least 2")
+    if args.ctx < 3:
+        raise UserError("--ctx must be at least 3")
     from tokenizer import load_tokenizer
     if args.ppl == "":
         from fetch import ensure_texts
         args.ppl = ensure_texts()[1]
     text = read_text(args.ppl)
-    model, folder = load_model(default_or(args.ckpt), device=device, dtype=dtype)
+    rank, mode = 0, None
+    if tpla.launched() or args.tp:
+        rank, world, device = tpla.init_distributed(device)
+        folder = tpla.checkpoint_or_default(args.ckpt)
+        mode = args.tp or ("tpla" if CheckpointReader(folder).args.is_mla else "heads")
+        model, folder = tpla.load_parallel(folder, mode, rank, world, device, dtype, args.tpla_transform,
+                                           args.tpla_rope, args.tpla_rescale)
+    else:
+        model, folder = load_model(default_or(args.ckpt), device=device, dtype=dtype)
     ids = load_tokenizer(folder).encode(text, bos=False)[: args.max_tokens]
 
     def progress(i, n):
         print(f"\rwindow {i}/{n}", end="", file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
-    result = perplexity(model, ids, args.ctx, progress)
-    print(file=sys.stderr)
+    # TPLA is exact in its prefill (MLA) form only: score the second halves by TPLA decode steps
+    result = perplexity(model, ids, args.ctx, progress if rank == 0 else None, decode_form=mode == "tpla")
     result.update(ckpt=str(folder), text=str(args.ppl), seconds=round(time.perf_counter() - t0, 1))
-    print(f"perplexity {result['ppl']:.4f} over {result['tokens']} predicted tokens "
-          f"({result['windows']} windows of {args.ctx}) in {result['seconds']}s")
+    if mode:
+        result.update(tp=mode, world_size=world)
+        if mode == "tpla":
+            result.update(tpla_transform=args.tpla_transform, tpla_rope=args.tpla_rope, tpla_rescale=args.tpla_rescale)
+    if rank == 0:
+        print(file=sys.stderr)
+        print(f"perplexity {result['ppl']:.4f} over {result['tokens']} predicted tokens "
+              f"({result['windows']} windows of {args.ctx}), {result['ppl_decode']:.4f} over the "
+              f"{result['tokens_decode']} of the second halves, in {result['seconds']}s")
     return result
 
 

@@ -366,15 +366,21 @@ def pick_dtype(name: str | None, device: str) -> torch.dtype:
 
 
 def run(main) -> None:
-    """Run a script's main(): a UserError becomes one line on stderr and exit status 1."""
+    """Run a script's main(): a UserError becomes one line on stderr and exit status 1. Under
+    torchrun every rank exits 1 and only rank 0 prints (the ranks fail the same check)."""
     import sys
+    import torch.distributed as dist
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- writing

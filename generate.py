@@ -3,9 +3,15 @@
     python generate.py --prompt "The capital of France is" --temperature 0
     python generate.py --ckpt path/to/checkpoint --prompt "Tell me a story" --chat --max-new-tokens 200
     python generate.py --prompt "Once upon a time" --compile        # compiled one-token decode step
+    torchrun --nproc_per_node=2 generate.py --prompt "The capital of France is" --temperature 0
+    torchrun --nproc_per_node=2 generate.py --ckpt MLA_DIR --prompt "Hi" --tp heads --tpla-transform pca
 
 Prints only the continuation on stdout, streamed as it is produced; timing on stderr.
 Without --ckpt it runs the embedded SmolLM2-135M-Instruct (fetched on first use).
+
+Under torchrun (or with --tp) the model is split across the processes (tpla.py): TPLA for an MLA
+checkpoint, head-parallel for GQA; without --ckpt it is the embedded model's default MLA
+conversion (made on first use). Every rank runs the same loop with the same seed; rank 0 prints.
 
 The loop is two functions: prefill (the whole prompt in one forward, MLA in its naive form)
 and decode_one_token (one token against the cache, MLA in its absorbed form). The decode step
@@ -17,7 +23,8 @@ import time
 
 import torch
 
-from checkpoint import UserError, default_or, load_model, pick_device, pick_dtype, run
+import tpla
+from checkpoint import CheckpointReader, UserError, default_or, load_model, pick_device, pick_dtype, run
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
@@ -117,16 +124,31 @@ def main():
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--tp", choices=tpla.MODES, help="tensor parallelism across torchrun's processes: tpla (latent "
+                                                   "split) or heads (default under torchrun: tpla for MLA, heads for GQA)")
+    p.add_argument("--tpla-transform", choices=tpla.TRANSFORMS, default=tpla.DEFAULT_TRANSFORM,
+                   help="orthogonal transform of the latent before TPLA splits it")
     args = p.parse_args()
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
+    parallel = tpla.launched() or args.tp is not None
+    if parallel and args.compile:
+        raise UserError("--compile is not supported with tensor parallelism (the decode step runs eager)")
 
     from tokenizer import load_tokenizer
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     t0 = time.perf_counter()
-    model, folder = load_model(default_or(args.ckpt), device=device, dtype=dtype)
+    rank = 0
+    if parallel:
+        rank, world, device = tpla.init_distributed(device)
+        folder = tpla.checkpoint_or_default(args.ckpt)
+        mode = args.tp or ("tpla" if CheckpointReader(folder).args.is_mla else "heads")
+        model, folder = tpla.load_parallel(folder, mode, rank, world, device, dtype, args.tpla_transform)
+    else:
+        model, folder = load_model(default_or(args.ckpt), device=device, dtype=dtype)
+    log = (lambda *a: print(*a, file=sys.stderr)) if rank == 0 else (lambda *a: None)
     tok = load_tokenizer(folder)
     if args.chat:
         prompt = tok.encode_chat([{"role": "user", "content": args.prompt}])
@@ -135,9 +157,10 @@ def main():
     if not prompt:
         raise UserError("--prompt is empty")
     model.setup_caches(1, len(prompt) + args.max_new_tokens)
-    print(f"loaded {folder.name} ({'MLA' if model.args.is_mla else 'GQA'}, "
-          f"{model.kv_bytes_per_token() // model.args.n_layers} cache bytes per token per layer) "
-          f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    log(f"loaded {folder.name} ({'MLA' if model.args.is_mla else 'GQA'}"
+        f"{f', --tp {mode} on {world} ranks' if parallel else ''}, "
+        f"{model.kv_bytes_per_token() // model.args.n_layers} cache bytes per token per layer"
+        f"{' per rank' if parallel else ''}) in {time.perf_counter() - t0:.1f}s")
 
     step = compile_decode_step(device) if args.compile else decode_one_token
     if args.compile:  # compile on throwaway positions past the prompt, so timing below is steady-state
@@ -145,17 +168,17 @@ def main():
         for _ in range(2):
             step(model, torch.zeros(1, 1, dtype=torch.long, device=device),
                  torch.tensor([len(prompt)], device=device), args.temperature, args.top_k)
-        print(f"compiled the decode step in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        log(f"compiled the decode step in {time.perf_counter() - t0:.1f}s")
         torch.manual_seed(args.seed)
 
     stop = tok.eos_ids
     t0 = time.perf_counter()
     out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, stop, step,
-                   on_token=Streamer(tok, stop))
+                   on_token=Streamer(tok, stop) if rank == 0 else None)
     dt = time.perf_counter() - t0
-    sys.stdout.write("\n")
-    print(f"{len(out)} tokens in {dt:.2f}s: {len(out) / dt:.1f} tokens/s "
-          f"(prompt {len(prompt)} tokens)", file=sys.stderr)
+    if rank == 0:
+        sys.stdout.write("\n")
+    log(f"{len(out)} tokens in {dt:.2f}s: {len(out) / dt:.1f} tokens/s (prompt {len(prompt)} tokens)")
 
 
 if __name__ == "__main__":

@@ -776,3 +776,233 @@ def test_tokenizer_user_errors(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"\x0a\x11\x0a\x05<unk>\x15\x00\x00\x00\x00\x18\x02")  # SentencePiece
     with pytest.raises(UserError, match="not a tiktoken"):
         load_tokenizer(tmp_path)
+
+
+# ----------------------------------------------------------------------------- tensor parallelism (tpla.py)
+
+# TPLA decode on 2 ranks is an approximation: the largest logit difference from MLA it may show on
+# the tiny 3-head checkpoint below (measured 0.042 with no transform, 0.033 hadamard, 0.032 pca)
+TPLA_TINY_BOUND = 0.05
+TP_JOBS = [("mla3", "heads", "none"), ("mla_qlora_bias", "heads", "none"), ("mqa3", "heads", "none"),
+           ("mla3", "tpla", "none"), ("mla3", "tpla", "hadamard"), ("mla3", "tpla", "pca"),
+           ("mla_qlora_bias", "tpla", "hadamard")]
+
+
+@pytest.fixture(scope="module")
+def tp_tiny(tiny, tmp_path_factory):
+    """Tiny checkpoints with 3 heads, so 2 ranks split them unevenly (as SmolLM2's 9): an MLA one
+    and a GQA one with a single KV head (2 ranks > 1 KV head: replicated); and the q_lora + bias MLA."""
+    import transformers as tf
+    shape = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96,
+                 vocab_size=VOCAB, max_position_embeddings=256)
+    out = {"mla_qlora_bias": tiny["deepseek_v3_qlora_bias"][0]}
+    for name, cfg, cls in (
+            ("mla3", tf.DeepseekV3Config(**shape, num_key_value_heads=3, kv_lora_rank=16, q_lora_rank=None,
+                                         qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10,
+                                         first_k_dense_replace=2), tf.DeepseekV3ForCausalLM),
+            ("mqa3", tf.LlamaConfig(**shape, num_key_value_heads=1, head_dim=16), tf.LlamaForCausalLM)):
+        torch.manual_seed(0)
+        ref = cls(cfg).eval()
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        out[name] = tmp_path_factory.mktemp(name)
+        ref.save_pretrained(out[name])
+    return out
+
+
+def _calib():
+    return torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(8))
+
+
+def _tp_tokens():
+    return torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(9))
+
+
+def _prefill_then_decode(model, tokens: torch.Tensor, prompt: int = 12) -> torch.Tensor:
+    """Logits of a prefill of `prompt` tokens, then of one decode step per remaining token."""
+    model.setup_caches(tokens.shape[0], tokens.shape[1] + 4)
+    steps = [model(tokens[:, :prompt], torch.arange(prompt))]
+    steps += [model(tokens[:, i:i + 1], torch.tensor([i])) for i in range(prompt, tokens.shape[1])]
+    model.clear_caches()
+    return torch.cat(steps, 1)
+
+
+def _greedy(model) -> list[int]:
+    from generate import generate
+    model.setup_caches(1, 20)
+    out = generate(model, list(range(5, 17)), 8)
+    model.clear_caches()
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A gloo process group of one in this process: world size 1 runs the same code as torchrun's ranks."""
+    import torch.distributed as dist
+    import tpla
+    tpla.init_distributed("cpu")
+    yield
+    dist.destroy_process_group()
+
+
+@torch.no_grad()
+def test_latent_transform_is_exact(tiny):
+    """The reparametrisation alone (norm weight into the up-projection, then c' = Q c) leaves the
+    logits unchanged, naive and absorbed, with a random norm weight and with convert.py's tiny-scale
+    latent (RMS ~1e-10 under a norm weight of sqrt(eps) / scale), in fp32."""
+    import tpla
+    folder = tiny["deepseek_v3_qlora_bias"][0]
+    tokens = _tp_tokens()
+    for tiny_scale in (False, True):
+        model = load_model(folder)[0]
+        if tiny_scale:
+            for layer in model.layers:
+                a = layer.attention
+                rms = (a.wkv_a(model.tok_embeddings.weight)[:, : a.R]).pow(2).mean().sqrt()
+                s = 1e-10 / rms
+                a.wkv_a.weight[: a.R] *= s
+                a.wkv_a.bias[: a.R] *= s
+                a.kv_norm.weight.copy_(a.kv_norm.weight * (1e-6 ** 0.5) / s)
+        want = {impl: _logits_with(model, impl, tokens) for impl in ("naive", "absorb")}
+        for name, Q in (("hadamard", tpla.hadamard(model.args.kv_lora_rank)),
+                        ("random orthogonal", torch.linalg.qr(torch.randn(model.args.kv_lora_rank,
+                                                                          model.args.kv_lora_rank).double())[0])):
+            folded = load_model(folder)[0]
+            folded.load_state_dict(model.state_dict())
+            for layer in folded.layers:
+                tpla.fold_transform(layer.attention, Q)
+            for impl in ("naive", "absorb"):
+                assert_close(f"latent transform {name} ({impl}, tiny-scale latent {tiny_scale}) vs original",
+                             _logits_with(folded, impl, tokens), want[impl], 1e-5)
+
+
+def _logits_with(model, impl, tokens):
+    for layer in model.layers:
+        layer.attention.impl = impl
+    return model(tokens)
+
+
+@torch.no_grad()
+def test_tp_one_rank_equals_single_device(tp_tiny, one_rank):
+    """World size 1: head-parallel and TPLA (each transform) give the single-device logits, in a full
+    forward and in prefill + decode; TPLA's decode-form perplexity equals the plain one."""
+    import tpla
+    from bench import perplexity
+    tokens = _tp_tokens()
+    for name, mode, transform in TP_JOBS:
+        folder = tp_tiny[name]
+        ref = load_model(folder)[0]
+        model = tpla.load_parallel(folder, mode, 0, 1, transform=transform, calib=_calib())[0]
+        label = f"{name} --tp {mode}" + (f" ({transform})" if mode == "tpla" else "") + ", 1 rank"
+        assert_close(f"{label}: full forward vs single device", model(tokens), ref(tokens), 1e-5)
+        assert_close(f"{label}: prefill + decode vs single device", _prefill_then_decode(model, tokens),
+                     ref(tokens), 1e-5)
+    ids = _tp_tokens().flatten().tolist()
+    want = perplexity(load_model(tp_tiny["mla3"])[0], ids, 16)
+    got = perplexity(tpla.load_parallel(tp_tiny["mla3"], "tpla", 0, 1)[0], ids, 16, decode_form=True, batch=2)
+    print("perplexity, decode form on 1 rank vs full forward:", got, want)
+    for k in ("ppl", "ppl_decode"):
+        assert abs(got[k] / want[k] - 1) < 1e-5
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_env(rank: int, world: int, port: int) -> dict:
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+def _tp_worker(rank: int, world: int, port: int, folders: dict, out: str):
+    """One rank of test_tp_two_ranks: the environment torchrun would set, then every job."""
+    import os
+    os.environ.update(_rank_env(rank, world, port))
+    import torch.distributed as dist
+    import tpla
+    tpla.init_distributed("cpu")
+    results = {}
+    with torch.no_grad():
+        for name, mode, transform in TP_JOBS:
+            model = tpla.load_parallel(folders[name], mode, rank, world, transform=transform, calib=_calib())[0]
+            results[name, mode, transform] = (model(_tp_tokens()), _prefill_then_decode(model, _tp_tokens()),
+                                              _greedy(model), model.kv_bytes_per_token())
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+@torch.no_grad()
+def test_tp_two_ranks(tp_tiny, tmp_path):
+    """2 gloo processes. Head-parallel (uneven 2 + 1 heads; GQA with its one KV head replicated) ==
+    the single-device model: logits and greedy tokens. TPLA: the full forward and the prefill are
+    MLA form, exact; decode logits differ by at most TPLA_TINY_BOUND; the cache per rank is
+    R / 2 + r values per token per layer, against R + r for head-parallel."""
+    import torch.multiprocessing as mp
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_tp_worker, args=(2, _free_port(), dict(tp_tiny), str(out)), nprocs=2, join=True)
+    results = torch.load(out)
+    tokens = _tp_tokens()
+    for (name, mode, transform), (full, steps, greedy, kv_bytes) in results.items():
+        ref = load_model(tp_tiny[name])[0]
+        want = ref(tokens)
+        label = f"{name} --tp {mode}" + (f" ({transform})" if mode == "tpla" else "") + ", 2 ranks"
+        assert_close(f"{label}: full forward vs single device", full, want, 1e-5)
+        a = ref.args
+        if mode == "heads":
+            assert_close(f"{label}: prefill + decode vs single device", steps, want, 1e-5)
+            assert greedy == _greedy(ref)
+            assert kv_bytes == ref.kv_bytes_per_token()
+        else:
+            assert_close(f"{label}: prefill (MLA form) vs single device", steps[:, :12], want[:, :12], 1e-5)
+            diff = (steps[:, 12:] - want[:, 12:]).abs().max().item()
+            agree = (steps[:, 12:].argmax(-1) == want[:, 12:].argmax(-1)).float().mean().item()
+            print(f"{label}: decode (TPLA form) vs MLA: max |diff| {diff:.3g}, top-1 agreement {agree:.0%}")
+            if name == "mla3":
+                assert 0 < diff <= TPLA_TINY_BOUND
+            assert kv_bytes == a.n_layers * (a.kv_lora_rank // 2 + a.qk_rope_head_dim) * 4
+
+
+def _launch(world: int, *argv, timeout: float = 120) -> list[subprocess.CompletedProcess]:
+    """Run a script as `world` ranks, as torchrun would, but each rank's stderr kept apart."""
+    import os
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, **_rank_env(r, world, port)}) for r in range(world)]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]  # a hang fails here
+    finally:
+        for p in procs:
+            p.kill()
+    return [subprocess.CompletedProcess(p.args, p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
+
+
+def test_tp_user_errors(tp_tiny):
+    """A GQA checkpoint with --tp tpla, a world size that does not divide the latent, more ranks than
+    heads: one clear line on rank 0, nothing on the others, every rank exits non-zero, no hang."""
+    for world, argv, needle in (
+            (2, ["generate.py", "--ckpt", str(tp_tiny["mqa3"]), "--prompt", "hi", "--tp", "tpla"], "needs an MLA"),
+            (3, ["bench.py", "--ppl", "--ckpt", str(tp_tiny["mla3"]), "--tp", "tpla"], "does not divide the latent"),
+            (4, ["generate.py", "--ckpt", str(tp_tiny["mla3"]), "--prompt", "hi", "--tp", "heads"], "exceeds")):
+        ranks = _launch(world, *argv)
+        _one_clear_line(ranks[0], needle)
+        for res in ranks[1:]:
+            assert res.returncode != 0 and res.stderr.strip() == "", res.stderr
+
+
+def test_bench_tp_speed_runs(tp_tiny):
+    """bench.py under 2 ranks times head-parallel and TPLA decode in one run; rank 0 reports the JSON."""
+    ranks = _launch(2, "bench.py", "--ckpt", str(tp_tiny["mla3"]), "--contexts", "16,32", "--batch", "2",
+                    "--new-tokens", "2", timeout=300)
+    assert all(r.returncode == 0 for r in ranks), ranks[0].stderr[-2000:] + ranks[1].stderr[-2000:]
+    assert ranks[1].stdout == ""
+    print(ranks[0].stdout)
+    result = json.loads(ranks[0].stdout.strip().splitlines()[-1])
+    assert {(r["model"], r["context"], r["batch"]) for r in result["decode"]} == \
+        {(m, c, 2) for m in ("heads", "tpla") for c in (16, 32)}
+    # per rank: 2 layers x (R + r = 16 + 8) x 4 bytes whole; 2 layers x (R / 2 + r) x 4 bytes sliced
+    assert result["kv_bytes_per_token"] == {"heads": 192, "tpla": 128}

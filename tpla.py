@@ -1,0 +1,401 @@
+"""Tensor-parallel latent attention (TPLA, arXiv 2508.15881) and head-parallel MLA over torch.distributed.
+
+    torchrun --nproc_per_node=2 generate.py --prompt "The capital of France is" --temperature 0
+    torchrun --nproc_per_node=2 generate.py --ckpt MLA_DIR --prompt "Hello" --tp heads
+    torchrun --nproc_per_node=2 bench.py --ppl --tp tpla --tpla-transform hadamard
+    torchrun --nproc_per_node=2 bench.py --contexts 32768 --batch 4     # tpla vs heads decode speed
+
+The problem. Head-parallel tensor parallelism (DeepSeek's, `--tp heads`) gives each rank some of
+the heads, but every MLA head reads the whole latent, so every rank caches, and reads at every
+decode step, the whole latent cache: R + r values per token on each rank. Tensor parallelism
+stops saving cache bandwidth exactly where MLA needs it.
+
+TPLA splits the latent instead. With g ranks, rank i keeps the slice P_i of the latent (R / g
+values per token) plus the rope key k_pe, and runs attention for all heads on its slice:
+    s_i = q_lat[P_i] . c[P_i] + q_pe . k_pe        p_i = softmax(s_i * scale)
+    y_i = W_O  W_UV[:, P_i] (p_i . c[P_i])          y = all_reduce_sum(y_i)
+Exact for g = 1; for g > 1 each shard has a softmax of its own (that is the approximation). If
+every p_i were the same p, y would be exactly MLA's. An orthogonal transform Q of the latent
+(c' = Q c, up-projections W Q^T: exact) chosen before slicing makes the shards' scores more
+alike: `hadamard` (mixes every latent dim into every shard), `pca` (the eigenvectors of the
+calibration latents' second moment, dealt round-robin to the shards by energy so each gets a
+balanced share) or `none`. The latent RMSNorm is computed on the whole latent, before slicing:
+every rank holds the (small) down-projection and normalises each new token's latent itself.
+Its elementwise weight is not rotation invariant, so it moves into the up-projection first.
+
+Prefill runs in plain MLA form (exact, nothing split across ranks but the heads): each rank
+runs its heads over the whole latent of the prompt, then caches only its slice. Decode runs in
+TPLA form. Every rank computes the full query of all heads, and o_proj over all heads.
+
+The rest is ordinary Megatron tensor parallelism: the feed-forward's w1 / w3 split by output
+rows and w2 by input columns; embeddings, norms and the output head are replicated. Each layer
+does two all-reduces (after attention, after the feed-forward). They cannot be merged: the
+feed-forward's RMSNorm needs the complete attention output, the next layer's needs the complete
+feed-forward output. Biases of row-parallel outputs (o_proj, w2) are added on rank 0 only.
+
+Head split: contiguous, uneven where the heads do not divide (9 heads on 2 ranks: 5 + 4). GQA
+checkpoints run head-parallel too: with fewer ranks than KV heads the KV groups are dealt to the
+ranks; with more, a KV head is replicated on the ranks that share its query heads.
+
+Choices settled by measurement (README, section TPLA): see ROPE / RESCALE / DEFAULT_TRANSFORM.
+"""
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from checkpoint import CheckpointReader, UserError, find_checkpoint
+from model import MLA, Attention, Block, FeedForward, LatentCache, ModelArgs, Transformer, apply_rope
+
+MODES = ("tpla", "heads")
+TRANSFORMS = ("hadamard", "pca", "pca-sorted", "none")  # pca-sorted: shard 0 gets the top half of the energy
+DEFAULT_TRANSFORM = "hadamard"
+ROPE = "full"  # every rank keeps the whole rope key
+RESCALE = False  # shard scores as they are
+
+
+# ----------------------------------------------------------------------------- the process group
+
+def launched() -> bool:
+    """Whether torchrun (or anything that sets its environment) started this process."""
+    return "WORLD_SIZE" in os.environ
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device: str) -> tuple[int, int, str]:
+    """Join torchrun's process group (env://), or make a group of one, so one rank runs the same
+    code. gloo on CPU, NCCL on CUDA. Returns rank, world size and this rank's device."""
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if launched():
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        torch.cuda.set_device(device)
+    else:  # ranks on one machine share its cores: without this each would start a thread per core
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def checkpoint_or_default(ckpt: str | None) -> Path:
+    """--ckpt, or the embedded model's default MLA conversion: made on first use by rank 0 while
+    the others wait, and a failure reaches every rank (so all exit, none hangs)."""
+    if ckpt:
+        return find_checkpoint(ckpt)
+    from bench import default_conversion
+    from checkpoint import default_or
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [str(default_conversion(default_or(None)))]
+        except UserError as e:
+            box = [e]
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], UserError):
+        raise box[0]
+    return Path(box[0])
+
+
+def check_parallel(args: ModelArgs, mode: str, world: int, transform: str = "none", rope: str = "full"):
+    """Say in one line why this checkpoint cannot be split this way (the same on every rank)."""
+    kind = args.extra.get("model_type", "?")
+    if mode == "tpla" and not args.is_mla:
+        raise UserError(f"--tp tpla needs an MLA checkpoint, this one is GQA ({kind}): convert it with "
+                        "convert.py, or run it with --tp heads")
+    if world > args.n_heads:
+        raise UserError(f"world size {world} exceeds the {args.n_heads} attention heads: every rank needs a head")
+    if not args.n_experts and args.hidden_dim % world:
+        raise UserError(f"world size {world} does not divide the feed-forward hidden size {args.hidden_dim}")
+    if mode == "tpla":
+        R, r = args.kv_lora_rank, args.qk_rope_head_dim
+        if R % world:
+            raise UserError(f"world size {world} does not divide the latent (kv_lora_rank {R}): "
+                            "TPLA gives each rank R / world of it")
+        if rope == "split" and (r // 2) % world:
+            raise UserError(f"world size {world} does not divide the {r // 2} rotary pairs of the rope key")
+        if transform == "hadamard" and R & (R - 1):
+            raise UserError(f"--tpla-transform hadamard needs a power-of-two kv_lora_rank, this one is {R}: "
+                            "use pca or none")
+
+
+def split(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank's contiguous share [a, b) of n items, sizes differing by at most one (9 on 2: 5 + 4)."""
+    return rank * n // world, (rank + 1) * n // world
+
+
+# ----------------------------------------------------------------------------- the orthogonal transform
+
+def hadamard(n: int) -> torch.Tensor:
+    """Sylvester's Hadamard matrix of order n (a power of two), scaled to be orthogonal."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h / n ** 0.5
+
+
+def pca_basis(cov: torch.Tensor, world: int, interleave: bool = True) -> torch.Tensor:
+    """Q whose rows are the eigenvectors of the latents' second moment, largest first. Interleaved,
+    shard i (rows i R/g ... (i+1) R/g) gets components i, i + g, i + 2g, ...: equal shares of energy."""
+    _, vecs = torch.linalg.eigh(cov)
+    vecs = vecs.flip(-1)  # columns, largest eigenvalue first
+    R = cov.shape[0]
+    order = [k for i in range(world) for k in range(i, R, world)] if interleave else list(range(R))
+    return vecs[:, order].T.contiguous()
+
+
+@torch.no_grad()
+def fold_transform(attn: MLA, Q: torch.Tensor):
+    """Make the cached latent c' = Q c, exactly: RMSNorm(c) = w * c / rms(c), and rms is rotation
+    invariant but the elementwise weight w is not, so w moves into the up-projection first (its
+    norm weight becomes 1); then Q rotates the down-projection's latent rows and Q^T the up-projection."""
+    R = attn.R
+    Q = Q.double()
+    for p in (attn.wkv_a.weight, attn.wkv_a.bias):
+        if p is not None:
+            p[:R] = (Q @ p[:R].double()).to(p.dtype)  # (R, D): rows of the latent
+    w = attn.kv_norm.weight.double()
+    attn.wkv_b.weight.copy_(attn.wkv_b.weight.double() * w @ Q.T)  # (H * (d_nope + d_v), R)
+    attn.kv_norm.weight.fill_(1.0)
+
+
+@torch.no_grad()
+def latent_moment(attn: MLA, x: torch.Tensor) -> torch.Tensor:
+    """E[c c^T] in float64 of the normed latents of the attention inputs x (N, T, D)."""
+    c = attn.kv_norm(attn.wkv_a(x)[..., : attn.R]).reshape(-1, attn.R).double()
+    return c.T @ c / len(c)
+
+
+def calibration_ids(folder: Path, n_tokens: int = 2048, seq_len: int = 512) -> torch.Tensor:
+    """(n_tokens / seq_len, seq_len) token ids from the start of the embedded calibration split."""
+    from fetch import ensure_texts
+    from tokenizer import load_tokenizer
+    ids = load_tokenizer(folder).encode(ensure_texts()[0].read_text(), bos=False)[:n_tokens]
+    return torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
+
+
+# ----------------------------------------------------------------------------- the parallel modules
+
+class HeadParallelMLA(MLA):
+    """DeepSeek's TP: an MLA of this rank's heads over the whole latent, so the whole cache on every rank."""
+
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        y = super().forward(x, cos, sin, mask, input_pos)  # this rank's heads through their o_proj columns
+        dist.all_reduce(y)  # the sum over ranks is every head through the whole o_proj
+        return y
+
+
+class HeadParallelAttention(Attention):
+    """GQA, head-parallel: this rank's query heads and the KV heads they read."""
+
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        y = super().forward(x, cos, sin, mask, input_pos)
+        dist.all_reduce(y)
+        return y
+
+
+class ParallelFeedForward(FeedForward):
+    """Megatron's MLP: this rank's hidden units (w1, w3 rows; w2 columns) give a partial sum."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        dist.all_reduce(y)
+        return y
+
+
+class TPLA(MLA):
+    """MLA whose cache holds this rank's latent slice; prefill in MLA form, decode in TPLA form.
+    Parameters are the whole (transformed) MLA's: all heads' queries and o_proj, as decode needs.
+
+    rope: "full" caches the whole rope key on every rank and adds q_pe . k_pe to every shard's
+    scores; "split" deals the rotary pairs to the ranks like the latent (fewer bytes, each
+    shard's scores see only part of the position signal).
+    rescale: multiply the split parts of the scores by g, so each shard's logits keep the
+    magnitude of the whole latent's (the shard's dot product has 1/g of the terms)."""
+
+    def __init__(self, args: ModelArgs, rank: int, world: int, rope: str = "full", rescale: bool = False):
+        super().__init__(args)
+        self.h0, self.h1 = split(self.n_heads, rank, world)  # heads this rank runs in prefill
+        a, b = split(self.R, rank, world)
+        self.lat = slice(a, b)  # this rank's latent dims P_i
+        half = self.r // 2  # rotate_half layout: dims j and j + r/2 are rotary pair j
+        pairs = list(range(half)) if rope == "full" else list(range(rank, half, world))
+        self.rope_list = pairs + [half + j for j in pairs]  # this rank's rope dims; a tensor in shard()
+        self.lat_gain = float(world) if rescale else 1.0
+        self.rope_gain = float(world) if rescale and rope == "split" else 1.0
+
+    def shard(self):
+        """After loading: this rank's columns of the up-projections, contiguous, for decode."""
+        w = self.wkv_b.weight.view(self.n_heads, self.d_nope + self.d_v, self.R)[..., self.lat]
+        self.register_buffer("w_uk", w[:, : self.d_nope].contiguous(), persistent=False)  # (H, d_nope, R/g)
+        self.register_buffer("w_uv", w[:, self.d_nope:].contiguous(), persistent=False)  # (H, d_v, R/g)
+        self.register_buffer("rope_dims", torch.tensor(self.rope_list, device=w.device), persistent=False)
+        return self
+
+    def kv_values_per_token(self) -> int:
+        return self.lat.stop - self.lat.start + len(self.rope_dims)
+
+    def make_cache(self, batch: int, seq_len: int, dtype, device) -> LatentCache:
+        return LatentCache(batch, seq_len, self.lat.stop - self.lat.start, len(self.rope_dims), dtype, device)
+
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        B, T, _ = x.shape
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora_rank else self.wq(x)
+        q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.d_nope, self.r], dim=-1)  # all heads
+        c, k_pe = self.wkv_a(x).split([self.R, self.r], dim=-1)
+        c = self.kv_norm(c)  # (B, T, R): the whole latent is normed, then sliced
+        q_pe = apply_rope(q_pe, cos, sin)  # (B, T, H, r)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # (B, T, r)
+        if self.cache is not None:  # cache only this rank's shard: c[P_i] and its rope dims
+            kv = self.cache.update(input_pos, c[..., self.lat], k_pe[..., self.rope_dims])  # (B, S, R/g + r_i)
+        if self.cache is None or input_pos[0] == 0:  # nothing cached before: the exact MLA form
+            y = self._prefill(q_nope, q_pe, c, k_pe, mask)
+        else:
+            y = self._decode(q_nope, q_pe, kv, mask)
+        dist.all_reduce(y)  # prefill: the sum over heads; decode: the sum over latent shards
+        return y
+
+    def _prefill(self, q_nope, q_pe, c, k_pe, mask):
+        """Naive MLA for heads h0..h1 over the whole latent of these T tokens, through their o_proj columns."""
+        B, T, H, _ = q_nope.shape
+        h, n = slice(self.h0, self.h1), self.h1 - self.h0
+        w = self.wkv_b.weight.view(H, self.d_nope + self.d_v, self.R)[h]
+        k_nope, v = torch.einsum("btc,hdc->bthd", c, w).split([self.d_nope, self.d_v], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, -1, n, -1)], dim=-1)  # (B, T, n, d_nope + r)
+        q = torch.cat([q_nope[:, :, h], q_pe[:, :, h]], dim=-1)
+        if mask is not None:
+            mask = mask[:, :T]  # the keys are these T tokens, at positions 0 ... T-1
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask, scale=self.scale).transpose(1, 2)  # (B, T, n, d_v)
+        wo = self.wo.weight[:, self.h0 * self.d_v: self.h1 * self.d_v]
+        return F.linear(y.reshape(B, T, -1), wo, self.wo.bias)  # the bias is zero except on rank 0
+
+    def _decode(self, q_nope, q_pe, kv, mask):
+        """Absorbed attention of all heads over this rank's latent shard, with a softmax of its own."""
+        B, T, H, _ = q_nope.shape
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, self.w_uk) * self.lat_gain  # (B, T, H, R/g)
+        q = torch.cat([q_lat, q_pe[..., self.rope_dims] * self.rope_gain], dim=-1)
+        q = q.view(B, T * H, -1) * self.scale  # (B, T*H, R/g + r_i)
+        scores = torch.bmm(q, kv.transpose(1, 2)).view(B, T, H, -1)  # (B, T, H, S)
+        if mask is not None:
+            scores.masked_fill_(~mask[:, None, :], float("-inf"))
+        p = F.softmax(scores.float(), dim=-1).to(kv.dtype).view(B, T * H, -1)
+        o_lat = torch.bmm(p, kv[..., : self.w_uk.shape[-1]]).view(B, T, H, -1)  # (B, T, H, R/g)
+        y = torch.einsum("bthc,hdc->bthd", o_lat, self.w_uv)  # (B, T, H, d_v): this shard's part of every head
+        return self.wo(y.reshape(B, T, -1))
+
+
+# ----------------------------------------------------------------------------- sharding one layer
+
+def _rows(t: torch.Tensor, a: int, b: int, per: int) -> torch.Tensor:
+    return t[a * per: b * per].clone()  # clone: the full tensor's storage can then be freed
+
+
+def _build(make, state: dict, rank: int):
+    """make() builds the module on the meta device; it then takes `state`. A row-parallel output's
+    bias (o_proj, w2) is kept on rank 0 only, since the all-reduce adds the ranks' outputs."""
+    with torch.device("meta"):
+        m = make()
+    for k in ("wo.bias", "w2.bias"):
+        if k in state and rank != 0:
+            state[k] = torch.zeros_like(state[k])
+    m.load_state_dict(state, strict=True, assign=True)
+    return m
+
+
+def shard_attention(attn, args: ModelArgs, mode: str, rank: int, world: int, rope: str, rescale: bool):
+    s = attn.state_dict()
+    if mode == "tpla":
+        return _build(lambda: TPLA(args, rank, world, rope, rescale), s, rank).shard()
+    if args.is_mla:
+        h0, h1 = split(args.n_heads, rank, world)
+        local = replace(args, n_heads=h1 - h0, n_kv_heads=h1 - h0)
+        q = "wq_b.weight" if args.q_lora_rank else "wq.weight"
+        s[q] = _rows(s[q], h0, h1, args.qk_nope_head_dim + args.qk_rope_head_dim)
+        s["wkv_b.weight"] = _rows(s["wkv_b.weight"], h0, h1, args.qk_nope_head_dim + args.v_head_dim)
+        s["wo.weight"] = _rows(s["wo.weight"].T, h0, h1, args.v_head_dim).T.contiguous()
+        return _build(lambda: HeadParallelMLA(local), s, rank)
+    # GQA: whole KV groups per rank, or (more ranks than KV heads) a KV head shared by a few ranks
+    n_kv, G, d = args.n_kv_heads, args.n_heads // args.n_kv_heads, args.head_dim
+    if world <= n_kv:
+        k0, k1 = split(n_kv, rank, world)
+        h0, h1 = k0 * G, k1 * G
+    else:
+        k0 = rank * n_kv // world
+        k1 = k0 + 1
+        sharing = [j for j in range(world) if j * n_kv // world == k0]  # ranks on KV head k0
+        a, b = split(G, sharing.index(rank), len(sharing))
+        h0, h1 = k0 * G + a, k0 * G + b
+    local = replace(args, n_heads=h1 - h0, n_kv_heads=k1 - k0)
+    s["wq.weight"] = _rows(s["wq.weight"], h0, h1, d)
+    for k in ("wk", "wv"):
+        for p in ("weight", "bias"):
+            if f"{k}.{p}" in s:
+                s[f"{k}.{p}"] = _rows(s[f"{k}.{p}"], k0, k1, d)
+    if "wq.bias" in s:
+        s["wq.bias"] = _rows(s["wq.bias"], h0, h1, d)
+    s["wo.weight"] = _rows(s["wo.weight"].T, h0, h1, d).T.contiguous()
+    return _build(lambda: HeadParallelAttention(local), s, rank)
+
+
+def shard_feed_forward(ffn, rank: int, world: int):
+    if not isinstance(ffn, FeedForward):
+        return ffn  # a mixture of experts stays whole on every rank (no all-reduce)
+    s = ffn.state_dict()
+    a, b = split(s["w1.weight"].shape[0], rank, world)
+    for k in ("w1.weight", "w1.bias", "w3.weight", "w3.bias"):
+        if k in s:
+            s[k] = _rows(s[k], a, b, 1)
+    s["w2.weight"] = s["w2.weight"][:, a:b].contiguous()
+    return _build(lambda: ParallelFeedForward(ffn.w1.in_features, b - a, ffn.w1.bias is not None), s, rank)
+
+
+# ----------------------------------------------------------------------------- loading
+
+@torch.no_grad()
+def load_parallel(path: str | Path, mode: str, rank: int, world: int, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32, transform: str = DEFAULT_TRANSFORM, rope: str = "full",
+                  rescale: bool = False, calib: torch.Tensor | None = None) -> tuple[Transformer, Path]:
+    """This rank's part of one unsharded checkpoint, read layer by layer (memory: one whole layer
+    plus this rank's shards). For tpla with pca, calibration ids (N, T) stream through the
+    whole model alongside, one layer at a time, to measure each layer's latents."""
+    reader = CheckpointReader(path)
+    args = reader.args
+    check_parallel(args, mode, world, transform, rope)
+    with torch.device("meta"):
+        model = Transformer(args)
+    for name in ("tok_embeddings", "norm") + (() if model.output is None else ("output",)):
+        reader.fill(getattr(model, name), f"{name}.", device, dtype)
+    model.set_rope(args.max_seq_len, device)
+    pca = mode == "tpla" and transform.startswith("pca")
+    if pca:
+        calib = (calib if calib is not None else calibration_ids(reader.folder)).to(device)
+        h = model.tok_embeddings(calib)  # (N, T, D) hidden states of the whole model
+        T = calib.shape[1]
+        rope_cs, mask = (model.rope_cos[:T], model.rope_sin[:T]), torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    for i in range(args.n_layers):
+        with torch.device("meta"):
+            block = Block(args)
+        reader.fill(block, f"layers.{i}.", device, dtype)
+        if mode == "tpla" and transform != "none":
+            if pca:
+                fold_transform(block.attention, torch.eye(args.kv_lora_rank))  # norm weight 1 first
+                Q = pca_basis(latent_moment(block.attention, block.attention_norm(h)), world,
+                              interleave=transform == "pca")
+                Q = Q.to(device)
+                dist.broadcast(Q, src=0)  # eigh's signs must not differ between ranks
+                h = block(h, *rope_cs, mask)  # the next layer's input: exact MLA, before any change
+            else:
+                Q = hadamard(args.kv_lora_rank)
+            fold_transform(block.attention, Q)
+        block.attention = shard_attention(block.attention, args, mode, rank, world, rope, rescale)
+        block.feed_forward = shard_feed_forward(block.feed_forward, rank, world)
+        model.layers[i] = block
+    return model.eval(), reader.folder
