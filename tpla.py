@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node=2 generate.py --prompt "The capital of France is" --temperature 0
     torchrun --nproc_per_node=2 generate.py --ckpt MLA_DIR --prompt "Hello" --tp heads
-    torchrun --nproc_per_node=2 bench.py --ppl --tp tpla --tpla-transform hadamard
+    torchrun --nproc_per_node=2 bench.py --ppl --tp tpla --tpla-transform pca-sorted
     torchrun --nproc_per_node=2 bench.py --contexts 32768 --batch 4     # tpla vs heads decode speed
 
 The problem. Head-parallel tensor parallelism (DeepSeek's, `--tp heads`) gives each rank some of
@@ -19,13 +19,13 @@ every p_i were the same p, y would be exactly MLA's. An orthogonal transform Q o
 (c' = Q c, up-projections W Q^T: exact) chosen before slicing makes the shards' scores more
 alike: `hadamard` (mixes every latent dim into every shard), `pca` (the eigenvectors of the
 calibration latents' second moment, dealt round-robin to the shards by energy so each gets a
-balanced share) or `none`. The latent RMSNorm is computed on the whole latent, before slicing:
+balanced share; `pca-sorted` keeps them in order, the top half on rank 0) or `none`. The latent RMSNorm is computed on the whole latent, before slicing:
 every rank holds the (small) down-projection and normalises each new token's latent itself.
 Its elementwise weight is not rotation invariant, so it moves into the up-projection first.
 
 Prefill runs in plain MLA form (exact, nothing split across ranks but the heads): each rank
-runs its heads over the whole latent of the prompt, then caches only its slice. Decode runs in
-TPLA form. Every rank computes the full query of all heads, and o_proj over all heads.
+runs its heads over the whole latent of the prompt, then caches only its slice. Decode (and any
+later chunk of a chunked prefill) runs in TPLA form. Every rank computes the full query of all heads, and o_proj over all heads.
 
 The rest is ordinary Megatron tensor parallelism: the feed-forward's w1 / w3 split by output
 rows and w2 by input columns; embeddings, norms and the output head are replicated. Each layer
@@ -37,7 +37,19 @@ Head split: contiguous, uneven where the heads do not divide (9 heads on 2 ranks
 checkpoints run head-parallel too: with fewer ranks than KV heads the KV groups are dealt to the
 ranks; with more, a KV head is replicated on the ranks that share its query heads.
 
-Choices settled by measurement (README, section TPLA): see ROPE / RESCALE / DEFAULT_TRANSFORM.
+Choices settled by measurement on the embedded model's default conversion (R = 64, r = 32, 2
+ranks; README, section TPLA). Here TPLA costs a lot of accuracy (R / g = 32; the paper's R is 512):
+- the rope key: whole on every rank. Dealing its rotary pairs to the ranks like the latent saves
+  bytes but each shard then sees half of the positional signal: decode perplexity x7.
+- the transform: none. The balanced ones (Hadamard; PCA dealt round-robin) give each shard half
+  of every score, and each shard's softmax is flatter than the whole one. An energy-sorted split
+  (pca-sorted; convert.py's BKV-PCA latent is sorted already, so `none` is one) keeps the
+  scores' main terms together on rank 0, whose softmax stays close to the whole one.
+- no per-shard logit scale: scaling a shard's latent scores by g helps Hadamard a little and
+  hurts the others.
+Speed on a CPU: the absorbed attention's small-row matmuls and softmax set the pace, not the
+bytes, and TPLA does per rank as much arithmetic as head-parallel (all H heads on R/g + r dims
+against H/g heads on R + r) and more softmax: TPLA wins in bf16, loses in fp32 (README).
 """
 import os
 from dataclasses import replace
@@ -51,10 +63,12 @@ from checkpoint import CheckpointReader, UserError, find_checkpoint
 from model import MLA, Attention, Block, FeedForward, LatentCache, ModelArgs, Transformer, apply_rope
 
 MODES = ("tpla", "heads")
-TRANSFORMS = ("hadamard", "pca", "pca-sorted", "none")  # pca-sorted: shard 0 gets the top half of the energy
-DEFAULT_TRANSFORM = "hadamard"
-ROPE = "full"  # every rank keeps the whole rope key
-RESCALE = False  # shard scores as they are
+TRANSFORMS = ("none", "hadamard", "pca", "pca-sorted")  # pca-sorted: shard 0 gets the top half of the energy
+# Settled by measurement (README, section TPLA: ppl_decode on the evaluation split, 2 ranks): an
+# energy-sorted split beats a balanced one, and convert.py's latent is already BKV-PCA sorted
+DEFAULT_TRANSFORM = "none"
+ROPE = "full"  # every rank keeps the whole rope key: splitting it loses the positions (ppl x7)
+RESCALE = False  # shard scores as they are: x g helps only Hadamard, and not enough
 
 
 # ----------------------------------------------------------------------------- the process group
