@@ -390,8 +390,8 @@ def tp_speed(args, device: str, dtype: torch.dtype) -> dict:
                 raw[mode, batch, context] = ms, mem_ms, comp_ms
                 result["decode"].append({
                     "model": mode, "context": context, "batch": batch, "compiled": False,
-                    "ms_per_token": round(ms, 2), "roofline_ms": round(roof, 2), "memory_ms": round(mem_ms, 2),
-                    "compute_ms": round(comp_ms, 2), "cache_mb": round(cache_mb, 1), "world_size": world})
+                    "ms_per_token": sig(ms), "roofline_ms": sig(roof), "memory_ms": sig(mem_ms),
+                    "compute_ms": sig(comp_ms), "cache_mb": sig(cache_mb), "world_size": world})
                 rows.append(f"{mode:<13}{batch:>6}{context:>9}{'eager':>10}{ms:>10.1f}{mem_ms:>11.1f}"
                             f"{comp_ms:>12.1f}{ms / roof:>12.2f}{cache_mb:>10.0f}")
                 say(rows[-1], file=sys.stderr)
