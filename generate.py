@@ -158,7 +158,7 @@ def main():
         raise UserError("--prompt is empty")
     model.setup_caches(1, len(prompt) + args.max_new_tokens)
     log(f"loaded {folder.name} ({'MLA' if model.args.is_mla else 'GQA'}"
-        f"{f', --tp {mode} on {world} ranks' if parallel else ''}, "
+        f"{f', --tp {mode} on {world} rank' + 's' * (world > 1) if parallel else ''}, "
         f"{model.kv_bytes_per_token() // model.args.n_layers} cache bytes per token per layer"
         f"{' per rank' if parallel else ''}) in {time.perf_counter() - t0:.1f}s")
 

@@ -200,11 +200,10 @@ def calibration_ids(folder: Path, n_tokens: int = 2048, seq_len: int = 512) -> t
 def attend_latent(q: torch.Tensor, kv: torch.Tensor, R: int, mask: torch.Tensor | None) -> torch.Tensor:
     """The absorbed attention of both parallel MLA modes (one function, so that their speeds
     compare shapes, not code): scaled queries q (B, T, H, R + r) in latent space over a cache
-    kv = [c ; k_pe] (B, S, R + r) -> softmax(q . kv) . c, (B, T, H, R). A decode step reads the
-    cache only up to its own position, so it needs no mask pass over its (H x S) scores."""
+    kv = [c ; k_pe] (B, S, R + r) -> softmax(q . kv) . c, (B, T, H, R). (Reading the cache only up
+    to the step's position, with no mask, is faster in fp32 but not in bf16: oneDNN copies the
+    sliced cache first.)"""
     B, T, H, _ = q.shape
-    if T == 1 and mask is not None:  # MLA masks are causal prefixes (no sliding window)
-        kv, mask = kv[:, : int(mask[0].sum())], None
     scores = torch.bmm(q.reshape(B, T * H, -1), kv.transpose(1, 2)).view(B, T, H, -1)  # (B, T, H, S)
     if mask is not None:
         scores.masked_fill_(~mask[:, None, :], float("-inf"))
