@@ -938,7 +938,7 @@ def _tp_worker(rank: int, world: int, port: int, folders: dict, out: str):
 
 @torch.no_grad()
 def test_tp_two_ranks(tp_tiny, tmp_path):
-    """2 gloo processes. Head-parallel (uneven 2 + 1 heads; GQA with its one KV head replicated) ==
+    """2 gloo processes. Head-parallel (uneven 1 + 2 heads; GQA with its one KV head replicated) ==
     the single-device model: logits and greedy tokens. TPLA: the full forward and the prefill are
     MLA form, exact; decode logits differ by at most TPLA_TINY_BOUND; the cache per rank is
     R / 2 + r values per token per layer, against R + r for head-parallel."""

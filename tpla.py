@@ -33,7 +33,7 @@ does two all-reduces (after attention, after the feed-forward). They cannot be m
 feed-forward's RMSNorm needs the complete attention output, the next layer's needs the complete
 feed-forward output. Biases of row-parallel outputs (o_proj, w2) are added on rank 0 only.
 
-Head split: contiguous, uneven where the heads do not divide (9 heads on 2 ranks: 5 + 4). GQA
+Head split: contiguous, uneven where the heads do not divide (9 heads on 2 ranks: 4 + 5). GQA
 checkpoints run head-parallel too: with fewer ranks than KV heads the KV groups are dealt to the
 ranks; with more, a KV head is replicated on the ranks that share its query heads.
 
@@ -49,7 +49,7 @@ ranks; README, section TPLA). Here TPLA costs a lot of accuracy (R / g = 32; the
   hurts the others.
 Speed on a CPU: the absorbed attention's small-row matmuls and softmax set the pace, not the
 bytes, and TPLA does per rank as much arithmetic as head-parallel (all H heads on R/g + r dims
-against H/g heads on R + r) and more softmax: TPLA wins in bf16, loses in fp32 (README).
+against H/g heads on R + r) and more softmax: 1.06x in fp32, 1.13x in bf16 at 32K (README).
 """
 import os
 from dataclasses import replace
@@ -141,7 +141,7 @@ def check_parallel(args: ModelArgs, mode: str, world: int, transform: str = "non
 
 
 def split(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Rank's contiguous share [a, b) of n items, sizes differing by at most one (9 on 2: 5 + 4)."""
+    """Rank's contiguous share [a, b) of n items, sizes differing by at most one (9 on 2: 4 + 5)."""
     return rank * n // world, (rank + 1) * n // world
 
 
