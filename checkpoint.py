@@ -380,7 +380,21 @@ def run(main) -> None:
         sys.exit(130)
     finally:
         if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+            leave_process_group()
+
+
+def leave_process_group(timeout_s: float = 60.0) -> None:
+    """Tear the process group down after every rank got here: a gloo rank that closes its
+    connections while another is still finishing can make that one abort. The wait has a
+    timeout, so a rank that never comes (it failed elsewhere) cannot hang the others."""
+    import datetime
+    import torch.distributed as dist
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+    except RuntimeError:
+        pass
+    dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- writing

@@ -922,8 +922,8 @@ def _tp_worker(rank: int, world: int, port: int, folders: dict, out: str):
     """One rank of test_tp_two_ranks: the environment torchrun would set, then every job."""
     import os
     os.environ.update(_rank_env(rank, world, port))
-    import torch.distributed as dist
     import tpla
+    from checkpoint import leave_process_group
     tpla.init_distributed("cpu")
     results = {}
     with torch.no_grad():
@@ -933,7 +933,7 @@ def _tp_worker(rank: int, world: int, port: int, folders: dict, out: str):
                                               _greedy(model), model.kv_bytes_per_token())
     if rank == 0:
         torch.save(results, out)
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 @torch.no_grad()
