@@ -67,7 +67,7 @@ TRANSFORMS = ("none", "hadamard", "pca", "pca-sorted")  # pca-sorted: shard 0 ge
 # Settled by measurement (README, section TPLA: ppl_decode on the evaluation split, 2 ranks): an
 # energy-sorted split beats a balanced one, and convert.py's latent is already BKV-PCA sorted
 DEFAULT_TRANSFORM = "none"
-ROPE = "full"  # every rank keeps the whole rope key: splitting it loses the positions (ppl x7)
+ROPE = "full"  # every rank keeps the whole rope key: splitting it loses the positions (ppl_decode x7.5)
 RESCALE = False  # shard scores as they are: x g helps only Hadamard, and not enough
 
 
