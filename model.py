@@ -10,7 +10,8 @@ What is in here, top to bottom:
   rope key k_pe, nothing per head).
 - Attention (GQA) and MLA with its two paths: naive (expand the latent into per-head K/V,
   good for prefill) and absorbed (fold the up-projections into the query and the output, so
-  a decode step reads only R + r values per cached token).
+  a decode step reads only R + r values per cached token; `latent_attention`, which tpla.py
+  calls too).
 - Block and Transformer; `Transformer.forward(tokens, input_pos)` gives logits at every position.
 
 Loading Hugging Face checkpoints lives in checkpoint.py; this file knows nothing of file formats.
@@ -227,6 +228,22 @@ class Attention(nn.Module):
         return self.wo(y.reshape(B, T, -1))
 
 
+def latent_attention(q: torch.Tensor, kv: torch.Tensor, R: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention over the cached latent as it is stored: the one absorbed attention (MLA,
+    head-parallel MLA and TPLA's decode on its shard all call it, so their speeds compare shapes,
+    not code). q (B, T, H, R + r): queries already in latent space and scaled; kv = [c ; k_pe]
+    (B, S, R + r); mask (T, S), the same for every head -> softmax(q . kv) . c, (B, T, H, R).
+    (Reading the cache only up to the step's position, with no mask, is faster in fp32 but not
+    in bf16: oneDNN copies the sliced cache first.)"""
+    B, T, H, _ = q.shape
+    scores = torch.bmm(q.reshape(B, T * H, -1), kv.transpose(1, 2)).view(B, T, H, -1)  # (B, T, H, S)
+    if mask is not None:
+        scores.masked_fill_(~mask[:, None, :], float("-inf"))
+    # float32: in bf16 the exponentials summed over S keys lose the small probabilities
+    p = F.softmax(scores, dim=-1, dtype=torch.float32).to(kv.dtype).view(B, T * H, -1)
+    return torch.bmm(p, kv[..., :R]).view(B, T, H, R)  # the attention output, in latent space
+
+
 class MLA(nn.Module):
     """Multi-head latent attention (DeepSeek-V2/V3).
 
@@ -292,18 +309,13 @@ class MLA(nn.Module):
         return y.transpose(1, 2)
 
     def _absorbed(self, q_nope, q_pe, kv, mask):
-        """Attend over the latent itself: every head's query is moved into latent space, so the
-        cache is read as it is stored, by two batched matmuls over (heads x query tokens) rows."""
-        B, T, H, _ = q_nope.shape
-        w = self.wkv_b.weight.view(H, self.d_nope + self.d_v, self.R)
+        """Attend over the latent itself: every head's query is moved into latent space and the
+        attention output moved back out, so the cache is read as it is stored."""
+        w = self.wkv_b.weight.view(self.n_heads, self.d_nope + self.d_v, self.R)
         w_uk, w_uv = w[:, : self.d_nope], w[:, self.d_nope:]  # (H, d_nope, R), (H, d_v, R)
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # q_h . W_UK,h c = (W_UK,h^T q_h) . c
-        q = torch.cat([q_lat, q_pe], dim=-1).view(B, T * H, -1) * self.scale  # (B, T*H, R + r)
-        scores = torch.bmm(q, kv.transpose(1, 2)).view(B, T, H, -1)  # (B, T, H, S)
-        if mask is not None:
-            scores.masked_fill_(~mask[:, None, :], float("-inf"))
-        p = F.softmax(scores.float(), dim=-1).to(kv.dtype).view(B, T * H, -1)
-        o_lat = torch.bmm(p, kv[..., : self.R]).view(B, T, H, self.R)  # attention output, in latent space
+        q = torch.cat([q_lat, q_pe], dim=-1) * self.scale  # (B, T, H, R + r)
+        o_lat = latent_attention(q, kv, self.R, mask)  # (B, T, H, R)
         return torch.einsum("bthc,hdc->bthd", o_lat, w_uv)  # (B, T, H, d_v)
 
 

@@ -60,7 +60,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from checkpoint import CheckpointReader, UserError, find_checkpoint
-from model import MLA, Attention, Block, FeedForward, LatentCache, ModelArgs, Transformer, apply_rope
+from model import (MLA, Attention, Block, FeedForward, LatentCache, ModelArgs, Transformer, apply_rope,
+                   latent_attention)
 
 MODES = ("tpla", "heads")
 TRANSFORMS = ("none", "hadamard", "pca", "pca-sorted")  # pca-sorted: shard 0 gets the top half of the energy
@@ -197,33 +198,14 @@ def calibration_ids(folder: Path, n_tokens: int = 2048, seq_len: int = 512) -> t
 
 # ----------------------------------------------------------------------------- the parallel modules
 
-def attend_latent(q: torch.Tensor, kv: torch.Tensor, R: int, mask: torch.Tensor | None) -> torch.Tensor:
-    """The absorbed attention of both parallel MLA modes (one function, so that their speeds
-    compare shapes, not code): scaled queries q (B, T, H, R + r) in latent space over a cache
-    kv = [c ; k_pe] (B, S, R + r) -> softmax(q . kv) . c, (B, T, H, R). (Reading the cache only up
-    to the step's position, with no mask, is faster in fp32 but not in bf16: oneDNN copies the
-    sliced cache first.)"""
-    B, T, H, _ = q.shape
-    scores = torch.bmm(q.reshape(B, T * H, -1), kv.transpose(1, 2)).view(B, T, H, -1)  # (B, T, H, S)
-    if mask is not None:
-        scores.masked_fill_(~mask[:, None, :], float("-inf"))
-    p = F.softmax(scores, dim=-1, dtype=torch.float32).to(kv.dtype).view(B, T * H, -1)
-    return torch.bmm(p, kv[..., :R]).view(B, T, H, R)
-
-
 class HeadParallelMLA(MLA):
-    """DeepSeek's TP: an MLA of this rank's heads over the whole latent, so the whole cache on every rank."""
+    """DeepSeek's TP: an MLA of this rank's heads over the whole latent, so the whole cache on every rank.
+    Its absorbed path is MLA's unchanged, for H/g heads."""
 
     def forward(self, x, cos, sin, mask, input_pos=None):
         y = super().forward(x, cos, sin, mask, input_pos)  # this rank's heads through their o_proj columns
         dist.all_reduce(y)  # the sum over ranks is every head through the whole o_proj
         return y
-
-    def _absorbed(self, q_nope, q_pe, kv, mask):
-        w = self.wkv_b.weight.view(self.n_heads, self.d_nope + self.d_v, self.R)
-        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w[:, : self.d_nope])  # (B, T, H, R)
-        o_lat = attend_latent(torch.cat([q_lat, q_pe], dim=-1) * self.scale, kv, self.R, mask)
-        return torch.einsum("bthc,hdc->bthd", o_lat, w[:, self.d_nope:])  # (B, T, H, d_v)
 
 
 class HeadParallelAttention(Attention):
@@ -316,7 +298,7 @@ class TPLA(MLA):
         B, T, H, _ = q_nope.shape
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, self.w_uk) * self.lat_gain  # (B, T, H, R/g)
         q = torch.cat([q_lat, q_pe[..., self.rope_dims] * self.rope_gain], dim=-1) * self.scale  # (B, T, H, R/g + r_i)
-        o_lat = attend_latent(q, kv, self.w_uk.shape[-1], mask)  # (B, T, H, R/g): this shard's own softmax
+        o_lat = latent_attention(q, kv, self.w_uk.shape[-1], mask)  # (B, T, H, R/g): this shard's own softmax
         y = torch.einsum("bthc,hdc->bthd", o_lat, self.w_uv)  # (B, T, H, d_v): this shard's part of every head
         return self.wo(y.reshape(B, T, -1))
 
