@@ -270,6 +270,7 @@ def write_folder(model: Transformer, source: Path, out: Path, dtype: torch.dtype
 
 
 def save_state(path: Path, state: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # a crash while saving leaves the previous state intact
@@ -370,11 +371,6 @@ def main():
         raise UserError(f"--dtype {args.dtype}: choose bfloat16 or float32")
     autocast = torch.autocast(device.split(":")[0], dtype=dtype) if dtype != torch.float32 else nullcontext()
 
-    out_arg = args.out
-    state, state_path = None, None
-    if args.resume:
-        if not (args.state or args.out or not args.ckpt):
-            raise UserError("--resume needs --out or --state to find the state file")
     for name, value in (("--tokens", args.tokens), ("--seq-len", args.seq_len), ("--batch", args.batch),
                         ("--save-every", args.save_every), ("--eval-ctx", args.eval_ctx)):
         if value < 1:
@@ -383,10 +379,11 @@ def main():
         raise UserError("--minutes must be >= 0 and --lr positive")
 
     student_dir, teacher_dir, texts = resolve_paths(args)
-    out = Path(out_arg) if out_arg else student_dir.parent / f"{student_dir.name}-ft"
+    out = Path(args.out) if args.out else student_dir.parent / f"{student_dir.name}-ft"
     if out.resolve() in (student_dir.resolve(), teacher_dir.resolve()):
         raise UserError("--out must differ from the student and teacher folders")
     state_path = Path(args.state) if args.state else out.with_name(out.name + ".state.pt")
+    state = None
     if args.resume:
         if not state_path.is_file():
             raise UserError(f"--resume: no state file {state_path}")
@@ -394,13 +391,14 @@ def main():
         for k in SETTINGS:  # the run continues as it was started
             setattr(args, k, state["settings"][k])
         student_dir, teacher_dir, texts = resolve_paths(args)
+    from bench import read_text
     from tokenizer import load_tokenizer
     tok = load_tokenizer(student_dir)
     ids = training_ids(texts, tok)
     T, B = args.seq_len, args.batch
     if len(ids) <= T + 1:
         raise UserError(f"the training text has {len(ids)} tokens, too few for --seq-len {T}")
-    evals = {Path(e).stem: tok.encode(Path(e).read_text(encoding="utf-8"))[: args.eval_tokens] for e in eval_paths(args)}
+    evals = {Path(e).stem: tok.encode(read_text(e))[: args.eval_tokens] for e in eval_paths(args)}
     for name, e in evals.items():
         if len(e) < args.eval_ctx:
             raise UserError(f"--eval-text {name}: {len(e)} tokens, fewer than one window of --eval-ctx {args.eval_ctx}")
@@ -459,8 +457,8 @@ def main():
             elapsed += time.perf_counter() - t0
             kl_ema = kl if kl_ema is None else 0.9 * kl_ema + 0.1 * kl
             report.setdefault("loss", []).append([step, round(kl, 5), round(ce, 5)])
+            bar.set_postfix(kl=f"{kl_ema:.4f}", ce=f"{ce:.3f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(B * T)
-            bar.set_postfix(kl=f"{kl_ema:.4f}", ce=f"{ce:.3f}", lr=f"{lr:.2e}")
             if step % args.save_every == 0:
                 save_state(state_path, snapshot())
             if args.pause_after and session_steps >= args.pause_after and step < total_steps:
