@@ -1006,3 +1006,156 @@ def test_bench_tp_speed_runs(tp_tiny):
         {(m, c, 2) for m in ("heads", "tpla") for c in (16, 32)}
     # per rank: 2 layers x (R + r = 16 + 8) x 4 bytes whole; 2 layers x (R / 2 + r) x 4 bytes sliced
     assert result["kv_bytes_per_token"] == {"heads": 192, "tpla": 128}
+
+
+# ----------------------------------------------------------------------------- fine-tuning (finetune.py)
+
+def _converted(folder: Path, out: Path, R: int = 8, **kw) -> Path:
+    """A tiny GQA checkpoint converted to a stock DeepSeek-V3 folder at a lossy rank (something to learn)."""
+    from checkpoint import CheckpointReader
+    from convert import convert_layers, write_checkpoint
+    a = CheckpointReader(folder).args
+    calib = torch.randint(0, a.vocab_size, (8, 32), generator=torch.Generator().manual_seed(6))
+    layers = convert_layers(CheckpointReader(folder), calib, rope_dim=a.head_dim // 2, kv_lora_rank=R, freqfold=2, **kw)
+    write_checkpoint(CheckpointReader(folder), out, layers, torch.float32, {"method": "transmla"})
+    return out
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2_qlora"])
+@torch.no_grad()
+def test_finetune_unfold_fold_exact(tiny, name, tmp_path):
+    """The student finetune.py trains equals the loaded checkpoint at step 0 (its linear latent norms
+    unfolded into the down-projections), and folding them back gives the same logits again, with
+    the latent back at RMS ~1e-10 under stock DeepSeek's norm. A real RMSNorm (a DeepSeek
+    checkpoint's own) is left alone."""
+    from finetune import LINEAR, fold, latent_mean_squares, load_student, unfold
+    folder = tiny[name.removesuffix("_qlora")][0]
+    student = _converted(folder, tmp_path / "mla", q_lora_rank=24 if "qlora" in name else 0)
+    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(7))
+    probe = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(8))
+    loaded, _ = load_model(student)
+    model, unfolded, params = load_student(student, "cpu", torch.float32, "attn", probe)
+    a = loaded.args
+    assert len(unfolded) == a.n_layers * (2 if a.q_lora_rank else 1), unfolded
+    # the latent rows are O(1) now: AdamW's ~lr steps are small against them
+    w = model.layers[0].attention.wkv_a.weight[: a.kv_lora_rank]
+    print(f"{name}: latent rows' RMS {loaded.layers[0].attention.wkv_a.weight[: a.kv_lora_rank].pow(2).mean().sqrt():.3g}"
+          f" folded, {w.pow(2).mean().sqrt():.3g} unfolded")
+    assert w.abs().max() > 1e-2
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in params)
+    assert_close(f"{name}: step-0 student (unfolded) vs loaded checkpoint", model(tokens), loaded(tokens), 1e-5)
+    fold(model, probe, unfolded)
+    assert_close(f"{name}: unfolded then folded vs loaded checkpoint", model(tokens), loaded(tokens), 1e-5)
+    ms = latent_mean_squares(model, tokens)
+    assert len(ms) == len(unfolded) and max(m.max().item() for m in ms.values()) < LINEAR * a.latent_norm_eps
+    real, _ = load_model(tiny["deepseek_v3"][0])
+    assert unfold(real, tokens) == []
+
+
+def test_finetune_lowers_distillation_loss(tiny, tmp_path):
+    """A few AdamW steps on the attention of a lossy conversion lower its KL to the original model,
+    measured on a fixed held-out batch."""
+    from finetune import batch, distill_step, load_student
+    folder = tiny["llama"][0]
+    student_dir = _converted(folder, tmp_path / "mla", R=6)
+    teacher, _ = load_model(folder)
+    teacher.requires_grad_(False)
+    ids = torch.randint(0, VOCAB, (4000,), generator=torch.Generator().manual_seed(9))
+    held_out = torch.randint(0, VOCAB, (4, 33), generator=torch.Generator().manual_seed(10))
+    gen = torch.Generator().manual_seed(0)
+    student, unfolded, params = load_student(student_dir, "cpu", torch.float32, "attn", ids[:128].view(4, 32))
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    ctx = torch.autocast("cpu", enabled=False)
+    before, _ = distill_step(student, teacher, held_out[:, :-1], held_out[:, 1:], 0.0, ctx, backward=False)
+    for _ in range(60):
+        distill_step(student, teacher, *batch(ids, 4, 32, gen), 0.0, ctx, chunk=48)  # chunks: several per batch
+        opt.step()
+        opt.zero_grad()
+    after, _ = distill_step(student, teacher, held_out[:, :-1], held_out[:, 1:], 0.0, ctx, backward=False)
+    print(f"held-out KL(teacher || student): {before:.4f} -> {after:.4f} after 60 steps")
+    assert after < 0.8 * before  # measured 0.065 -> 0.045
+
+
+@torch.no_grad()
+def test_distill_loss_chunks_equal_one_pass(tiny, tmp_path):
+    """The chunked loss and its gradient equal the loss computed from whole logits in one pass."""
+    import torch.nn.functional as F
+    from finetune import distill_step, load_student
+    folder = tiny["llama"][0]
+    teacher, _ = load_model(folder)
+    student, _, params = load_student(_converted(folder, tmp_path / "mla"), "cpu", torch.float32, "attn", None)
+    x, y = torch.randint(0, VOCAB, (2, 2, 24), generator=torch.Generator().manual_seed(11))
+    ctx = torch.autocast("cpu", enabled=False)
+    with torch.enable_grad():
+        kl, ce = distill_step(student, teacher, x, y, 0.5, ctx, chunk=7)
+        chunked = [p.grad.clone() for p in params]
+        assert min(g.abs().max().item() for g in chunked) > 0  # every trainable weight gets a gradient
+        for p in params:
+            p.grad = None
+        logp_t, logp_s = F.log_softmax(teacher(x), -1), F.log_softmax(student(x), -1)
+        kl_ref = F.kl_div(logp_s, logp_t, log_target=True, reduction="sum") / y.numel()
+        ce_ref = F.nll_loss(logp_s.flatten(0, 1), y.flatten())
+        (kl_ref + 0.5 * ce_ref).backward()
+    assert_close("chunked KL vs one pass", torch.tensor(kl), kl_ref, 1e-5)
+    assert_close("chunked CE vs one pass", torch.tensor(ce), ce_ref, 1e-5)
+    assert_close("chunked gradient vs one pass", torch.cat([g.flatten() for g in chunked]),
+                 torch.cat([p.grad.flatten() for p in params]), 1e-6)
+
+
+def test_finetune_script_writes_stock_checkpoint_and_resumes(tmp_path):
+    """finetune.py end to end on a tiny model with the embedded tokenizer: the folder it writes
+    loads in stock transformers (DeepseekV3, no custom code) with the cache size unchanged and the
+    same logits as our model; a run paused and resumed writes the same weights as one run straight
+    through; the evaluation texts are refused as training text."""
+    import transformers as tf
+    from checkpoint import TOKENIZER_FILES
+    from fetch import CALIB_TEXT, EVAL_TEXT, ensure_default_model, ensure_texts
+    ensure_texts()
+    gqa = tmp_path / "gqa"
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=96, vocab_size=49152,
+                                       max_position_embeddings=256, tie_word_embeddings=True)).save_pretrained(gqa)
+    for name in TOKENIZER_FILES:
+        if (ensure_default_model() / name).is_file():
+            shutil.copy(ensure_default_model() / name, gqa / name)
+    mla = _converted(gqa, tmp_path / "mla")
+    common = ["finetune.py", "--ckpt", str(mla), "--teacher", str(gqa), "--text", str(CALIB_TEXT), "--tokens", "512",
+              "--seq-len", "32", "--batch", "2", "--lr", "1e-3", "--minutes", "0", "--dtype", "float32"]
+    res = _script(*common, "--out", str(tmp_path / "a"), "--eval-text", str(EVAL_TEXT), "--eval-tokens", "256",
+                  "--eval-ctx", "64")
+    assert res.returncode == 0, res.stderr[-3000:]
+    print(res.stdout)
+    res = _script(*common, "--out", str(tmp_path / "b"), "--eval-text", "none", "--pause-after", "3")
+    assert res.returncode == 0 and "paused at step 3" in res.stderr, res.stderr[-3000:]
+    assert not (tmp_path / "b").exists() and (tmp_path / "b.state.pt").is_file()
+    res = _script(*common, "--out", str(tmp_path / "b"), "--eval-text", "none", "--resume")
+    assert res.returncode == 0 and "resuming at step 3" in res.stderr, res.stderr[-3000:]
+
+    ours, _ = load_model(tmp_path / "a")
+    resumed, _ = load_model(tmp_path / "b")
+    start, _ = load_model(mla)
+    flat = lambda m: torch.cat([p.flatten() for p in m.state_dict().values()])
+    assert_close("paused + resumed vs straight through (all weights)", flat(resumed), flat(ours), 1e-6)
+    tokens = torch.randint(0, 49152, (2, 40), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        moved = (ours(tokens) - start(tokens)).abs().max().item()
+    print(f"fine-tuning moved logits by up to {moved:.3g}")
+    assert moved > 1e-3
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    src = json.loads((mla / "config.json").read_text())
+    assert (cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]) == (src["kv_lora_rank"], src["qk_rope_head_dim"])
+    assert cfg["finetune"]["steps"] == 8 and cfg["transmla"] == src["transmla"]
+    assert (tmp_path / "a" / "tokenizer.json").is_file()
+    report = json.loads((tmp_path / "a" / "finetune_report.json").read_text())
+    assert set(report["after"]) == {"lee_eval"} and report["before"]["student"]["lee_eval"] > 0
+    ref, info = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "a", output_loading_info=True)
+    assert type(ref).__name__ == "DeepseekV3ForCausalLM"
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+    with torch.no_grad():
+        assert_close("fine-tuned: ours vs transformers DeepseekV3", ours(tokens), ref.eval()(tokens).logits, 1e-4)
+    assert ours.kv_bytes_per_token() == start.kv_bytes_per_token()
+
+    _one_clear_line(_script(*common, "--out", str(tmp_path / "c"), "--text", str(EVAL_TEXT)), "evaluation text")
+    _one_clear_line(_script(*common, "--out", str(tmp_path / "c"), "--resume"), "no state file")
+    assert not (tmp_path / "c").exists()

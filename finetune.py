@@ -1,0 +1,509 @@
+"""Fine-tune a converted MLA checkpoint by distillation from the GQA model it came from, and write
+it back as a stock DeepSeek-V3 folder with the same cache size.
+
+    python finetune.py                                  # embedded model's default conversion, 30 minutes
+    python finetune.py --minutes 5 --out /tmp/smollm-mla-ft
+    python finetune.py --resume                         # continue an interrupted run from its state file
+    python finetune.py --ckpt llama-mla --teacher llama --text a.txt b.txt --tokens 20000000 \\
+        --seq-len 2048 --batch 8 --minutes 0 --device cuda --dtype bfloat16
+
+The conversion loses most where it drops RoPE and where the joint PCA drops latent dims; what the
+cache can still hold is better used after training. The loss is the KL divergence from the
+teacher's (the original GQA model's) next-token distribution to the student's, at temperature 1
+over the whole vocabulary, plus --ce-weight times the ordinary next-token loss. The teacher runs
+on the same batch under no_grad. Only the attention weights train by default (`--trainable
+attn`: the part the conversion changed); gradients still flow back through every layer, but the
+feed-forward, norm and embedding weights get none.
+
+The latent RMSNorm. Stock DeepSeek always normalises the latent (eps 1e-6); convert.py makes that
+norm linear by scaling the latent rows of kv_a_proj_with_mqa down to an RMS of ~1e-10 and
+putting sqrt(eps) / scale ~ 1e7 into the norm weight. Adam moves every weight by about lr per
+step whatever its size, so trained in that form the 1e-10 weights would be wiped out in one
+step. So before training each such norm is *unfolded*: its exact linear gain w / sqrt(eps) goes
+into the latent rows and the norm becomes the identity (the same for q_a_proj / q_a_layernorm
+with a q_lora path); after training it is *folded* back into the ~1e-10 form. Neither changes
+the logits (test_equivalence.py checks both). A norm whose input is not tiny is a real RMSNorm
+and is left as it is.
+
+Data: random windows of --seq-len tokens (seeded) from the training texts, each file tokenized
+as a whole (one document per line, as the perplexity protocol reads the evaluation text). The
+default texts are the calibration split and the Wikipedia training articles of the setup step
+(fetch.py); the evaluation split and the held-out Wikipedia articles are refused as training text.
+
+LR: linear warm-up, then cosine decay to --lr / 10. The run ends after --tokens or --minutes,
+whichever comes first; with a time budget the schedule follows the clock (progress is the larger
+of the token and the time fraction), so the decay ends when the time does.
+
+Resuming: every --save-every steps, at the end and on Ctrl-C the trainable weights (unfolded),
+the optimizer state, the step, the data generator and the settings go to the state file
+(--state, default OUT.state.pt beside the output folder), written atomically. `--resume` loads it
+and continues with the saved settings. The output folder is written once, at the end, into a
+temporary folder that is moved into place when complete (checkpoint.CheckpointWriter); its
+config.json keeps the conversion's record ("transmla") and adds one of the fine-tuning ("finetune").
+
+Speed (this 2-core CPU, embedded model): the default --dtype on CPU is bfloat16 autocast, since
+this CPU has AMX / AVX512-BF16 matmuls; the weights that train stay float32 (Adam needs
+their precision) and are cast for each matmul. --dtype float32 runs everything in fp32.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from checkpoint import (SAFETENSORS_DTYPES, CheckpointReader, CheckpointWriter, UserError, default_or,
+                        find_checkpoint, hf_name, load_model, pick_device, read_config, run)
+from model import MLA, RMSNorm, Transformer
+
+TINY = 1e-10  # RMS the latent is folded back to (as convert.py writes it)
+LINEAR = 1e-8  # a latent norm is linear if its input's mean square is below LINEAR * eps (error < LINEAR / 2)
+WARMUP = (20, 0.05)  # linear LR warm-up for 20 steps or 5% of the run, whichever ends first
+MIN_LR = 0.1  # the cosine ends at this fraction of --lr
+
+
+# ----------------------------------------------------------------------------- unfold / fold the latent norms
+
+def latent_norms(attn: MLA) -> list[tuple[str, str]]:
+    """(down-projection, norm) pairs whose norm stock DeepSeek forces: the KV latent, the q latent."""
+    return [("wkv_a", "kv_norm")] + ([("wq_a", "q_norm")] if attn.q_lora_rank else [])
+
+
+@torch.no_grad()
+def latent_mean_squares(model: Transformer, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """For every latent norm (or the identity standing in for it): the mean square of its input
+    per token, (B * T,) float64, over one forward of `tokens`."""
+    found, hooks = {}, []
+    dt = model.tok_embeddings.weight.dtype  # bf16 frozen weights, fp32 trainable ones: autocast runs both
+    autocast = torch.autocast(tokens.device.type, dtype=dt) if dt != torch.float32 else nullcontext()
+    for i, layer in enumerate(model.layers):
+        if not isinstance(layer.attention, MLA):
+            continue
+        for _, norm in latent_norms(layer.attention):
+            def hook(module, inputs, name=f"layers.{i}.attention.{norm}"):
+                found[name] = inputs[0].double().pow(2).mean(-1).flatten()
+            hooks.append(getattr(layer.attention, norm).register_forward_pre_hook(hook))
+    try:
+        with autocast:
+            model(tokens)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+@torch.no_grad()
+def unfold(model: Transformer, tokens: torch.Tensor | None = None, names: list[str] | None = None) -> list[str]:
+    """Replace each linear latent norm (input mean square < LINEAR * eps on `tokens`; or exactly
+    the norms in `names`) by the identity, its gain w / sqrt(eps) moved into the rows of the
+    down-projection that feed it. Returns the names of the norms unfolded."""
+    ms = latent_mean_squares(model, tokens) if names is None else None
+    done = []
+    for i, layer in enumerate(model.layers):
+        attn = layer.attention
+        if not isinstance(attn, MLA):
+            continue
+        for down, norm in latent_norms(attn):
+            name, m = f"layers.{i}.attention.{norm}", getattr(attn, norm)
+            if (name not in names) if names is not None else (ms[name].max().item() >= LINEAR * m.eps):
+                continue  # a real RMSNorm (DeepSeek's own weights): train it as it is
+            # RMSNorm(c) = w c / sqrt(mean(c^2) + eps) = (w / sqrt(eps)) c up to mean(c^2) / (2 eps) relative
+            gain = m.weight.double() / math.sqrt(m.eps)  # (n,)
+            lin, n = getattr(attn, down), len(gain)
+            lin.weight[:n] = (lin.weight[:n].double() * gain[:, None]).to(lin.weight.dtype)
+            if lin.bias is not None:
+                lin.bias[:n] = (lin.bias[:n].double() * gain).to(lin.bias.dtype)
+            setattr(attn, norm, nn.Identity())
+            done.append(name)
+    return done
+
+
+@torch.no_grad()
+def fold(model: Transformer, tokens: torch.Tensor, names: list[str]):
+    """Undo unfold: scale the latent rows so the latent's RMS over `tokens` is TINY and put the
+    norm back with weight sqrt(eps) / scale: stock DeepSeek's norm, linear again (convert.py's form)."""
+    ms = latent_mean_squares(model, tokens)
+    eps = model.args.latent_norm_eps
+    for name in names:
+        _, i, _, norm = name.split(".")
+        attn = model.layers[int(i)].attention
+        down = dict((b, a) for a, b in latent_norms(attn))[norm]
+        lin = getattr(attn, down)
+        n = lin.out_features - (attn.r if down == "wkv_a" else 0)  # the latent rows (k_pe rows stay)
+        s = TINY / max(ms[name].mean().sqrt().item(), 1e-30)
+        lin.weight[:n] = (lin.weight[:n].double() * s).to(lin.weight.dtype)
+        if lin.bias is not None:
+            lin.bias[:n] = (lin.bias[:n].double() * s).to(lin.bias.dtype)
+        new = RMSNorm(n, eps).to(device=lin.weight.device, dtype=lin.weight.dtype)
+        new.weight.fill_(math.sqrt(eps) / s)
+        setattr(attn, norm, new)
+
+
+# ----------------------------------------------------------------------------- the loss
+
+def trunk(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+    """Transformer.forward without the output layer: (B, T) -> final-normed hidden states (B, T, D)."""
+    T = tokens.shape[1]
+    pos = torch.arange(T, device=tokens.device)
+    if T > model.rope_cos.shape[0]:
+        model.set_rope(T, tokens.device)
+    cos, sin, mask = model.rope_cos[pos], model.rope_sin[pos], model._mask(pos)
+    x = model.tok_embeddings(tokens)
+    for layer in model.layers:
+        x = layer(x, cos, sin, mask, pos)
+    return model.norm(x)
+
+
+def head(model: Transformer, h: torch.Tensor) -> torch.Tensor:
+    return F.linear(h, model.tok_embeddings.weight) if model.output is None else model.output(h)
+
+
+def distill_step(student: Transformer, teacher: Transformer, x: torch.Tensor, y: torch.Tensor, ce_weight: float,
+                 autocast, chunk: int = 512, backward: bool = True) -> tuple[float, float]:
+    """Forward both models on x (B, T), accumulate the gradient of KL(teacher || student) + ce_weight * CE
+    (means over the B * T tokens) into the student; returns (KL, CE). The vocabulary-sized logits are
+    made `chunk` tokens at a time and dropped after their backward, so memory holds one chunk of them:
+    the trunk's graph is cut at the final hidden state and its gradient collected there first."""
+    with autocast, torch.no_grad():
+        h_t = trunk(teacher, x).flatten(0, 1)  # (N, D)
+    with autocast, torch.set_grad_enabled(backward):
+        h_s = trunk(student, x).flatten(0, 1)  # (N, D), with the graph back through every layer
+    cut = h_s.detach().requires_grad_(backward)
+    y = y.flatten()
+    N, kl_sum, ce_sum = len(y), 0.0, 0.0
+    for a in range(0, N, chunk):
+        with autocast, torch.no_grad():
+            logp_t = F.log_softmax(head(teacher, h_t[a:a + chunk]).float(), -1)  # (n, V)
+        with autocast, torch.set_grad_enabled(backward):
+            logp_s = F.log_softmax(head(student, cut[a:a + chunk]).float(), -1)
+            kl = (logp_t.exp() * (logp_t - logp_s)).sum()
+            ce = F.nll_loss(logp_s, y[a:a + chunk], reduction="sum")
+        if backward:
+            ((kl + ce_weight * ce) / N).backward()  # into cut.grad (and the head, if it trains)
+        kl_sum, ce_sum = kl_sum + kl.item(), ce_sum + ce.item()
+    if backward:
+        h_s.backward(cut.grad)
+    return kl_sum / N, ce_sum / N
+
+
+# ----------------------------------------------------------------------------- data
+
+def training_ids(paths: list[Path], tok) -> torch.Tensor:
+    """Every file tokenized as a whole (its non-empty lines joined by newlines), files joined by a newline."""
+    from bench import read_text
+    ids = []
+    for p in paths:
+        text = "\n".join(line for line in read_text(p).splitlines() if line.strip())
+        ids += tok.encode(("\n" if ids else "") + text)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def batch(ids: torch.Tensor, B: int, T: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """B random windows of T + 1 tokens: inputs (B, T) and next tokens (B, T)."""
+    starts = torch.randint(0, len(ids) - T, (B,), generator=gen)
+    w = torch.stack([ids[s:s + T + 1] for s in starts.tolist()])  # (B, T + 1)
+    return w[:, :-1], w[:, 1:]
+
+
+def lr_at(step: int, progress: float, lr: float) -> float:
+    """progress: the fraction of the run done, by tokens or by time, whichever is further."""
+    warm = min(1.0, max((step + 1) / WARMUP[0], progress / WARMUP[1]))
+    return warm * lr * (MIN_LR + (1 - MIN_LR) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+# ----------------------------------------------------------------------------- models
+
+def trainable_names(model: Transformer, which: str) -> list[str]:
+    """attn: the attention of every layer (what the conversion changed); norms: plus every RMSNorm; all: everything."""
+    names = []
+    for name, _ in model.named_parameters():
+        if which == "all" or ".attention." in name or (which == "attn+norms" and "norm" in name):
+            names.append(name)
+    return names
+
+
+def load_student(folder: Path, device: str, dtype: torch.dtype, which: str, probe: torch.Tensor,
+                 unfolded: list[str] | None = None) -> tuple[Transformer, list[str], list[nn.Parameter]]:
+    """The student in training form: frozen weights in `dtype`, trainable ones float32 (Adam's
+    updates are far below bf16's resolution), latent norms unfolded."""
+    model, _ = load_model(folder, device=device, dtype=torch.float32 if which == "all" else dtype)
+    names = trainable_names(model, which)
+    if which != "all" and dtype != torch.float32:
+        reader = CheckpointReader(folder)  # the trainable weights again, float32 from the file, not via bf16
+        for i, layer in enumerate(model.layers):
+            reader.fill(layer.attention, f"layers.{i}.attention.", device, torch.float32)
+        for name, p in model.named_parameters():
+            if name in names:
+                p.data = p.data.float()
+    model.requires_grad_(False)
+    unfolded = unfold(model, probe.to(device), unfolded) if probe is not None or unfolded is not None else []
+    params = [p for name, p in model.named_parameters() if name in names]  # the norms unfolded have gone
+    for p in params:
+        p.requires_grad_(True)
+    return model, unfolded, params
+
+
+def stored_dtype(folder: Path) -> torch.dtype:
+    reader = CheckpointReader(folder)
+    emb = hf_name("tok_embeddings.weight")
+    return SAFETENSORS_DTYPES[reader.files[reader.weight_map[emb]].entries[emb]["dtype"]]
+
+
+def write_folder(model: Transformer, source: Path, out: Path, dtype: torch.dtype, record: dict):
+    """The trained student (folded) as a stock folder like its source: the source's config plus the record."""
+    config = {**read_config(source), "finetune": record}
+    args = CheckpointReader(source).args
+    state = model.state_dict()
+    with CheckpointWriter(out, config, args) as writer:
+        for name in ("tok_embeddings", "norm") + (() if args.tie_embeddings else ("output",)):
+            writer.add(f"{name}.weight", state[f"{name}.weight"].to(dtype))
+        for i in range(args.n_layers):
+            p = f"layers.{i}."
+            writer.add_layer(i, {k[len(p):]: v for k, v in state.items() if k.startswith(p)}, dtype)
+        writer.commit(source=source)
+
+
+def save_state(path: Path, state: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a crash while saving leaves the previous state intact
+
+
+# ----------------------------------------------------------------------------- the script
+
+SETTINGS = ("ckpt", "teacher", "text", "tokens", "minutes", "seq_len", "batch", "lr", "weight_decay",
+            "ce_weight", "trainable", "seed")
+
+
+def resolve_paths(args) -> tuple[Path, Path, list[Path]]:
+    """Student, teacher and training texts, with the embedded model's defaults."""
+    from fetch import EVAL_TEXT, WIKI_EVAL, ensure_texts, ensure_wiki_texts
+    if args.ckpt:
+        student = find_checkpoint(args.ckpt)
+    else:
+        from bench import default_conversion
+        student = default_conversion(default_or(None))
+    if args.teacher:
+        teacher = find_checkpoint(args.teacher)
+    elif not args.ckpt:
+        teacher = default_or(None)
+    else:  # the model it was converted from, if convert.py's report says
+        report = student / "convert_report.json"
+        source = json.loads(report.read_text()).get("source") if report.is_file() else None
+        if not source:
+            raise UserError(f"{student}: no convert_report.json naming its source model; give --teacher")
+        teacher = find_checkpoint(source)
+    if args.text:
+        texts = [Path(t) for t in args.text]
+    else:
+        texts = [ensure_texts()[0], ensure_wiki_texts()[0]]
+    held_out = {EVAL_TEXT.resolve(), WIKI_EVAL.resolve()} | {Path(e).resolve() for e in args.eval_text or []
+                                                             if e != "none"}
+    for t in texts:
+        if not t.is_file():
+            raise UserError(f"--text {t}: no such file")
+        if t.resolve() in held_out:
+            raise UserError(f"--text {t}: that is an evaluation text; training on it would void the evaluation")
+    return student, teacher, texts
+
+
+def eval_paths(args) -> list[Path]:
+    if args.eval_text:
+        return [] if args.eval_text == ["none"] else [Path(e) for e in args.eval_text]
+    if args.ckpt:
+        return []
+    from fetch import ensure_texts, ensure_wiki_texts
+    return [ensure_texts()[1], ensure_wiki_texts()[1]]
+
+
+def evaluate(model: Transformer, texts: dict, ctx: int, autocast) -> dict:
+    from bench import perplexity
+    with autocast:
+        return {name: round(perplexity(model, ids, ctx)["ppl"], 3) for name, ids in texts.items()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="the MLA checkpoint to fine-tune (default: the embedded model's default "
+                                  "conversion, made on first use)")
+    p.add_argument("--teacher", help="the original GQA checkpoint (default: the embedded model, or the source "
+                                     "named in --ckpt's convert_report.json)")
+    p.add_argument("--text", nargs="+", help="training text files, one document per line (default: the "
+                                             "calibration split and the Wikipedia training articles)")
+    p.add_argument("--tokens", type=int, default=500_000, help="training tokens in all (steps = tokens / (batch * seq-len))")
+    p.add_argument("--minutes", type=float, default=30.0, help="time budget for training, evaluation not "
+                                                                "included (0: none); the LR decay follows it")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per training window (the perplexity protocol's 1024)")
+    p.add_argument("--batch", type=int, default=2, help="windows per step")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (0: keep the converted weights' scale)")
+    p.add_argument("--ce-weight", type=float, default=0.0, help="weight of the next-token loss added to the KL")
+    p.add_argument("--trainable", choices=("attn", "attn+norms", "all"), default="attn",
+                   help="which student weights train: attention only, attention and RMSNorms, or all")
+    p.add_argument("--seed", type=int, default=0, help="seed of the window sampler")
+    p.add_argument("--out", help="output folder (default: the checkpoint folder's name + '-ft', beside it)")
+    p.add_argument("--state", help="training-state file for --resume (default: OUT.state.pt beside the output)")
+    p.add_argument("--resume", action="store_true", help="continue from the state file with its saved settings")
+    p.add_argument("--save-every", type=int, default=50, help="save the training state every N steps")
+    p.add_argument("--pause-after", type=int, default=0, help="stop after N steps of this session, saving the "
+                                                              "state but not the folder (continue with --resume)")
+    p.add_argument("--eval-text", nargs="+", help="perplexity before and after on these files ('none': skip; "
+                                                  "default: the evaluation split and held-out Wikipedia for the "
+                                                  "embedded model, none otherwise)")
+    p.add_argument("--eval-tokens", type=int, default=8192, help="score only the first N tokens of each eval text")
+    p.add_argument("--eval-ctx", type=int, default=1024, help="perplexity window length")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--dtype", help="compute dtype: bfloat16 (autocast; default) or float32")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core; 1 if another job holds a core)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, None: torch.bfloat16}.get(args.dtype)
+    if dtype is None:
+        raise UserError(f"--dtype {args.dtype}: choose bfloat16 or float32")
+    autocast = torch.autocast(device.split(":")[0], dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+    for name, value in (("--tokens", args.tokens), ("--seq-len", args.seq_len), ("--batch", args.batch),
+                        ("--save-every", args.save_every), ("--eval-ctx", args.eval_ctx)):
+        if value < 1:
+            raise UserError(f"{name} must be positive")
+    if args.minutes < 0 or args.lr <= 0:
+        raise UserError("--minutes must be >= 0 and --lr positive")
+
+    student_dir, teacher_dir, texts = resolve_paths(args)
+    out = Path(args.out) if args.out else student_dir.parent / f"{student_dir.name}-ft"
+    if out.resolve() in (student_dir.resolve(), teacher_dir.resolve()):
+        raise UserError("--out must differ from the student and teacher folders")
+    state_path = Path(args.state) if args.state else out.with_name(out.name + ".state.pt")
+    state = None
+    if args.resume:
+        if not state_path.is_file():
+            raise UserError(f"--resume: no state file {state_path}")
+        state = torch.load(state_path, weights_only=False)
+        for k in SETTINGS:  # the run continues as it was started
+            setattr(args, k, state["settings"][k])
+        student_dir, teacher_dir, texts = resolve_paths(args)
+    from bench import read_text
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(student_dir)
+    ids = training_ids(texts, tok)
+    T, B = args.seq_len, args.batch
+    if len(ids) <= T + 1:
+        raise UserError(f"the training text has {len(ids)} tokens, too few for --seq-len {T}")
+    evals = {Path(e).stem: tok.encode(read_text(e))[: args.eval_tokens] for e in eval_paths(args)}
+    for name, e in evals.items():
+        if len(e) < args.eval_ctx:
+            raise UserError(f"--eval-text {name}: {len(e)} tokens, fewer than one window of --eval-ctx {args.eval_ctx}")
+
+    teacher, _ = load_model(teacher_dir, device=device, dtype=dtype)
+    teacher.requires_grad_(False)
+    if teacher.args.vocab_size != CheckpointReader(student_dir).args.vocab_size:
+        raise UserError(f"the teacher's vocabulary ({teacher.args.vocab_size}) differs from the student's")
+    probe = ids[: min(len(ids) // T, 4) * T].view(-1, T).to(device)  # fixed windows: unfold / fold measure the latent here
+    student, unfolded, params = load_student(student_dir, device, dtype, args.trainable, probe,
+                                             state["unfolded"] if state else None)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    gen = torch.Generator().manual_seed(args.seed)
+    total_steps = max(1, args.tokens // (B * T))
+    step, elapsed, report = 0, 0.0, {"before": {}}
+    if state:
+        with torch.no_grad():
+            for p_, saved in zip(params, state["params"]):
+                p_.copy_(saved)
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["rng"])
+        step, elapsed, report = state["step"], state["elapsed"], state["report"]
+        print(f"resuming at step {step} of {total_steps} ({elapsed / 60:.1f} min trained) from {state_path}",
+              file=sys.stderr)
+    elif evals:
+        report["before"] = {"teacher": evaluate(teacher, evals, args.eval_ctx, autocast),
+                            "student": evaluate(student, evals, args.eval_ctx, autocast)}
+    n_train = sum(p_.numel() for p_ in params)
+    print(f"student {student_dir}, teacher {teacher_dir}; training {n_train / 1e6:.1f}M weights "
+          f"({args.trainable}, {len(unfolded)} latent norms unfolded) on {len(ids):,} tokens of "
+          f"{', '.join(t.name for t in texts)}; {total_steps} steps of {B} x {T} tokens", file=sys.stderr)
+
+    def snapshot() -> dict:
+        return {"settings": {k: getattr(args, k) for k in SETTINGS}, "step": step, "elapsed": elapsed,
+                "params": [p_.detach().cpu() for p_ in params], "optimizer": opt.state_dict(),
+                "rng": gen.get_state(), "unfolded": unfolded, "report": report}
+
+    from tqdm import tqdm
+    budget = args.minutes * 60
+    bar = tqdm(total=total_steps * B * T, initial=step * B * T, unit="tok", unit_scale=True, file=sys.stderr,
+               desc="distill")
+    session_steps, t_session, kl_ema = 0, time.perf_counter(), None
+    student.train()
+    try:
+        while step < total_steps and not (budget and elapsed >= budget):
+            t0 = time.perf_counter()
+            x, y = batch(ids, B, T, gen)
+            lr = lr_at(step, max(step / total_steps, elapsed / budget if budget else 0.0), args.lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            kl, ce = distill_step(student, teacher, x.to(device), y.to(device), args.ce_weight, autocast)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step, session_steps = step + 1, session_steps + 1
+            elapsed += time.perf_counter() - t0
+            kl_ema = kl if kl_ema is None else 0.9 * kl_ema + 0.1 * kl
+            report.setdefault("loss", []).append([step, round(kl, 5), round(ce, 5)])
+            bar.set_postfix(kl=f"{kl_ema:.4f}", ce=f"{ce:.3f}", lr=f"{lr:.2e}", refresh=False)
+            bar.update(B * T)
+            if step % args.save_every == 0:
+                save_state(state_path, snapshot())
+            if args.pause_after and session_steps >= args.pause_after and step < total_steps:
+                save_state(state_path, snapshot())
+                bar.close()
+                print(f"paused at step {step}; state saved to {state_path}; continue with --resume", file=sys.stderr)
+                return
+    except KeyboardInterrupt:
+        save_state(state_path, snapshot())
+        bar.close()
+        print(f"\ninterrupted at step {step}; state saved to {state_path}; continue with --resume", file=sys.stderr)
+        raise
+    bar.close()
+    session_s = time.perf_counter() - t_session
+    save_state(state_path, snapshot())
+
+    student.eval()
+    fold(student, probe, unfolded)
+    losses = report.get("loss", [])
+    record = {"teacher": str(teacher_dir), "texts": [str(t) for t in texts], "tokens": step * B * T,
+              "steps": step, "seq_len": T, "batch": B, "lr": args.lr, "schedule": "warm-up + cosine",
+              "ce_weight": args.ce_weight, "trainable": args.trainable, "dtype": str(dtype).removeprefix("torch."),
+              "minutes": round(elapsed / 60, 2)}
+    write_folder(student, student_dir, out, stored_dtype(student_dir), record)
+    del student
+    report.update(record, out=str(out), tokens_per_s=round(session_steps * B * T / max(session_s, 1e-9), 1))
+    if evals:
+        trained, _ = load_model(out, device=device, dtype=dtype)
+        report["after"] = evaluate(trained, evals, args.eval_ctx, autocast)
+    (out / "finetune_report.json").write_text(json.dumps(report, indent=1) + "\n")
+
+    first = sum(l[1] for l in losses[:10]) / max(1, len(losses[:10]))
+    last = sum(l[1] for l in losses[-10:]) / max(1, len(losses[-10:]))
+    rows = [("steps x tokens", f"{step} x {B * T} = {step * B * T:,} tokens in {elapsed / 60:.1f} min"),
+            ("tokens / s (this session)", f"{report['tokens_per_s']}"),
+            ("KL, first -> last 10 steps", f"{first:.4f} -> {last:.4f}")]
+    for name in evals:
+        b = report["before"].get("student", {}).get(name)
+        rows.append((f"perplexity {name} ({len(evals[name])} tokens)",
+                     f"teacher {report['before'].get('teacher', {}).get(name)}, student {b} -> {report['after'][name]}"))
+    rows.append(("written", f"{out} (stock {read_config(out)['architectures'][0]})"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+if __name__ == "__main__":
+    run(main)
