@@ -3,6 +3,7 @@ DeepSeek-V3 for dense models, Mistral4 (DeepSeek's MLA + Mixtral's router) for M
 
     python convert.py                                  # embedded SmolLM2-135M: 384 -> 96 cache values/token/layer
     python convert.py --ckpt llama.safetensors --out llama-mla --kv-lora-rank 512 --rope-dim 64 --freqfold 4
+    python convert.py --method transmla                # the official method, step for step
 
 The steps, each one function below (test_equivalence.py proves the exact ones exact):
 1. gqa_as_mla   GQA is an MLA: keys become the rope key k_pe (all of them), values the latent,
@@ -12,9 +13,16 @@ The steps, each one function below (test_equivalence.py proves the exact ones ex
                 with RoPE), then keeps RoPE on r dims only; the rest join the latent without RoPE.
                 FreqFold F treats F adjacent frequencies as one, so each kept pair stands for F.
 3. bkv_pca      balance the no-RoPE keys against the values (alpha), then one joint PCA of both
-                into R latent dims. Exact at full rank.
+                into R latent dims. Exact at full rank.           (--latent-fit bkv, TransMLA)
+   attention_pca  the same joint latent, but the PCA is weighted by what attention reads of it:
+                key errors by the queries that score them, value errors by o_proj. Exact at full
+                rank.                                              (--latent-fit attention, default)
 4. to_deepseek  the stock layout: softmax-scale compensation, an optional low-rank query
                 (--q-lora-rank), the latent RMSNorm made linear, q biases carried exactly.
+5. refit_output o_proj refitted by least squares on the calibration activations, so that each
+                converted layer's attention output matches the original layer's: one linear map
+                that absorbs what the dropped RoPE and the dropped latent dims did to the scores
+                and the values, as far as it can.               (--output-fit, default)
 
 Every map acts on x1 = [x ; 1], so biases (Qwen2) ride through every step as a last column.
 Statistics are float64 second moments of the attention input, gathered layer by layer while the
@@ -52,6 +60,13 @@ from checkpoint import (SAFETENSORS_DTYPES, CheckpointReader, CheckpointWriter, 
 from model import Block, ModelArgs, Transformer, rope_frequencies, rope_table
 
 TINY = 1e-10  # RMS of the latent before its (stock, unavoidable) RMSNorm: far below sqrt(eps)
+
+# --method: a recipe of the choices below; single flags override it. "transmla" is the official
+# method, kept as the reference; "fitted" fits the latent and o_proj to what attention computes.
+METHODS = {
+    "transmla": dict(rope_select="key", latent_fit="bkv", output_fit=False),
+    "fitted": dict(rope_select="key", latent_fit="attention", output_fit=True),
+}
 
 
 @dataclass
@@ -116,23 +131,35 @@ def gqa_as_mla(attn, n_kv: int, d_h: int) -> LayerMLA:
 
 # ----------------------------------------------------------------------------- step 2
 
-def rorope(layer: LayerMLA, cov: torch.Tensor, rope_dim: int, freqfold: int, n_kv: int) -> LayerMLA:
-    """RoRoPE + FreqFold: rotate each block of `freqfold` frequencies (n_kv * freqfold pairs) by the
-    PCA of its keys, keep RoPE on the leading rope_dim / 2 pairs overall, move the rest to the latent."""
+def rorope(layer: LayerMLA, cov: torch.Tensor, rope_dim: int, freqfold: int, n_kv: int,
+           select: str = "key") -> LayerMLA:
+    """RoRoPE + FreqFold: mix each block of `freqfold` frequencies (n_kv * freqfold pairs) so that the
+    leading components matter most, keep RoPE on the leading rope_dim / 2 pairs overall, move the
+    rest to the latent. Any invertible mixing T of a block's pairs commutes with RoPE (RoPE turns
+    every pair of one frequency by the same angle) if the queries get T^-T: scores are unchanged.
+    select "key": T is the PCA of the keys (TransMLA's RoRoPE; orthogonal, by key energy alone).
+    select "score": T orders the components by their share of the scores, E[q_i^2] E[k_i^2]."""
     n_pairs = layer.kpe.shape[0] // 2
     block = n_kv * freqfold
     n_blocks = n_pairs // block
     keep = rope_dim // 2 // n_blocks  # pairs kept per block
     re, im = layer.kpe[:n_pairs], layer.kpe[n_pairs:]
     q_re, q_im = layer.qmap[:, :n_pairs], layer.qmap[:, n_pairs:]
+    if select == "score":  # every query head's rope-space query, q = qmap[h] wq[h] x1: (H, L, D+1)
+        q_all = layer.qmap @ layer.wq
+        cq_full = torch.einsum("hid,de,hje->ij", q_all, cov, q_all)  # (L, L), summed over heads
     kept, dropped, q_kept, q_dropped, pairs = [], [], [], [], []
     for b in range(n_blocks):
         s = slice(b * block, (b + 1) * block)
         # real and imaginary halves are two samples of the same n_kv*F features: RoPE only rotates within a pair
-        c = re[s] @ cov @ re[s].T + im[s] @ cov @ im[s].T
-        U = top_eigvecs(c, block)  # (block, block), orthogonal
-        r_re, r_im = U.T @ re[s], U.T @ im[s]
-        qr_re, qr_im = U.T @ q_re[:, s], U.T @ q_im[:, s]  # the same rotation on the query side
+        ck = re[s] @ cov @ re[s].T + im[s] @ cov @ im[s].T
+        if select == "score":
+            si = slice(n_pairs + b * block, n_pairs + (b + 1) * block)
+            T, Tq = score_basis(ck, cq_full[s, s] + cq_full[si, si])
+        else:
+            T = Tq = top_eigvecs(ck, block).T  # (block, block), orthogonal: T^-T = T
+        r_re, r_im = T @ re[s], T @ im[s]
+        qr_re, qr_im = Tq @ q_re[:, s], Tq @ q_im[:, s]  # the inverse transpose on the query side
         kept.append((r_re[:keep], r_im[:keep]))
         dropped.append((r_re[keep:], r_im[keep:]))
         q_kept.append((qr_re[:, :keep], qr_im[:, :keep]))
@@ -154,10 +181,23 @@ def rorope(layer: LayerMLA, cov: torch.Tensor, rope_dim: int, freqfold: int, n_k
                    uv=torch.cat([torch.zeros(H, layer.uv.shape[1], n, dtype=torch.float64), layer.uv], 2))
 
 
+def score_basis(ck: torch.Tensor, cq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """T and T^-T for keys k' = T k and queries q' = T^-T q that diagonalise both second moments:
+    E[k' k'^T] = E[q' q'^T] = diag(sqrt(lam)), lam descending, where lam_i = E[q'_i^2] E[k'_i^2] is
+    component i's score energy (the eigenvalues of ck cq). Split evenly between query and key, so a
+    key's size says how much it matters to the scores, whatever fits the latent next."""
+    e, E = torch.linalg.eigh(ck)
+    e = e.clamp_min(e.max() * 1e-12)
+    S, S_inv = (E * e.sqrt()) @ E.T, (E / e.sqrt()) @ E.T  # ck^(1/2), ck^(-1/2)
+    lam, W = torch.linalg.eigh(S @ cq @ S)  # whitened keys: the query energy is the score energy
+    lam, W = lam.flip(0).clamp_min(lam.max() * 1e-12), W.flip(1)
+    return (lam ** 0.25)[:, None] * (W.T @ S_inv), (lam ** -0.25)[:, None] * (W.T @ S)
+
+
 # ----------------------------------------------------------------------------- step 3
 
 def bkv_pca(layer: LayerMLA, cov: torch.Tensor, rank: int) -> LayerMLA:
-    """Balanced joint PCA of the no-RoPE keys and the values into `rank` latent dims."""
+    """Balanced joint PCA of the no-RoPE keys and the values into `rank` latent dims (TransMLA)."""
     k, v = layer.lat[: layer.n_lat_k], layer.lat[layer.n_lat_k:]
     alpha = 1.0
     if layer.n_lat_k:  # keys are larger than values: without balancing they would own the PCA
@@ -168,6 +208,27 @@ def bkv_pca(layer: LayerMLA, cov: torch.Tensor, rank: int) -> LayerMLA:
     z = scale[:, None] * layer.lat
     W = top_eigvecs(z @ cov @ z.T, rank)  # (R_old, rank)
     return replace(layer, lat=W.T @ z, n_lat_k=0, uk=(layer.uk / scale) @ W, uv=(layer.uv / scale) @ W)
+
+
+def attention_pca(layer: LayerMLA, cov: torch.Tensor, rank: int, wo: torch.Tensor) -> LayerMLA:
+    """The rank-`rank` latent that best preserves what attention computes from it, instead of the
+    keys and values themselves: a latent error e costs sum_h E[(q_h . W_UK,h e)^2] in the scores
+    and sum_h |W_O,h W_UV,h e|^2 in the output. Both are quadratic forms e^T G e, so the best latent
+    is the PCA of G^(1/2) lat x1 (whitened PCA); the two terms are weighted to an equal share of
+    the total, as BKV balances keys against values. Exact at full rank."""
+    H, d_h, n = layer.uk.shape
+    cq = torch.einsum("hid,de,hje->hij", layer.wq, cov, layer.wq)  # (H, d_h, d_h): E[q_h q_h^T]
+    wo_h = wo.double().view(-1, H, d_h).transpose(0, 1)  # (H, D, d_v): head h's columns of W_O
+    gk = torch.einsum("hia,hij,hjb->ab", layer.uk, cq, layer.uk)  # (n, n)
+    gv = torch.einsum("hia,hij,hjb->ab", layer.uv, wo_h.transpose(1, 2) @ wo_h, layer.uv)
+    c = layer.lat @ cov @ layer.lat.T  # (n, n): second moment of the latent
+    g = gk / (gk * c).sum() + gv / (gv * c).sum()
+    e, E = torch.linalg.eigh(g)
+    e = e.clamp_min(e.max() * 1e-10)  # directions nothing reads: cheap to keep, free to drop
+    g_half, g_inv_half = (E * e.sqrt()) @ E.T, (E / e.sqrt()) @ E.T
+    P = top_eigvecs(g_half @ c @ g_half, rank)  # (n, rank)
+    up = g_inv_half @ P  # lat x1 ~ up (P^T G^(1/2) lat x1)
+    return replace(layer, lat=P.T @ g_half @ layer.lat, n_lat_k=0, uk=layer.uk @ up, uv=layer.uv @ up)
 
 
 # ----------------------------------------------------------------------------- step 4
@@ -260,6 +321,31 @@ def second_moments(norm, h: torch.Tensor) -> torch.Tensor:
     return cov / (h.shape[0] * h.shape[1])
 
 
+def refit_output(block: Block, converted: Block, h: torch.Tensor, rope_gqa: tuple, rope: tuple,
+                 mask: torch.Tensor, damp: float = 1e-3) -> torch.Tensor:
+    """o_proj's weight (float64) refitted by least squares: what the original attention outputs at
+    the hidden states h, from what the converted heads output there (o_proj's input).
+    Every head's output, attention weights included, is a linear function of o_proj's input, so this
+    corrects the scores' and the values' errors together, as far as one linear map can."""
+    attn = converted.attention
+    seen = []
+    hook = attn.wo.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    n = attn.wo.weight.shape[1]
+    own, cross = torch.zeros(n, n, dtype=torch.float64), torch.zeros(attn.wo.weight.shape[0], n, dtype=torch.float64)
+    for b in range(0, len(h), 8):
+        x = block.attention_norm(h[b:b + 8])
+        want = block.attention(x, *rope_gqa, mask)  # (B, T, D)
+        attn(x, *rope, mask)
+        if attn.wo.bias is not None:  # the bias stays; the weight fits the rest
+            want = want - attn.wo.bias
+        v = seen.pop().reshape(-1, n).double()  # (B*T, H*d_v)
+        own += v.T @ v
+        cross += want.reshape(-1, want.shape[-1]).double().T @ v
+    hook.remove()
+    ridge = damp * own.diagonal().mean() * torch.eye(n, dtype=torch.float64)
+    return torch.linalg.solve(own + ridge, cross.T).T
+
+
 def mla_block(gqa: ModelArgs, layer: LayerMLA, block: Block, cov: torch.Tensor, q_lora_rank: int):
     """A float32 Block with MLA attention for `layer` and the rest of `block`; also its params and args."""
     params = to_deepseek(layer, block.attention, cov, q_lora_rank, gqa.qkv_bias or gqa.o_bias,
@@ -280,14 +366,17 @@ def _run(block: Block, h: torch.Tensor, rope: tuple, mask: torch.Tensor) -> torc
 
 @torch.no_grad()
 def convert_layers(reader: CheckpointReader, calib: torch.Tensor, rope_dim: int, kv_lora_rank: int,
-                   freqfold: int, q_lora_rank: int = 0, upto: str = "bkv_pca", progress=None):
+                   freqfold: int, q_lora_rank: int = 0, upto: str = "bkv_pca", progress=None,
+                   rope_select: str = "key", latent_fit: str = "bkv", output_fit: bool = False):
     """Stream the calibration samples through the model one layer at a time and convert each layer;
     yield (i, converted attention params, the layer's other params, converted ModelArgs, the
     converted float32 Block).
 
-    As in the official code, RoRoPE is fitted on the original model's activations and BKV-PCA
+    As in the official code, RoRoPE is fitted on the original model's activations and the latent
     on the partial-RoPE model's own (each layer sees what the partial-RoPE layers before it
-    produce), so two streams of hidden states run side by side."""
+    produce), so two streams of hidden states run side by side.
+    rope_select picks rorope's basis (key or score), latent_fit the latent (bkv_pca or
+    attention_pca); output_fit refits o_proj on the original model's activations (refit_output)."""
     gqa = reader.args
     with torch.device("meta"):
         emb = torch.nn.Embedding(gqa.vocab_size, gqa.dim)
@@ -305,14 +394,21 @@ def convert_layers(reader: CheckpointReader, calib: torch.Tensor, rope_dim: int,
         cov = second_moments(block.attention_norm, h)
         layer = gqa_as_mla(block.attention, gqa.n_kv_heads, gqa.head_dim)
         if upto in ("rorope", "bkv_pca"):
-            layer = rorope(layer, cov, rope_dim, freqfold, gqa.n_kv_heads)
+            layer = rorope(layer, cov, rope_dim, freqfold, gqa.n_kv_heads, rope_select)
+        rope = rope_table(inv_freq[torch.tensor(layer.pairs)], T)
         if upto == "bkv_pca":
             partial, *_ = mla_block(gqa, layer, block, cov, 0)
             cov = second_moments(block.attention_norm, h_partial)
-            rope = rope_table(inv_freq[torch.tensor(layer.pairs)], T)
             h_partial = _run(partial, h_partial, rope, mask)
-            layer = bkv_pca(layer, cov, kv_lora_rank)
+            if latent_fit == "attention":
+                layer = attention_pca(layer, cov, kv_lora_rank, block.attention.wo.weight)
+            else:
+                layer = bkv_pca(layer, cov, kv_lora_rank)
         converted, params, rest, args = mla_block(gqa, layer, block, cov, q_lora_rank)
+        if output_fit:
+            w = refit_output(block, converted, h, rope_table(inv_freq, T), rope, mask)
+            params["wo.weight"] = w
+            converted.attention.wo.weight.data.copy_(w)
         h = _run(block, h, rope_table(inv_freq, T), mask)
         yield i, params, rest, args, converted
         if progress:
@@ -442,7 +538,16 @@ def main():
     p.add_argument("--rope-dim", type=int, default=32, help="r: dims of the shared rope key (qk_rope_head_dim)")
     p.add_argument("--freqfold", type=int, default=4, help="F: adjacent RoPE frequencies folded into one PCA")
     p.add_argument("--q-lora-rank", type=int, default=0, help="low-rank query of this rank (0: full rank)")
-    p.add_argument("--method", default="transmla", choices=["transmla"], help="conversion method")
+    p.add_argument("--method", default="fitted", choices=list(METHODS),
+                   help="recipe: 'transmla' is the official method (RoRoPE, FreqFold, BKV-PCA); 'fitted' "
+                        "(default) is --latent-fit attention --output-fit on top of it")
+    p.add_argument("--latent-fit", choices=("bkv", "attention"),
+                   help="the joint latent: 'bkv' balanced key/value PCA (TransMLA), 'attention' PCA weighted "
+                        "by what the queries and o_proj read of it")
+    p.add_argument("--output-fit", action=argparse.BooleanOptionalAction,
+                   help="refit o_proj by least squares so each layer's attention output matches the original's")
+    p.add_argument("--rope-select", choices=("key", "score"),
+                   help="RoRoPE's basis: 'key' energy (TransMLA) or 'score' energy (queries and keys together)")
     p.add_argument("--calib-text", help="calibration text file (default: the embedded calibration split)")
     p.add_argument("--calib-tokens", type=int, default=128 * 256,
                    help="calibration budget in tokens: at most this // --calib-len samples (documents: one per line)")
@@ -477,14 +582,15 @@ def main():
     eval_ids = tok.encode(read_text(eval_path)) if eval_path else None
 
     a = reader.args
-    settings = {"method": args.method, "kv_lora_rank": args.kv_lora_rank, "rope_dim": args.rope_dim,
+    recipe = {k: default if getattr(args, k) is None else getattr(args, k) for k, default in METHODS[args.method].items()}
+    settings = {"method": args.method, **recipe, "kv_lora_rank": args.kv_lora_rank, "rope_dim": args.rope_dim,
                 "freqfold": args.freqfold, "q_lora_rank": args.q_lora_rank,
                 "calibration": f"{len(calib)} samples x {args.calib_len} tokens"}
     report = {"settings": settings, "source": str(folder), "out": str(out)}
     from tqdm import tqdm
     bar = tqdm(total=a.n_layers, desc="calibrate + convert", unit="layer", file=sys.stderr)
     layers = convert_layers(reader, calib, args.rope_dim, args.kv_lora_rank, args.freqfold, args.q_lora_rank,
-                            progress=bar.update)
+                            progress=bar.update, **recipe)
     config = write_checkpoint(reader, out, layers, dtype, settings)
     bar.close()
     report["convert_seconds"] = round(time.perf_counter() - t_start, 1)

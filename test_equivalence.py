@@ -340,15 +340,59 @@ def test_conversion_steps_exact(tiny, name):
     partial = convert(upto="rorope", rope_dim=r, kv_lora_rank=2 * L - r, freqfold=2)
     step3 = convert(upto="bkv_pca", rope_dim=r, kv_lora_rank=2 * L - r, freqfold=2)
     step4 = convert(upto="bkv_pca", rope_dim=r, kv_lora_rank=2 * L - r, freqfold=2, q_lora_rank=a.dim)
+    step3_attn = convert(upto="bkv_pca", rope_dim=r, kv_lora_rank=2 * L - r, freqfold=2, latent_fit="attention")
+    step2_score = convert(upto="rorope", rope_dim=L, kv_lora_rank=2 * L, freqfold=1, rope_select="score")
     for impl in ("naive", "absorb"):
         assert_close(f"{name} step 1 GQA as MLA ({impl}) vs original", logits(step1, impl), original, 1e-4)
         assert_close(f"{name} step 2 RoRoPE, all RoPE kept ({impl}) vs original", logits(step2, impl), original, 1e-4)
         want = logits(partial, impl)
         assert_close(f"{name} step 3 BKV-PCA full rank ({impl}) vs partial RoPE", logits(step3, impl), want, 1e-4)
         assert_close(f"{name} step 4 q_lora full rank ({impl}) vs partial RoPE", logits(step4, impl), want, 1e-4)
+        assert_close(f"{name} step 3 attention PCA full rank ({impl}) vs partial RoPE", logits(step3_attn, impl),
+                     want, 1e-4)
+        assert_close(f"{name} step 2 score-ordered RoRoPE, all RoPE kept ({impl}) vs original",
+                     logits(step2_score, impl), original, 1e-4)
     assert step3.args.rope_pairs is None  # the final model uses ordinary RoPE of dim r
     dropped = (logits(partial, "naive") - original).abs().max().item()
     print(f"{name}: dropping RoPE to r = {r} of {L} changes logits by up to {dropped:.3g} (expected: not exact)")
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+@torch.no_grad()
+def test_output_refit(tiny, name):
+    """refit_output (step 5): where the conversion is exact, the least-squares o_proj without damping
+    is the original o_proj; on a compressed layer it lowers the attention-output error on the
+    calibration activations below what the original o_proj leaves (with the default damping)."""
+    from checkpoint import CheckpointReader
+    from convert import attention_pca, gqa_as_mla, mla_block, refit_output, rorope, second_moments
+    from model import Block, rope_frequencies, rope_table
+    reader = CheckpointReader(tiny[name][0])
+    a = reader.args
+    with torch.device("meta"):
+        block = Block(a)
+    reader.fill(block, "layers.0.")
+    h = torch.randn(16, 32, a.dim, generator=torch.Generator().manual_seed(8))
+    T, mask = h.shape[1], torch.ones(h.shape[1], h.shape[1], dtype=torch.bool).tril()
+    inv_freq = rope_frequencies(a.head_dim, a.rope_theta, a.rope_scaling)
+    cov = second_moments(block.attention_norm, h)
+    exact = gqa_as_mla(block.attention, a.n_kv_heads, a.head_dim)
+    mla, *_ = mla_block(a, exact, block, cov, 0)
+    rope = rope_table(inv_freq[torch.tensor(exact.pairs)], T)
+    w = refit_output(block, mla, h, rope_table(inv_freq, T), rope, mask, damp=0.0)
+    assert_close(f"{name}: o_proj refitted on an exact conversion vs the original", w, block.attention.wo.weight, 1e-4)
+
+    L = a.n_kv_heads * a.head_dim
+    layer = rorope(exact, cov, a.head_dim // 2, 2, a.n_kv_heads)
+    layer = attention_pca(layer, cov, L // 4, block.attention.wo.weight)
+    mla, *_ = mla_block(a, layer, block, cov, 0)
+    rope = rope_table(inv_freq[torch.tensor(layer.pairs)], T)
+    x = block.attention_norm(h)
+    want = block.attention(x, *rope_table(inv_freq, T), mask)
+    before = (mla.attention(x, *rope, mask) - want).pow(2).mean().item()
+    mla.attention.wo.weight.copy_(refit_output(block, mla, h, rope_table(inv_freq, T), rope, mask))
+    after = (mla.attention(x, *rope, mask) - want).pow(2).mean().item()
+    print(f"{name}: attention output mean squared error, R = {L // 4}: {before:.4g} -> {after:.4g} with o_proj refitted")
+    assert after < 0.9 * before
 
 
 @pytest.mark.parametrize("name", CONVERTIBLE)
@@ -359,15 +403,15 @@ def test_converted_folder_loads_in_stock_transformers(tiny, name, tmp_path):
     it, and with the in-memory conversion."""
     from transformers import AutoModelForCausalLM, Mistral4ForCausalLM
     from checkpoint import CheckpointReader
-    from convert import convert_in_memory, convert_layers, write_checkpoint
+    from convert import METHODS, convert_in_memory, convert_layers, write_checkpoint
     folder = tiny[name][0]
     a = CheckpointReader(folder).args
     calib = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(6))
     tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(7))
-    kw = dict(rope_dim=a.head_dim // 2, kv_lora_rank=20, freqfold=2)
+    kw = dict(rope_dim=a.head_dim // 2, kv_lora_rank=20, freqfold=2, **METHODS["fitted"])
     out = tmp_path / "mla"
     write_checkpoint(CheckpointReader(folder), out, convert_layers(CheckpointReader(folder), calib, **kw),
-                     torch.float32, {"method": "transmla"})
+                     torch.float32, {"method": "fitted"})
     # transformers 5.23 does not list mistral4 under AutoModelForCausalLM: its own class, then
     cls = Mistral4ForCausalLM if a.n_experts else AutoModelForCausalLM
     ref, info = cls.from_pretrained(out, output_loading_info=True)
