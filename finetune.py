@@ -60,9 +60,9 @@ import torch.nn.functional as F
 
 from checkpoint import (SAFETENSORS_DTYPES, CheckpointReader, CheckpointWriter, UserError, default_or,
                         find_checkpoint, hf_name, load_model, pick_device, read_config, run)
+from convert import TINY  # the RMS the latent is folded back to, as convert.py writes it
 from model import MLA, RMSNorm, Transformer
 
-TINY = 1e-10  # RMS the latent is folded back to (as convert.py writes it)
 LINEAR = 1e-8  # a latent norm is linear if its input's mean square is below LINEAR * eps (error < LINEAR / 2)
 WARMUP = (20, 0.05)  # linear LR warm-up for 20 steps or 5% of the run, whichever ends first
 MIN_LR = 0.1  # the cosine ends at this fraction of --lr
@@ -440,10 +440,11 @@ def main():
     budget = args.minutes * 60
     bar = tqdm(total=total_steps * B * T, initial=step * B * T, unit="tok", unit_scale=True, file=sys.stderr,
                desc="distill")
-    session_steps, t_session, kl_ema = 0, time.perf_counter(), None
+    session_steps, t_session, kl_ema, last_step_s = 0, time.perf_counter(), None, 0.0
     student.train()
     try:
-        while step < total_steps and not (budget and elapsed >= budget):
+        # a step that would end past the budget is not started: the run stays within --minutes
+        while step < total_steps and not (budget and elapsed + last_step_s > budget):
             t0 = time.perf_counter()
             x, y = batch(ids, B, T, gen)
             lr = lr_at(step, max(step / total_steps, elapsed / budget if budget else 0.0), args.lr)
@@ -454,7 +455,8 @@ def main():
             opt.step()
             opt.zero_grad(set_to_none=True)
             step, session_steps = step + 1, session_steps + 1
-            elapsed += time.perf_counter() - t0
+            last_step_s = time.perf_counter() - t0
+            elapsed += last_step_s
             kl_ema = kl if kl_ema is None else 0.9 * kl_ema + 0.1 * kl
             report.setdefault("loss", []).append([step, round(kl, 5), round(ce, 5)])
             bar.set_postfix(kl=f"{kl_ema:.4f}", ce=f"{ce:.3f}", lr=f"{lr:.2e}", refresh=False)
