@@ -115,11 +115,12 @@ def ensure_wiki_texts() -> tuple[Path, Path]:
     return WIKI_TRAIN, WIKI_EVAL
 
 
-def _drop_nested(text: str, open_: str, close: str) -> str:
-    """text without its (possibly nested) open_ ... close spans: templates {{ }} and tables {| |}."""
+def _drop_nested(text: str, open_: str, close: str, starts: tuple[str, ...] = ()) -> str:
+    """text without its (possibly nested) open_ ... close spans: templates {{ }}, tables {| |}; with
+    `starts`, only the spans that begin with one of them (file and category links [[File: ...]])."""
     out, depth, i = [], 0, 0
     while i < len(text):
-        if text.startswith(open_, i):
+        if text.startswith(open_, i) and (depth or not starts or text.startswith(starts, i)):
             depth, i = depth + 1, i + len(open_)
         elif depth and text.startswith(close, i):
             depth, i = depth - 1, i + len(close)
@@ -132,12 +133,14 @@ def _drop_nested(text: str, open_: str, close: str) -> str:
 
 def wikitext_to_prose(text: str) -> str:
     """MediaWiki markup -> the article's running prose on one line. Headings, lists, tables,
-    templates, references and file / category links go; link texts stay."""
+    templates, references, formulas and file / category links go; link texts stay."""
     text = html.unescape(text)  # the dump escapes its markup: &lt;ref&gt; is <ref>
     text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
-    text = re.sub(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>", "", text, flags=re.S)
+    text = re.sub(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>|<math[^>]*>.*?</math>", "", text, flags=re.S)
     text = _drop_nested(_drop_nested(text, "{{", "}}"), "{|", "|}")
-    text = re.sub(r"\[\[(?:File|Image|Category|[a-z\-]{2,12}):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]", "", text)
+    files = tuple(f"[[{kind}:" for kind in ("File", "Image", "Category", "Media"))
+    text = _drop_nested(text, "[[", "]]", files)  # captions hold links of their own: count the brackets
+    text = re.sub(r"\[\[[a-z\-]{2,12}:[^\[\]]*\]\]", "", text)  # interlanguage links
     text = re.sub(r"\[\[(?:[^\]|]*\|)?([^\]]*)\]\]", r"\1", text)  # [[target|shown]] -> shown
     text = re.sub(r"\[https?://\S+ ([^\]]*)\]", r"\1", text)
     text = re.sub(r"\[https?://\S+\]|<[^>]+>|'{2,}", "", text)

@@ -591,6 +591,18 @@ def test_fetched_checkpoint_loads_in_transformers():
     print(f"text: {len(lines)} articles in lee_background.cor; calibration 150, evaluation 149")
 
 
+def test_wiki_texts_are_prose_and_held_out():
+    """The second text (fetch.ensure_wiki_texts): plain prose, one article per line; the held-out
+    articles (every 8th) are not in the training split."""
+    from fetch import ensure_wiki_texts
+    train, held = (p.read_text(encoding="utf-8").splitlines() for p in ensure_wiki_texts())
+    print(f"wikipedia: {len(train)} training articles, {len(held)} held out")
+    assert len(held) == 11 and len(train) == 78 and not set(train) & set(held)
+    text = "\n".join(train + held)
+    for markup in ("[[", "]]", "{{", "}}", "<ref", "&nbsp;", "&amp;", "\xa0", "''"):
+        assert markup not in text, markup
+
+
 def test_fetch_is_idempotent():
     from fetch import ensure_default_model, ensure_texts
     folder = ensure_default_model()
