@@ -287,6 +287,11 @@ class CheckpointReader:
             return n, file.shape(stacked)[-1]
         return file.shape(name)
 
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype the checkpoint stores its weights in (its embeddings')."""
+        emb = hf_name("tok_embeddings.weight")
+        return SAFETENSORS_DTYPES[self.files[self.weight_map[emb]].entries[emb]["dtype"]]
+
     def get(self, name: str) -> torch.Tensor:
         file = self.files[self.weight_map[name]]
         return file.get(*self.blocks[name]) if name in self.blocks else file.get(name)

@@ -55,7 +55,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import (SAFETENSORS_DTYPES, CheckpointReader, CheckpointWriter, UserError, default_or, hf_name,
+from checkpoint import (CheckpointReader, CheckpointWriter, UserError, default_or, hf_name,
                         load_model, pick_dtype, run)
 from model import Block, ModelArgs, Transformer, rope_frequencies, rope_table
 
@@ -387,6 +387,7 @@ def convert_layers(reader: CheckpointReader, calib: torch.Tensor, rope_dim: int,
     T = calib.shape[1]
     inv_freq = rope_frequencies(gqa.head_dim, gqa.rope_theta, gqa.rope_scaling)
     mask = torch.ones(T, T, dtype=torch.bool).tril()
+    rope_gqa = rope_table(inv_freq, T)  # the original model's RoPE
     for i in range(gqa.n_layers):
         with torch.device("meta"):
             block = Block(gqa)
@@ -406,10 +407,10 @@ def convert_layers(reader: CheckpointReader, calib: torch.Tensor, rope_dim: int,
                 layer = bkv_pca(layer, cov, kv_lora_rank)
         converted, params, rest, args = mla_block(gqa, layer, block, cov, q_lora_rank)
         if output_fit:
-            w = refit_output(block, converted, h, rope_table(inv_freq, T), rope, mask)
+            w = refit_output(block, converted, h, rope_gqa, rope, mask)
             params["wo.weight"] = w
             converted.attention.wo.weight.data.copy_(w)
-        h = _run(block, h, rope_table(inv_freq, T), mask)
+        h = _run(block, h, rope_gqa, mask)
         yield i, params, rest, args, converted
         if progress:
             progress()
@@ -567,9 +568,7 @@ def main():
     out = Path(args.out) if args.out else folder.parent / f"{folder.name}-mla"
     if out.resolve() == folder.resolve():
         raise UserError("--out must differ from the input checkpoint folder")
-    emb = hf_name("tok_embeddings.weight")
-    source_dtype = SAFETENSORS_DTYPES[reader.files[reader.weight_map[emb]].entries[emb]["dtype"]]
-    dtype = pick_dtype(args.dtype, "cpu") if args.dtype else source_dtype
+    dtype = pick_dtype(args.dtype, "cpu") if args.dtype else reader.stored_dtype()
     if args.calib_text is None or (args.eval_text is None and args.ckpt is None):
         calib_default, eval_default = ensure_texts()
     calib_text = read_text(args.calib_text or calib_default)

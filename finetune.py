@@ -58,8 +58,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import (SAFETENSORS_DTYPES, CheckpointReader, CheckpointWriter, UserError, default_or,
-                        find_checkpoint, hf_name, load_model, pick_device, read_config, run)
+from checkpoint import (CheckpointReader, CheckpointWriter, UserError, default_or, find_checkpoint, load_model,
+                        pick_device, read_config, run)
 from convert import TINY  # the RMS the latent is folded back to, as convert.py writes it
 from model import MLA, RMSNorm, Transformer
 
@@ -147,23 +147,6 @@ def fold(model: Transformer, tokens: torch.Tensor, names: list[str]):
 
 # ----------------------------------------------------------------------------- the loss
 
-def trunk(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
-    """Transformer.forward without the output layer: (B, T) -> final-normed hidden states (B, T, D)."""
-    T = tokens.shape[1]
-    pos = torch.arange(T, device=tokens.device)
-    if T > model.rope_cos.shape[0]:
-        model.set_rope(T, tokens.device)
-    cos, sin, mask = model.rope_cos[pos], model.rope_sin[pos], model._mask(pos)
-    x = model.tok_embeddings(tokens)
-    for layer in model.layers:
-        x = layer(x, cos, sin, mask, pos)
-    return model.norm(x)
-
-
-def head(model: Transformer, h: torch.Tensor) -> torch.Tensor:
-    return F.linear(h, model.tok_embeddings.weight) if model.output is None else model.output(h)
-
-
 def distill_step(student: Transformer, teacher: Transformer, x: torch.Tensor, y: torch.Tensor, ce_weight: float,
                  autocast, chunk: int = 512, backward: bool = True) -> tuple[float, float]:
     """Forward both models on x (B, T), accumulate the gradient of KL(teacher || student) + ce_weight * CE
@@ -171,17 +154,17 @@ def distill_step(student: Transformer, teacher: Transformer, x: torch.Tensor, y:
     made `chunk` tokens at a time and dropped after their backward, so memory holds one chunk of them:
     the trunk's graph is cut at the final hidden state and its gradient collected there first."""
     with autocast, torch.no_grad():
-        h_t = trunk(teacher, x).flatten(0, 1)  # (N, D)
+        h_t = teacher.hidden(x).flatten(0, 1)  # (N, D)
     with autocast, torch.set_grad_enabled(backward):
-        h_s = trunk(student, x).flatten(0, 1)  # (N, D), with the graph back through every layer
+        h_s = student.hidden(x).flatten(0, 1)  # (N, D), with the graph back through every layer
     cut = h_s.detach().requires_grad_(backward)
     y = y.flatten()
     N, kl_sum, ce_sum = len(y), 0.0, 0.0
     for a in range(0, N, chunk):
         with autocast, torch.no_grad():
-            logp_t = F.log_softmax(head(teacher, h_t[a:a + chunk]).float(), -1)  # (n, V)
+            logp_t = F.log_softmax(teacher.logits(h_t[a:a + chunk]).float(), -1)  # (n, V)
         with autocast, torch.set_grad_enabled(backward):
-            logp_s = F.log_softmax(head(student, cut[a:a + chunk]).float(), -1)
+            logp_s = F.log_softmax(student.logits(cut[a:a + chunk]).float(), -1)
             kl = (logp_t.exp() * (logp_t - logp_s)).sum()
             ce = F.nll_loss(logp_s, y[a:a + chunk], reduction="sum")
         if backward:
@@ -247,12 +230,6 @@ def load_student(folder: Path, device: str, dtype: torch.dtype, which: str, prob
     for p in params:
         p.requires_grad_(True)
     return model, unfolded, params
-
-
-def stored_dtype(folder: Path) -> torch.dtype:
-    reader = CheckpointReader(folder)
-    emb = hf_name("tok_embeddings.weight")
-    return SAFETENSORS_DTYPES[reader.files[reader.weight_map[emb]].entries[emb]["dtype"]]
 
 
 def write_folder(model: Transformer, source: Path, out: Path, dtype: torch.dtype, record: dict):
@@ -484,7 +461,7 @@ def main():
               "steps": step, "seq_len": T, "batch": B, "lr": args.lr, "schedule": "warm-up + cosine",
               "ce_weight": args.ce_weight, "trainable": args.trainable, "dtype": str(dtype).removeprefix("torch."),
               "minutes": round(elapsed / 60, 2)}
-    write_folder(student, student_dir, out, stored_dtype(student_dir), record)
+    write_folder(student, student_dir, out, CheckpointReader(student_dir).stored_dtype(), record)
     del student
     report.update(record, out=str(out), tokens_per_s=round(session_steps * B * T / max(session_s, 1e-9), 1))
     if evals:

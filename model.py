@@ -380,6 +380,10 @@ class Transformer(nn.Module):
         """tokens (B, T) at positions input_pos (T,) -> logits (B, T, vocab).
         With caches set up, the tokens are written at input_pos and attend to every earlier
         cached position, so prefill can be split into chunks and decode is T = 1."""
+        return self.logits(self.hidden(tokens, input_pos))
+
+    def hidden(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """forward up to the final norm: (B, T, dim). finetune.py makes the logits a chunk at a time."""
         B, T = tokens.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=tokens.device)
@@ -390,8 +394,10 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos)
-        x = self.norm(x)
-        return F.linear(x, self.tok_embeddings.weight) if self.output is None else self.output(x)
+        return self.norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
 
     def _mask(self, input_pos: torch.Tensor) -> torch.Tensor:
         """(T, S) boolean, True where query i may attend to key j. Keys are the whole cache
