@@ -41,9 +41,10 @@ and continues with the saved settings. The output folder is written once, at the
 temporary folder that is moved into place when complete (checkpoint.CheckpointWriter); its
 config.json keeps the conversion's record ("transmla") and adds one of the fine-tuning ("finetune").
 
-Speed (this 2-core CPU, embedded model): the default --dtype on CPU is bfloat16 autocast, since
-this CPU has AMX / AVX512-BF16 matmuls; the weights that train stay float32 (Adam needs
-their precision) and are cast for each matmul. --dtype float32 runs everything in fp32.
+Speed (2-core CPUs, embedded model): the default --dtype is bfloat16 autocast where the CPU has
+AMX / AVX512-BF16 matmuls (86 tokens/s on one core there); the weights that train stay float32
+(Adam needs their precision) and are cast for each matmul. On a CPU without them (AVX2 only) bf16
+is emulated and over 10x slower, so the default is float32 there (about 60 tokens/s on two cores).
 """
 import argparse
 import json
@@ -62,6 +63,7 @@ from checkpoint import (CheckpointReader, CheckpointWriter, UserError, default_o
                         pick_device, read_config, run)
 from convert import TINY  # the RMS the latent is folded back to, as convert.py writes it
 from model import MLA, RMSNorm, Transformer
+import tpla
 
 LINEAR = 1e-8  # a latent norm is linear if its input's mean square is below LINEAR * eps (error < LINEAR / 2)
 WARMUP = (20, 0.05)  # linear LR warm-up for 20 steps or 5% of the run, whichever ends first
@@ -255,8 +257,16 @@ def save_state(path: Path, state: dict):
 
 # ----------------------------------------------------------------------------- the script
 
+def default_dtype(device: str) -> torch.dtype:
+    """bf16 autocast where matmuls run natively in it (CUDA; CPUs with AVX512-BF16 or AMX): a step
+    is faster there than fp32. Elsewhere it is emulated: over 10x slower (measured on a 2-core AVX2 CPU)."""
+    if device.startswith("cuda") or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
 SETTINGS = ("ckpt", "teacher", "text", "tokens", "minutes", "seq_len", "batch", "lr", "weight_decay",
-            "ce_weight", "trainable", "seed")
+            "ce_weight", "trainable", "seed", "tpla")
 
 
 def resolve_paths(args) -> tuple[Path, Path, list[Path]]:
@@ -325,6 +335,9 @@ def main():
     p.add_argument("--trainable", choices=("attn", "attn+norms", "all"), default="attn",
                    help="which student weights train: attention only, attention and RMSNorms, or all")
     p.add_argument("--seed", type=int, default=0, help="seed of the window sampler")
+    p.add_argument("--tpla", type=int, default=1, metavar="G",
+                   help="also train for TPLA decode on G ranks: every second window's second half runs in TPLA "
+                        "form (tpla.simulate), the other windows in MLA form (default 1: MLA form only)")
     p.add_argument("--out", help="output folder (default: the checkpoint folder's name + '-ft', beside it)")
     p.add_argument("--state", help="training-state file for --resume (default: OUT.state.pt beside the output)")
     p.add_argument("--resume", action="store_true", help="continue from the state file with its saved settings")
@@ -337,13 +350,14 @@ def main():
     p.add_argument("--eval-tokens", type=int, default=8192, help="score only the first N tokens of each eval text")
     p.add_argument("--eval-ctx", type=int, default=1024, help="perplexity window length")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--dtype", help="compute dtype: bfloat16 (autocast; default) or float32")
+    p.add_argument("--dtype", help="compute dtype: bfloat16 (autocast) or float32 (default: bfloat16 on CUDA and "
+                                   "on CPUs with bf16 matmuls, float32 on others)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core; 1 if another job holds a core)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, None: torch.bfloat16}.get(args.dtype)
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, None: default_dtype(device)}.get(args.dtype)
     if dtype is None:
         raise UserError(f"--dtype {args.dtype}: choose bfloat16 or float32")
     autocast = torch.autocast(device.split(":")[0], dtype=dtype) if dtype != torch.float32 else nullcontext()
@@ -354,6 +368,8 @@ def main():
             raise UserError(f"{name} must be positive")
     if args.minutes < 0 or args.lr <= 0:
         raise UserError("--minutes must be >= 0 and --lr positive")
+    if args.tpla > 1 and args.batch < 2:
+        raise UserError("--tpla needs --batch 2 or more: half the windows train the TPLA form, half the MLA form")
 
     student_dir, teacher_dir, texts = resolve_paths(args)
     out = Path(args.out) if args.out else student_dir.parent / f"{student_dir.name}-ft"
@@ -366,7 +382,7 @@ def main():
             raise UserError(f"--resume: no state file {state_path}")
         state = torch.load(state_path, weights_only=False)
         for k in SETTINGS:  # the run continues as it was started
-            setattr(args, k, state["settings"][k])
+            setattr(args, k, state["settings"].get(k, 1 if k == "tpla" else None))
         student_dir, teacher_dir, texts = resolve_paths(args)
     from bench import read_text
     from tokenizer import load_tokenizer
@@ -403,6 +419,8 @@ def main():
     elif evals:
         report["before"] = {"teacher": evaluate(teacher, evals, args.eval_ctx, autocast),
                             "student": evaluate(student, evals, args.eval_ctx, autocast)}
+    if args.tpla > 1:  # odd windows: MLA-form prefill of the first half, TPLA-form decode of the second
+        tpla.simulate(student, args.tpla, start=T // 2, rows=torch.arange(1, B, 2, device=device))
     n_train = sum(p_.numel() for p_ in params)
     print(f"student {student_dir}, teacher {teacher_dir}; training {n_train / 1e6:.1f}M weights "
           f"({args.trainable}, {len(unfolded)} latent norms unfolded) on {len(ids):,} tokens of "
@@ -460,13 +478,16 @@ def main():
     record = {"teacher": str(teacher_dir), "texts": [str(t) for t in texts], "tokens": step * B * T,
               "steps": step, "seq_len": T, "batch": B, "lr": args.lr, "schedule": "warm-up + cosine",
               "ce_weight": args.ce_weight, "trainable": args.trainable, "dtype": str(dtype).removeprefix("torch."),
-              "minutes": round(elapsed / 60, 2)}
+              "minutes": round(elapsed / 60, 2), "tpla": args.tpla}
     write_folder(student, student_dir, out, CheckpointReader(student_dir).stored_dtype(), record)
     del student
     report.update(record, out=str(out), tokens_per_s=round(session_steps * B * T / max(session_s, 1e-9), 1))
     if evals:
         trained, _ = load_model(out, device=device, dtype=dtype)
         report["after"] = evaluate(trained, evals, args.eval_ctx, autocast)
+        if args.tpla > 1:  # the second half of every window by TPLA decode, as bench.py --ppl --tp tpla scores it
+            tpla.simulate(trained, args.tpla, start=args.eval_ctx // 2)
+            report["after_tpla"] = evaluate(trained, evals, args.eval_ctx, autocast)
     (out / "finetune_report.json").write_text(json.dumps(report, indent=1) + "\n")
 
     first = sum(l[1] for l in losses[:10]) / max(1, len(losses[:10]))
@@ -478,6 +499,8 @@ def main():
         b = report["before"].get("student", {}).get(name)
         rows.append((f"perplexity {name} ({len(evals[name])} tokens)",
                      f"teacher {report['before'].get('teacher', {}).get(name)}, student {b} -> {report['after'][name]}"))
+        if "after_tpla" in report:
+            rows.append((f"  ... TPLA x{args.tpla} decode (simulated)", f"{report['after_tpla'][name]}"))
     rows.append(("written", f"{out} (stock {read_config(out)['architectures'][0]})"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

@@ -281,14 +281,20 @@ class MLA(nn.Module):
     def make_cache(self, batch: int, seq_len: int, dtype, device) -> LatentCache:
         return LatentCache(batch, seq_len, self.R, self.r, dtype, device)
 
-    def forward(self, x, cos, sin, mask, input_pos=None):
+    def project(self, x, cos, sin):
+        """The queries of every head and this step's latent and rope key: q_nope (B, T, H, d_nope),
+        q_pe (B, T, H, r), c (B, T, R), k_pe (B, T, r), the rope ones rotated."""
         B, T, _ = x.shape
         q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora_rank else self.wq(x)
         q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.d_nope, self.r], dim=-1)
         c, k_pe = self.wkv_a(x).split([self.R, self.r], dim=-1)
-        c = self.kv_norm(c)  # (B, T, R)
-        q_pe = apply_rope(q_pe, cos, sin)  # (B, T, H, r)
-        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # (B, T, r)
+        q_pe = apply_rope(q_pe, cos, sin)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
+        return q_nope, q_pe, self.kv_norm(c), k_pe
+
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        B, T, _ = x.shape
+        q_nope, q_pe, c, k_pe = self.project(x, cos, sin)
         if self.cache is None:
             kv = torch.cat([c, k_pe], dim=-1)  # (B, T, R + r)
         else:

@@ -46,7 +46,11 @@ ranks; README, section TPLA). Here TPLA costs a lot of accuracy (R / g = 32; the
   (pca-sorted; convert.py's BKV-PCA latent is sorted already, so `none` is one) keeps the
   scores' main terms together on rank 0, whose softmax stays close to the whole one.
 - no per-shard logit scale: scaling a shard's latent scores by g helps Hadamard a little and
-  hurts the others.
+  hurts the others. Nor a per-shard estimate of the whole latent (pairing dims k and k + R/2 by a
+  rotation, then scoring each shard's query against a least-squares estimate of the missing half):
+  4% better, not worth its calibration.
+Where the loss is: rank 1 (the weak half of the latent) with a softmax of its own costs ~7x what
+rank 0 does. Training for it helps: `finetune.py --tpla 2` trains through SimulatedTPLA below.
 Speed on a CPU: the absorbed attention's small-row matmuls and softmax set the pace, not the
 bytes, and TPLA does per rank as much arithmetic as head-parallel (all H heads on R/g + r dims
 against H/g heads on R + r) and more softmax: 1.06x in fp32, 1.13x in bf16 at 32K (README).
@@ -60,8 +64,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from checkpoint import CheckpointReader, UserError, find_checkpoint
-from model import (MLA, Attention, Block, FeedForward, LatentCache, ModelArgs, Transformer, apply_rope,
-                   latent_attention)
+from model import MLA, Attention, Block, FeedForward, LatentCache, ModelArgs, Transformer, latent_attention
 
 MODES = ("tpla", "heads")
 TRANSFORMS = ("none", "hadamard", "pca", "pca-sorted")  # pca-sorted: shard 0 gets the top half of the energy
@@ -262,13 +265,7 @@ class TPLA(MLA):
         return LatentCache(batch, seq_len, self.lat.stop - self.lat.start, len(self.rope_dims), dtype, device)
 
     def forward(self, x, cos, sin, mask, input_pos=None):
-        B, T, _ = x.shape
-        q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora_rank else self.wq(x)
-        q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.d_nope, self.r], dim=-1)  # all heads
-        c, k_pe = self.wkv_a(x).split([self.R, self.r], dim=-1)
-        c = self.kv_norm(c)  # (B, T, R): the whole latent is normed, then sliced
-        q_pe = apply_rope(q_pe, cos, sin)  # (B, T, H, r)
-        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # (B, T, r)
+        q_nope, q_pe, c, k_pe = self.project(x, cos, sin)  # all heads; the whole latent is normed, then sliced
         if self.cache is not None:  # cache only this rank's shard: c[P_i] and its rope dims
             kv = self.cache.update(input_pos, c[..., self.lat], k_pe[..., self.rope_dims])  # (B, S, R/g + r_i)
         if self.cache is None or input_pos[0] == 0:  # nothing cached before: the exact MLA form
@@ -294,13 +291,56 @@ class TPLA(MLA):
         return F.linear(y.reshape(B, T, -1), wo, self.wo.bias)  # the bias is zero except on rank 0
 
     def _decode(self, q_nope, q_pe, kv, mask):
-        """Absorbed attention of all heads over this rank's latent shard, with a softmax of its own."""
-        B, T, H, _ = q_nope.shape
-        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, self.w_uk) * self.lat_gain  # (B, T, H, R/g)
-        q = torch.cat([q_lat, q_pe[..., self.rope_dims] * self.rope_gain], dim=-1) * self.scale  # (B, T, H, R/g + r_i)
-        o_lat = latent_attention(q, kv, self.w_uk.shape[-1], mask)  # (B, T, H, R/g): this shard's own softmax
-        y = torch.einsum("bthc,hdc->bthd", o_lat, self.w_uv)  # (B, T, H, d_v): this shard's part of every head
+        B, T, _, _ = q_nope.shape
+        y = attend_shard(q_nope * self.lat_gain, q_pe[..., self.rope_dims] * self.rope_gain, kv,
+                          self.w_uk, self.w_uv, self.scale, mask)
         return self.wo(y.reshape(B, T, -1))
+
+
+def attend_shard(q_nope, q_pe, kv, w_uk, w_uv, scale: float, mask):
+    """TPLA's decode on one latent shard: absorbed attention of every head over the cached
+    [c[P_i] ; k_pe] with a softmax of its own. w_uk (H, d_nope, R/g), w_uv (H, d_v, R/g): the
+    up-projections' columns of the shard -> (B, T, H, d_v), this shard's part of every head."""
+    q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, R/g)
+    q = torch.cat([q_lat, q_pe], dim=-1) * scale  # (B, T, H, R/g + r_i)
+    o_lat = latent_attention(q, kv, w_uk.shape[-1], mask)  # (B, T, H, R/g)
+    return torch.einsum("bthc,hdc->bthd", o_lat, w_uv)
+
+
+class SimulatedTPLA(MLA):
+    """All g ranks of TPLA decode in one process, differentiable, for fine-tuning a checkpoint to
+    tolerate the split (finetune.py --tpla) and for measuring it without torchrun. No cache: in a
+    forward over whole windows, the queries at positions >= start attend in TPLA form (each latent
+    shard with a softmax of its own, then the sum the all-reduce makes), the earlier ones in MLA
+    form. That is what teacher-forced decode after a `start`-token prefill computes on g ranks with
+    `--tpla-transform none` (test_tp_two_ranks compares the two). rows: the batch rows that take the
+    TPLA form (None: all); the others stay plain MLA. Set up by simulate()."""
+    world, start, rows = 1, 0, None
+
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        B, T, _ = x.shape
+        q_nope, q_pe, c, k_pe = self.project(x, cos, sin)
+        y = self._naive(q_nope, q_pe, torch.cat([c, k_pe], dim=-1), mask)  # (B, T, H, d_v): MLA form
+        rows = torch.arange(B, device=x.device) if self.rows is None else self.rows
+        s = self.start
+        w = self.wkv_b.weight.view(self.n_heads, self.d_nope + self.d_v, self.R)
+        q_nope, q_pe, c, k_pe = q_nope[rows, s:], q_pe[rows, s:], c[rows], k_pe[rows]
+        decode = 0
+        for i in range(self.world):  # what rank i computes on its shard P_i, summed as the all-reduce does
+            a, b = split(self.R, i, self.world)
+            decode = decode + attend_shard(q_nope, q_pe, torch.cat([c[..., a:b], k_pe], dim=-1),
+                                            w[:, : self.d_nope, a:b], w[:, self.d_nope:, a:b], self.scale, mask[s:])
+        y = y.index_copy(0, rows, torch.cat([y[rows, :s], decode], dim=1))
+        return self.wo(y.reshape(B, T, -1))
+
+
+def simulate(model: Transformer, world: int, start: int, rows: torch.Tensor | None = None) -> Transformer:
+    """Turn every MLA layer of `model`, in place, into a SimulatedTPLA of `world` ranks (same weights)."""
+    check_parallel(model.args, "tpla", world)
+    for layer in model.layers:
+        layer.attention.__class__ = SimulatedTPLA
+        layer.attention.world, layer.attention.start, layer.attention.rows = world, start, rows
+    return model
 
 
 # ----------------------------------------------------------------------------- sharding one layer
