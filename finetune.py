@@ -382,7 +382,7 @@ def main():
             raise UserError(f"--resume: no state file {state_path}")
         state = torch.load(state_path, weights_only=False)
         for k in SETTINGS:  # the run continues as it was started
-            setattr(args, k, state["settings"].get(k, 1 if k == "tpla" else None))
+            setattr(args, k, state["settings"].get(k, p.get_default(k)))  # a setting added since: its default
         student_dir, teacher_dir, texts = resolve_paths(args)
     from bench import read_text
     from tokenizer import load_tokenizer

@@ -1138,10 +1138,10 @@ def test_finetune_lowers_distillation_loss(tiny, tmp_path):
 
 def test_finetune_for_tpla_lowers_its_loss(tiny, tmp_path):
     """finetune.py --tpla: training with every second window's second half in (simulated) TPLA form
-    shrinks what the TPLA form adds to the held-out KL over the MLA form, against the same steps in MLA
-    form only. The teacher's
-    queries are scaled up so that its attention is sharp, as a trained model's is (a random tiny
-    model attends almost uniformly, and a per-shard softmax then costs nothing to learn away)."""
+    shrinks what the TPLA form adds to the held-out KL over the MLA form, against the same steps in
+    MLA form only. The teacher's queries are scaled up so that its attention is sharp, as a trained
+    model's is (a random tiny model attends almost uniformly, and a per-shard softmax then costs
+    nothing to learn away)."""
     import copy
     import tpla
     from finetune import batch, distill_step, load_student

@@ -252,9 +252,10 @@ class TPLA(MLA):
         self.rope_gain = float(world) if rescale and rope == "split" else 1.0
 
     def shard(self):
-        """After loading: this rank's columns of the up-projections, contiguous, for decode."""
+        """After loading: this rank's columns of the up-projections, contiguous, for decode (the
+        key's with the latent scores' gain in them, so a decode step does not multiply by it)."""
         w = self.wkv_b.weight.view(self.n_heads, self.d_nope + self.d_v, self.R)[..., self.lat]
-        self.register_buffer("w_uk", w[:, : self.d_nope].contiguous(), persistent=False)  # (H, d_nope, R/g)
+        self.register_buffer("w_uk", w[:, : self.d_nope] * self.lat_gain, persistent=False)  # (H, d_nope, R/g)
         self.register_buffer("w_uv", w[:, self.d_nope:].contiguous(), persistent=False)  # (H, d_v, R/g)
         self.register_buffer("rope_dims", torch.tensor(self.rope_list, device=w.device), persistent=False)
         return self
@@ -293,8 +294,7 @@ class TPLA(MLA):
 
     def _decode(self, q_nope, q_pe, kv, mask):
         B, T, _, _ = q_nope.shape
-        y = attend_shard(q_nope * self.lat_gain, q_pe[..., self.rope_dims] * self.rope_gain, kv,
-                          self.w_uk, self.w_uv, self.scale, mask)
+        y = attend_shard(q_nope, q_pe[..., self.rope_dims] * self.rope_gain, kv, self.w_uk, self.w_uv, self.scale, mask)
         return self.wo(y.reshape(B, T, -1))
 
 
