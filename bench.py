@@ -481,7 +481,8 @@ def main():
     p.add_argument("--tp", choices=tpla.MODES, help="tensor parallelism under torchrun (speed: only this mode; "
                                                    "default both; --ppl: default tpla for MLA, heads for GQA)")
     p.add_argument("--tpla-transform", choices=tpla.TRANSFORMS, default=tpla.DEFAULT_TRANSFORM,
-                   help="orthogonal transform of the latent before TPLA splits it")
+                   help="orthogonal transform of the latent before TPLA splits it (a checkpoint rotated by "
+                        "python tpla.py has its fitted one already: use none)")
     p.add_argument("--tpla-rope", choices=("full", "split"), default=tpla.ROPE,
                    help="TPLA: every rank keeps the whole rope key (full) or its share of the rotary pairs (split)")
     p.add_argument("--tpla-rescale", action=argparse.BooleanOptionalAction, default=tpla.RESCALE,

@@ -508,3 +508,18 @@ class CheckpointWriter:
         if self.folder.exists():
             shutil.rmtree(self.folder)
         os.replace(self.tmp, self.folder)
+
+
+def write_model(model, source: Path, out: Path, dtype: torch.dtype, record: dict):
+    """A model loaded from `source` and then changed (fine-tuned, rotated) as a stock folder like
+    its source: the source's config plus `record` (what was done to it), its tokenizer files."""
+    config = {**read_config(source), **record}
+    args = CheckpointReader(source).args
+    state = model.state_dict()
+    with CheckpointWriter(out, config, args) as writer:
+        for name in ("tok_embeddings", "norm") + (() if args.tie_embeddings else ("output",)):
+            writer.add(f"{name}.weight", state[f"{name}.weight"].to(dtype))
+        for i in range(args.n_layers):
+            p = f"layers.{i}."
+            writer.add_layer(i, {k[len(p):]: v for k, v in state.items() if k.startswith(p)}, dtype)
+        writer.commit(source=source)

@@ -59,8 +59,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import (CheckpointReader, CheckpointWriter, UserError, default_or, find_checkpoint, load_model,
-                        pick_device, read_config, run)
+from checkpoint import (CheckpointReader, UserError, default_or, find_checkpoint, load_model,
+                        pick_device, read_config, run, write_model)
 from convert import TINY  # the RMS the latent is folded back to, as convert.py writes it
 from model import MLA, RMSNorm, Transformer
 import tpla
@@ -232,20 +232,6 @@ def load_student(folder: Path, device: str, dtype: torch.dtype, which: str, prob
     for p in params:
         p.requires_grad_(True)
     return model, unfolded, params
-
-
-def write_folder(model: Transformer, source: Path, out: Path, dtype: torch.dtype, record: dict):
-    """The trained student (folded) as a stock folder like its source: the source's config plus the record."""
-    config = {**read_config(source), "finetune": record}
-    args = CheckpointReader(source).args
-    state = model.state_dict()
-    with CheckpointWriter(out, config, args) as writer:
-        for name in ("tok_embeddings", "norm") + (() if args.tie_embeddings else ("output",)):
-            writer.add(f"{name}.weight", state[f"{name}.weight"].to(dtype))
-        for i in range(args.n_layers):
-            p = f"layers.{i}."
-            writer.add_layer(i, {k[len(p):]: v for k, v in state.items() if k.startswith(p)}, dtype)
-        writer.commit(source=source)
 
 
 def save_state(path: Path, state: dict):
@@ -479,7 +465,7 @@ def main():
               "steps": step, "seq_len": T, "batch": B, "lr": args.lr, "schedule": "warm-up + cosine",
               "ce_weight": args.ce_weight, "trainable": args.trainable, "dtype": str(dtype).removeprefix("torch."),
               "minutes": round(elapsed / 60, 2), "tpla": args.tpla}
-    write_folder(student, student_dir, out, CheckpointReader(student_dir).stored_dtype(), record)
+    write_model(student, student_dir, out, CheckpointReader(student_dir).stored_dtype(), {"finetune": record})
     del student
     report.update(record, out=str(out), tokens_per_s=round(session_steps * B * T / max(session_s, 1e-9), 1))
     if evals:

@@ -127,7 +127,8 @@ def main():
     p.add_argument("--tp", choices=tpla.MODES, help="tensor parallelism across torchrun's processes: tpla (latent "
                                                    "split) or heads (default under torchrun: tpla for MLA, heads for GQA)")
     p.add_argument("--tpla-transform", choices=tpla.TRANSFORMS, default=tpla.DEFAULT_TRANSFORM,
-                   help="orthogonal transform of the latent before TPLA splits it")
+                   help="orthogonal transform of the latent before TPLA splits it (a checkpoint rotated by "
+                        "python tpla.py has its fitted one already: use none)")
     args = p.parse_args()
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from checkpoint import UserError, load_model
 from model import ModelArgs, Transformer
@@ -460,7 +461,6 @@ def test_mistral4_other_than_mixtral_is_refused():
 def test_perplexity_matches_transformers(smollm):
     """bench.py's perplexity equals transformers' on the same tokens (first 4 windows of 1024)."""
     import math
-    import torch.nn.functional as F
     from bench import perplexity
     from fetch import EVAL_TEXT
     from tokenizer import load_tokenizer
@@ -499,7 +499,6 @@ def test_convert_embedded_model_loads_in_stock_transformers(smollm, tmp_path):
         assert_close("converted SmolLM2: ours vs transformers DeepseekV3", ours(ids), ref(ids).logits, 1e-3)
         # bench.py's perplexity of the converted model == transformers' (2 windows of 1024)
         import math
-        import torch.nn.functional as F
         from bench import perplexity
         from fetch import EVAL_TEXT
         eval_ids = tok.encode(EVAL_TEXT.read_text(), bos=False)[: 2 * 1024]
@@ -632,7 +631,6 @@ def test_fetched_model_is_sensible():
     """One 1024-token window of the evaluation text: a wrong Q/K permutation would give hundreds."""
     import math
     import torch
-    import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
     from fetch import EVAL_TEXT, ensure_default_model, ensure_texts
     from tokenizer import load_tokenizer
@@ -1043,7 +1041,8 @@ def _launch(world: int, *argv, timeout: float = 120) -> list[subprocess.Complete
 
 def test_tp_user_errors(tp_tiny):
     """A GQA checkpoint with --tp tpla, a world size that does not divide the latent, more ranks than
-    heads: one clear line on rank 0, nothing on the others, every rank exits non-zero, no hang."""
+    heads: one clear line on rank 0, nothing on the others, every rank exits non-zero, no hang.
+    The same for tpla.py's rotation, and a missing checkpoint."""
     for world, argv, needle in (
             (2, ["generate.py", "--ckpt", str(tp_tiny["mqa3"]), "--prompt", "hi", "--tp", "tpla"], "needs an MLA"),
             (3, ["bench.py", "--ppl", "--ckpt", str(tp_tiny["mla3"]), "--tp", "tpla"], "does not divide the latent"),
@@ -1052,6 +1051,14 @@ def test_tp_user_errors(tp_tiny):
         _one_clear_line(ranks[0], needle)
         for res in ranks[1:]:
             assert res.returncode != 0 and res.stderr.strip() == "", res.stderr
+    # python tpla.py (the fitted rotation): the same checks, in one process, and nothing written
+    out = tp_tiny["mla3"].parent / "rotated-not-written"
+    for argv, needle in ((["--ckpt", str(tp_tiny["mqa3"])], "needs an MLA"),
+                         (["--ckpt", str(tp_tiny["mla3"]), "--world", "3"], "does not divide the latent"),
+                         (["--ckpt", str(tp_tiny["mla3"]), "--world", "1"], "no split to fit"),
+                         (["--ckpt", str(out)], "")):
+        _one_clear_line(_script("tpla.py", *argv, "--out", str(out)), needle)
+        assert not out.exists()
 
 
 def test_bench_tp_speed_runs(tp_tiny):
@@ -1136,21 +1143,26 @@ def test_finetune_lowers_distillation_loss(tiny, tmp_path):
     assert after < 0.8 * before  # measured 0.065 -> 0.045
 
 
-def test_finetune_for_tpla_lowers_its_loss(tiny, tmp_path):
-    """finetune.py --tpla: training with every second window's second half in (simulated) TPLA form
-    shrinks what the TPLA form adds to the held-out KL over the MLA form, against the same steps in
-    MLA form only. The teacher's queries are scaled up so that its attention is sharp, as a trained
-    model's is (a random tiny model attends almost uniformly, and a per-shard softmax then costs
-    nothing to learn away)."""
+def _sharp_mla(tiny, tmp_path) -> Path:
+    """tiny llama with its queries scaled up so that its attention is sharp, as a trained model's is
+    (a random tiny model attends almost uniformly, and a per-shard softmax then costs little),
+    saved in tmp_path / "gqa" and converted at R = 40 into tmp_path / "mla"."""
     import copy
-    import tpla
-    from finetune import batch, distill_step, load_student
     sharp = copy.deepcopy(tiny["llama"][1])
     with torch.no_grad():
         for layer in sharp.model.layers:
             layer.self_attn.q_proj.weight.mul_(6.0)
     sharp.save_pretrained(tmp_path / "gqa")
-    student_dir = _converted(tmp_path / "gqa", tmp_path / "mla", R=40)
+    return _converted(tmp_path / "gqa", tmp_path / "mla", R=40)
+
+
+def test_finetune_for_tpla_lowers_its_loss(tiny, tmp_path):
+    """finetune.py --tpla: training with every second window's second half in (simulated) TPLA form
+    shrinks what the TPLA form adds to the held-out KL over the MLA form, against the same steps in
+    MLA form only (on the sharp tiny model: a uniform attention's per-shard softmax costs nothing)."""
+    import tpla
+    from finetune import batch, distill_step, load_student
+    student_dir = _sharp_mla(tiny, tmp_path)
     teacher, _ = load_model(tmp_path / "gqa")
     teacher.requires_grad_(False)
     ids = torch.randint(0, VOCAB, (4000,), generator=torch.Generator().manual_seed(9))
@@ -1177,10 +1189,32 @@ def test_finetune_for_tpla_lowers_its_loss(tiny, tmp_path):
     assert 0 < gap[2] < 0.9 * gap[1]  # measured 0.00276 -> 0.00224
 
 
+def test_rotation_fitted_for_tpla(tiny, tmp_path):
+    """python tpla.py: the checkpoint with its latent rotated by fit_rotation is the same model on
+    one device, and in TPLA x2 decode (simulated) on held-out tokens it is closer to the exact
+    model than the checkpoint it came from."""
+    import tpla
+    folder = _sharp_mla(tiny, tmp_path)
+    calib = torch.randint(0, VOCAB, (32, 64), generator=torch.Generator().manual_seed(11))
+    held_out = torch.randint(0, VOCAB, (8, 64), generator=torch.Generator().manual_seed(12))
+    record = tpla.rotate_for_tpla(folder, tmp_path / "rotated", 2, calib, log=print)
+    original, rotated = load_model(folder)[0], load_model(tmp_path / "rotated")[0]
+    with torch.no_grad():
+        exact = original(held_out)
+        assert_close("rotated checkpoint vs original, one device", rotated(held_out), exact, 1e-5)
+        kl = {}
+        for name, model in (("original", original), ("rotated", rotated)):
+            logits = tpla.simulate(model, 2, start=32)(held_out)
+            kl[name] = F.kl_div(F.log_softmax(logits[:, 32:], -1), F.log_softmax(exact[:, 32:], -1),
+                                log_target=True, reduction="batchmean").item()
+    print(f"calibration error per layer {record['error_before']} -> {record['error_after']}; held-out KL of "
+          f"TPLA x2 decode from the exact model: original {kl['original']:.5f}, rotated {kl['rotated']:.5f}")
+    assert kl["rotated"] < 0.9 * kl["original"]  # measured 0.316 -> 0.258
+
+
 @torch.no_grad()
 def test_distill_loss_chunks_equal_one_pass(tiny, tmp_path):
     """The chunked loss and its gradient equal the loss computed from whole logits in one pass."""
-    import torch.nn.functional as F
     from finetune import distill_step, load_student
     folder = tiny["llama"][0]
     teacher, _ = load_model(folder)

@@ -4,6 +4,7 @@
     torchrun --nproc_per_node=2 generate.py --ckpt MLA_DIR --prompt "Hello" --tp heads
     torchrun --nproc_per_node=2 bench.py --ppl --tp tpla --tpla-transform pca-sorted
     torchrun --nproc_per_node=2 bench.py --contexts 32768 --batch 4     # tpla vs heads decode speed
+    python tpla.py --ckpt MLA_DIR --world 2      # MLA_DIR-tpla2: the same model, its latent rotated for the split
 
 The problem. Head-parallel tensor parallelism (DeepSeek's, `--tp heads`) gives each rank some of
 the heads, but every MLA head reads the whole latent, so every rank caches, and reads at every
@@ -51,7 +52,11 @@ converted at R = 320, 160 per rank, it costs 1.7% perplexity, 3.4% on the decode
   rotation, then scoring each shard's query against a least-squares estimate of the missing half):
   4% better, not worth its calibration.
 Where the loss is: rank 1 (the weak half of the latent) with a softmax of its own costs ~7x what
-rank 0 does. Training for it helps: `finetune.py --tpla 2` trains through SimulatedTPLA below.
+rank 0 does. Two remedies, both measured in the README: a rotation fitted to the split itself
+(`python tpla.py`: fit_rotation finds, per layer, the orthogonal Q under which TPLA decode best
+matches the exact attention on calibration text; it is written into a copy of the checkpoint,
+the same model on one device, then run with `none`), and training (`finetune.py --tpla 2`, through
+SimulatedTPLA below).
 Speed on a CPU: the absorbed attention's small-row matmuls and softmax set the pace, not the
 bytes, and TPLA does per rank as much arithmetic as head-parallel (all H heads on R/g + r dims
 against H/g heads on R + r) and more softmax: 1.06x in fp32, 1.13x in bf16 at 32K (README).
@@ -64,7 +69,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from checkpoint import CheckpointReader, UserError, find_checkpoint
+from checkpoint import CheckpointReader, UserError, find_checkpoint, load_model, run, write_model
 from model import MLA, Attention, Block, FeedForward, LatentCache, ModelArgs, Transformer, latent_attention
 
 MODES = ("tpla", "heads")
@@ -109,18 +114,22 @@ def checkpoint_or_default(ckpt: str | None) -> Path:
     the others wait, and a failure reaches every rank (so all exit, none hangs)."""
     if ckpt:
         return find_checkpoint(ckpt)
-    from bench import default_conversion
-    from checkpoint import default_or
     box = [None]
     if dist.get_rank() == 0:
         try:
-            box = [str(default_conversion(default_or(None)))]
+            box = [str(_default_conversion())]
         except UserError as e:
             box = [e]
     dist.broadcast_object_list(box, src=0)
     if isinstance(box[0], UserError):
         raise box[0]
     return Path(box[0])
+
+
+def _default_conversion() -> Path:
+    from bench import default_conversion
+    from checkpoint import default_or
+    return default_conversion(default_or(None))
 
 
 def check_parallel(args: ModelArgs, mode: str, world: int, transform: str = "none", rope: str = "full"):
@@ -192,11 +201,13 @@ def latent_moment(attn: MLA, x: torch.Tensor) -> torch.Tensor:
     return c.T @ c / len(c)
 
 
-def calibration_ids(folder: Path, n_tokens: int = 2048, seq_len: int = 512) -> torch.Tensor:
-    """(n_tokens / seq_len, seq_len) token ids from the start of the embedded calibration split."""
+def calibration_ids(folder: Path, n_tokens: int = 2048, seq_len: int = 512, text: str | None = None) -> torch.Tensor:
+    """(n_tokens / seq_len, seq_len) token ids from the start of `text` (a file; default: the
+    embedded calibration split)."""
+    from bench import read_text
     from fetch import ensure_texts
     from tokenizer import load_tokenizer
-    ids = load_tokenizer(folder).encode(ensure_texts()[0].read_text(), bos=False)[:n_tokens]
+    ids = load_tokenizer(folder).encode(read_text(text or ensure_texts()[0]), bos=False)[:n_tokens]
     return torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
 
 
@@ -308,6 +319,18 @@ def attend_shard(q_nope, q_pe, kv, w_uk, w_uv, scale: float, mask):
     return torch.einsum("bthc,hdc->bthd", o_lat, w_uv)
 
 
+def all_shards(q_nope, q_pe, c, k_pe, w, d_nope: int, scale: float, mask, world: int):
+    """What g ranks of TPLA decode compute, in one process: rank i attends on its latent slice
+    c[P_i] (and the whole rope key) with a softmax of its own; the sum is the all-reduce's.
+    w: the whole up-projection (H, d_nope + d_v, R) -> (B, T, H, d_v)."""
+    y = 0
+    for i in range(world):
+        a, b = split(c.shape[-1], i, world)
+        y = y + attend_shard(q_nope, q_pe, torch.cat([c[..., a:b], k_pe], dim=-1), w[:, :d_nope, a:b],
+                             w[:, d_nope:, a:b], scale, mask)
+    return y
+
+
 class SimulatedTPLA(MLA):
     """All g ranks of TPLA decode in one process, differentiable, for fine-tuning a checkpoint to
     tolerate the split (finetune.py --tpla) and for measuring it without torchrun. No cache: in a
@@ -325,12 +348,8 @@ class SimulatedTPLA(MLA):
         rows = torch.arange(B, device=x.device) if self.rows is None else self.rows
         s = self.start
         w = self.wkv_b.weight.view(self.n_heads, self.d_nope + self.d_v, self.R)
-        q_nope, q_pe, c, k_pe = q_nope[rows, s:], q_pe[rows, s:], c[rows], k_pe[rows]
-        decode = 0
-        for i in range(self.world):  # what rank i computes on its shard P_i, summed as the all-reduce does
-            a, b = split(self.R, i, self.world)
-            decode = decode + attend_shard(q_nope, q_pe, torch.cat([c[..., a:b], k_pe], dim=-1),
-                                            w[:, : self.d_nope, a:b], w[:, self.d_nope:, a:b], self.scale, mask[s:])
+        decode = all_shards(q_nope[rows, s:], q_pe[rows, s:], c[rows], k_pe[rows], w, self.d_nope, self.scale,
+                            mask[s:], self.world)
         y = y.index_copy(0, rows, torch.cat([y[rows, :s], decode], dim=1))
         return self.wo(y.reshape(B, T, -1))
 
@@ -342,6 +361,80 @@ def simulate(model: Transformer, world: int, start: int, rows: torch.Tensor | No
         layer.attention.__class__ = SimulatedTPLA
         layer.attention.world, layer.attention.start, layer.attention.rows = world, start, rows
     return model
+
+
+# ----------------------------------------------------------------------------- a rotation fitted for the split
+
+def fit_rotation(attn: MLA, x: torch.Tensor, cos, sin, world: int, start: int, stride: int = 1, steps: int = 40,
+                 lr: float = 3e-3):
+    """The orthogonal Q = exp(A - A^T) under which TPLA decode best matches this layer's exact
+    attention: Adam from Q = I (the `none` transform) on the squared error after o_proj of the
+    queries at start, start + stride, ... (decode steps), relative to the exact output's, over the
+    inputs x (N, T, D) (the layer's normed inputs in the exact model). Only the split matters: rotations within a shard
+    change nothing, the ones that move latent directions between shards do. The layer's latent
+    norm weight must be folded into its up-projection already (fold_transform with I). Returns
+    the best Q seen and the relative error at I and at that Q."""
+    T = x.shape[1]
+    mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    steps_at = slice(start, T, stride)
+    with torch.no_grad():
+        q_nope, q_pe, c, k_pe = attn.project(x, cos, sin)
+        exact = attn._naive(q_nope, q_pe, torch.cat([c, k_pe], dim=-1), mask)[:, steps_at]  # (N, n, H, d_v)
+        wo = attn.wo.weight.view(-1, attn.n_heads, attn.d_v)  # o_proj per head (D, H, d_v)
+        want = torch.einsum("bthd,ehd->bte", exact, wo)
+        w = attn.wkv_b.weight.view(attn.n_heads, attn.d_nope + attn.d_v, attn.R).detach()
+    q_nope, q_pe = q_nope[:, steps_at], q_pe[:, steps_at]
+    A = torch.zeros(attn.R, attn.R, device=x.device, requires_grad=True)
+    opt = torch.optim.Adam([A], lr=lr)
+    errors = []
+    for step in range(steps + 1):
+        Q = torch.linalg.matrix_exp(A - A.T)
+        y = all_shards(q_nope, q_pe, c @ Q.T, k_pe, torch.einsum("hdc,ec->hde", w, Q), attn.d_nope,
+                       attn.scale, mask[steps_at], world)  # the rotated layer's TPLA decode
+        err = (torch.einsum("bthd,ehd->bte", y, wo) - want).pow(2).sum() / want.pow(2).sum()
+        errors.append(err.item())
+        if errors[-1] <= min(errors):
+            best = Q.detach().double()
+        if step < steps:
+            opt.zero_grad()
+            err.backward()
+            opt.step()
+    return best, errors[0], min(errors)
+
+
+def rotate_for_tpla(path: str | Path, out: str | Path, world: int, calib: torch.Tensor, queries: int = 1024,
+                    steps: int = 40, lr: float = 3e-3, log=print) -> dict:
+    """Write `out`: the MLA checkpoint at `path` with every layer's latent rotated by fit_rotation,
+    fitted on calibration ids (N, T) on about `queries` decode steps spread evenly over the second
+    halves of the windows (the cost of a step grows with the queries; many windows, each with a
+    few queries, fit a rotation that holds on other text better than a few windows with many). On one device it
+    is the same model (a rotation of the latent is exact); under `--tp tpla` with `world` ranks
+    (transform none) its shards' softmaxes agree better. Returns the per-layer errors."""
+    check_parallel(CheckpointReader(path).args, "tpla", world)
+    model, folder = load_model(path)
+    model.requires_grad_(False)
+    N, T = calib.shape
+    stride = max(1, N * (T - T // 2) // queries)
+    h = model.tok_embeddings(calib)
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    before, after = [], []
+    for i, block in enumerate(model.layers):
+        attn = block.attention
+        with torch.no_grad():
+            fold_transform(attn, torch.eye(attn.R))
+            x = block.attention_norm(h)
+        Q, e0, e1 = fit_rotation(attn, x, cos, sin, world, T // 2, stride, steps, lr)
+        with torch.no_grad():
+            fold_transform(attn, Q)
+            h = block(h, cos, sin, mask)  # the next layer's inputs (exact: the rotation changes nothing)
+        before.append(e0)
+        after.append(e1)
+        log(f"layer {i}: TPLA x{world} relative error of the attention output {e0:.4f} -> {e1:.4f}")
+    record = {"world": world, "calib_tokens": calib.numel(), "query_stride": stride, "steps": steps, "lr": lr,
+              "error_before": [round(e, 5) for e in before], "error_after": [round(e, 5) for e in after]}
+    write_model(model, folder, Path(out), CheckpointReader(folder).stored_dtype(), {"tpla_rotation": record})
+    return record
 
 
 # ----------------------------------------------------------------------------- sharding one layer
@@ -451,3 +544,35 @@ def load_parallel(path: str | Path, mode: str, rank: int, world: int, device: st
         block.feed_forward = shard_feed_forward(block.feed_forward, rank, world)
         model.layers[i] = block
     return model.eval(), reader.folder
+
+
+# ----------------------------------------------------------------------------- command line: fit the rotation
+
+def main():
+    import argparse
+    p = argparse.ArgumentParser(description="Rotate an MLA checkpoint's latent for a TPLA split of --world "
+                                "ranks (fit_rotation); the result is the same model on one device.")
+    p.add_argument("--ckpt", help="MLA checkpoint (default: the embedded model's default conversion)")
+    p.add_argument("--world", type=int, default=2, help="the number of TPLA ranks to fit the split for")
+    p.add_argument("--out", help="output folder (default: the checkpoint's name + '-tplaG', beside it)")
+    p.add_argument("--calib-text", help="calibration text file (default: the embedded calibration split)")
+    p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens, from the start of the text")
+    p.add_argument("--calib-len", type=int, default=1024, help="tokens per window; the second half is decoded")
+    p.add_argument("--queries", type=int, default=1024, help="decode steps per layer to fit on, spread over the windows")
+    p.add_argument("--steps", type=int, default=40, help="Adam steps per layer")
+    p.add_argument("--lr", type=float, default=3e-3)
+    a = p.parse_args()
+    if a.world < 2:
+        raise UserError(f"--world {a.world}: with one rank TPLA is exact already, there is no split to fit")
+    folder = find_checkpoint(a.ckpt) if a.ckpt else _default_conversion()
+    check_parallel(CheckpointReader(folder).args, "tpla", a.world)  # before reading any text
+    calib = calibration_ids(folder, a.calib_tokens, a.calib_len, a.calib_text)
+    if len(calib) == 0:
+        raise UserError(f"the calibration text has fewer than --calib-len {a.calib_len} tokens")
+    out = Path(a.out) if a.out else folder.parent / f"{folder.name}-tpla{a.world}"
+    rotate_for_tpla(folder, out, a.world, calib, a.queries, a.steps, a.lr)
+    print(f"written {out}: run it with --tp tpla --tpla-transform none on {a.world} ranks")
+
+
+if __name__ == "__main__":
+    run(main)
