@@ -20,13 +20,15 @@ every p_i were the same p, y would be exactly MLA's. An orthogonal transform Q o
 (c' = Q c, up-projections W Q^T: exact) chosen before slicing makes the shards' scores more
 alike: `hadamard` (mixes every latent dim into every shard), `pca` (the eigenvectors of the
 calibration latents' second moment, dealt round-robin to the shards by energy so each gets a
-balanced share; `pca-sorted` keeps them in order, the top half on rank 0) or `none`. The latent RMSNorm is computed on the whole latent, before slicing:
-every rank holds the (small) down-projection and normalises each new token's latent itself.
-Its elementwise weight is not rotation invariant, so it moves into the up-projection first.
+balanced share; `pca-sorted` keeps them in order, the top half on rank 0) or `none`. The
+latent RMSNorm is computed on the whole latent, before slicing: every rank holds the (small)
+down-projection and normalises each new token's latent itself. Its elementwise weight is not
+rotation invariant, so it moves into the up-projection first.
 
 Prefill runs in plain MLA form (exact, nothing split across ranks but the heads): each rank
 runs its heads over the whole latent of the prompt, then caches only its slice. Decode (and any
-later chunk of a chunked prefill) runs in TPLA form. Every rank computes the full query of all heads, and o_proj over all heads.
+later chunk of a chunked prefill) runs in TPLA form. Every rank computes the full query of all
+heads, and o_proj over all heads.
 
 The rest is ordinary Megatron tensor parallelism: the feed-forward's w1 / w3 split by output
 rows and w2 by input columns; embeddings, norms and the output head are replicated. Each layer
@@ -370,8 +372,9 @@ def fit_rotation(attn: MLA, x: torch.Tensor, cos, sin, world: int, start: int, s
     """The orthogonal Q = exp(A - A^T) under which TPLA decode best matches this layer's exact
     attention: Adam from Q = I (the `none` transform) on the squared error after o_proj of the
     queries at start, start + stride, ... (decode steps), relative to the exact output's, over the
-    inputs x (N, T, D) (the layer's normed inputs in the exact model). Only the split matters: rotations within a shard
-    change nothing, the ones that move latent directions between shards do. The layer's latent
+    inputs x (N, T, D) (the layer's normed inputs in the exact model). Only the split matters:
+    rotations within a shard change nothing, the ones that move latent directions between shards
+    do. The layer's latent
     norm weight must be folded into its up-projection already (fold_transform with I). Returns
     the best Q seen and the relative error at I and at that Q."""
     T = x.shape[1]
@@ -379,11 +382,11 @@ def fit_rotation(attn: MLA, x: torch.Tensor, cos, sin, world: int, start: int, s
     steps_at = slice(start, T, stride)
     with torch.no_grad():
         q_nope, q_pe, c, k_pe = attn.project(x, cos, sin)
-        exact = attn._naive(q_nope, q_pe, torch.cat([c, k_pe], dim=-1), mask)[:, steps_at]  # (N, n, H, d_v)
+        q_nope, q_pe = q_nope[:, steps_at], q_pe[:, steps_at]  # only the fitted queries, over every key
+        exact = attn._naive(q_nope, q_pe, torch.cat([c, k_pe], dim=-1), mask[steps_at])  # (N, n, H, d_v)
         wo = attn.wo.weight.view(-1, attn.n_heads, attn.d_v)  # o_proj per head (D, H, d_v)
         want = torch.einsum("bthd,ehd->bte", exact, wo)
         w = attn.wkv_b.weight.view(attn.n_heads, attn.d_nope + attn.d_v, attn.R).detach()
-    q_nope, q_pe = q_nope[:, steps_at], q_pe[:, steps_at]
     A = torch.zeros(attn.R, attn.R, device=x.device, requires_grad=True)
     opt = torch.optim.Adam([A], lr=lr)
     errors = []
@@ -407,9 +410,10 @@ def rotate_for_tpla(path: str | Path, out: str | Path, world: int, calib: torch.
     """Write `out`: the MLA checkpoint at `path` with every layer's latent rotated by fit_rotation,
     fitted on calibration ids (N, T) on about `queries` decode steps spread evenly over the second
     halves of the windows (the cost of a step grows with the queries; many windows, each with a
-    few queries, fit a rotation that holds on other text better than a few windows with many). On one device it
-    is the same model (a rotation of the latent is exact); under `--tp tpla` with `world` ranks
-    (transform none) its shards' softmaxes agree better. Returns the per-layer errors."""
+    few queries, fit a rotation that holds on other text better than a few windows with many).
+    On one device it is the same model (a rotation of the latent is exact); under `--tp tpla`
+    with `world` ranks (transform none) its shards' softmaxes agree better. Returns the
+    per-layer errors."""
     check_parallel(CheckpointReader(path).args, "tpla", world)
     model, folder = load_model(path)
     model.requires_grad_(False)
