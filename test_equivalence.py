@@ -1192,8 +1192,10 @@ def test_finetune_for_tpla_lowers_its_loss(tiny, tmp_path):
 def test_rotation_fitted_for_tpla(tiny, tmp_path):
     """python tpla.py: the checkpoint with its latent rotated by fit_rotation is the same model on
     one device, and in TPLA x2 decode (simulated) on held-out tokens it is closer to the exact
-    model than the checkpoint it came from."""
+    model than the checkpoint it came from. It keeps convert.py's scales, so finetune.py trains it
+    as it trains the original: unfolded, its latent rows have the original's RMS (O(1)), not ~1e-7."""
     import tpla
+    from finetune import load_student
     folder = _sharp_mla(tiny, tmp_path)
     calib = torch.randint(0, VOCAB, (32, 64), generator=torch.Generator().manual_seed(11))
     held_out = torch.randint(0, VOCAB, (8, 64), generator=torch.Generator().manual_seed(12))
@@ -1210,6 +1212,14 @@ def test_rotation_fitted_for_tpla(tiny, tmp_path):
     print(f"calibration error per layer {record['error_before']} -> {record['error_after']}; held-out KL of "
           f"TPLA x2 decode from the exact model: original {kl['original']:.5f}, rotated {kl['rotated']:.5f}")
     assert kl["rotated"] < 0.9 * kl["original"]  # measured 0.316 -> 0.258
+    rms = {}
+    for name, path in (("original", folder), ("rotated", tmp_path / "rotated")):
+        student = load_student(path, "cpu", torch.float32, "attn", calib[:4])[0]
+        rms[name] = torch.stack([b.attention.wkv_a.weight[: b.attention.R].pow(2).mean().sqrt()
+                                 for b in student.layers])
+    print(f"latent rows' RMS per layer, unfolded for training: original {rms['original'].tolist()}, "
+          f"rotated {rms['rotated'].tolist()}")
+    assert_close("unfolded latent rows' RMS, rotated vs original", rms["rotated"], rms["original"], 1e-5 * rms["original"].max().item())
 
 
 @torch.no_grad()

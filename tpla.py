@@ -184,16 +184,19 @@ def pca_basis(cov: torch.Tensor, world: int, interleave: bool = True) -> torch.T
 @torch.no_grad()
 def fold_transform(attn: MLA, Q: torch.Tensor):
     """Make the cached latent c' = Q c, exactly: RMSNorm(c) = w * c / rms(c), and rms is rotation
-    invariant but the elementwise weight w is not, so w moves into the up-projection first (its
-    norm weight becomes 1); then Q rotates the down-projection's latent rows and Q^T the up-projection."""
+    invariant but the elementwise weight w is not, so w / m moves into the up-projection first and
+    the norm keeps the uniform weight m = rms(w), which commutes with Q; then Q rotates the
+    down-projection's latent rows and Q^T the up-projection. (Keeping m, not 1, keeps convert.py's
+    scales: its norm weight is uniform, ~1e6, so nothing moves; finetune.py's unfold needs that.)"""
     R = attn.R
     Q = Q.double()
     for p in (attn.wkv_a.weight, attn.wkv_a.bias):
         if p is not None:
             p[:R] = (Q @ p[:R].double()).to(p.dtype)  # (R, D): rows of the latent
     w = attn.kv_norm.weight.double()
-    attn.wkv_b.weight.copy_(attn.wkv_b.weight.double() * w @ Q.T)  # (H * (d_nope + d_v), R)
-    attn.kv_norm.weight.fill_(1.0)
+    m = w.pow(2).mean().sqrt()
+    attn.wkv_b.weight.copy_(attn.wkv_b.weight.double() * (w / m) @ Q.T)  # (H * (d_nope + d_v), R)
+    attn.kv_norm.weight.fill_(m.item())
 
 
 @torch.no_grad()
@@ -374,8 +377,7 @@ def fit_rotation(attn: MLA, x: torch.Tensor, cos, sin, world: int, start: int, s
     queries at start, start + stride, ... (decode steps), relative to the exact output's, over the
     inputs x (N, T, D) (the layer's normed inputs in the exact model). Only the split matters:
     rotations within a shard change nothing, the ones that move latent directions between shards
-    do. The layer's latent
-    norm weight must be folded into its up-projection already (fold_transform with I). Returns
+    do. The layer's latent norm weight must be uniform already (fold_transform with I). Returns
     the best Q seen and the relative error at I and at that Q."""
     T = x.shape[1]
     mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
@@ -535,7 +537,7 @@ def load_parallel(path: str | Path, mode: str, rank: int, world: int, device: st
         reader.fill(block, f"layers.{i}.", device, dtype)
         if mode == "tpla" and transform != "none":
             if pca:
-                fold_transform(block.attention, torch.eye(args.kv_lora_rank))  # norm weight 1 first
+                fold_transform(block.attention, torch.eye(args.kv_lora_rank))  # a uniform norm weight first
                 Q = pca_basis(latent_moment(block.attention, block.attention_norm(h)), world,
                               interleave=transform == "pca")
                 Q = Q.to(device)
