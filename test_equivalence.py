@@ -1219,7 +1219,8 @@ def test_rotation_fitted_for_tpla(tiny, tmp_path):
                                  for b in student.layers])
     print(f"latent rows' RMS per layer, unfolded for training: original {rms['original'].tolist()}, "
           f"rotated {rms['rotated'].tolist()}")
-    assert_close("unfolded latent rows' RMS, rotated vs original", rms["rotated"], rms["original"], 1e-5 * rms["original"].max().item())
+    assert_close("unfolded latent rows' RMS, rotated vs original", rms["rotated"], rms["original"],
+                 1e-5 * rms["original"].max().item())
 
 
 @torch.no_grad()
