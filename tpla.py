@@ -23,7 +23,8 @@ calibration latents' second moment, dealt round-robin to the shards by energy so
 balanced share; `pca-sorted` keeps them in order, the top half on rank 0) or `none`. The
 latent RMSNorm is computed on the whole latent, before slicing: every rank holds the (small)
 down-projection and normalises each new token's latent itself. Its elementwise weight is not
-rotation invariant, so it moves into the up-projection first.
+rotation invariant, so all of it but its RMS (a uniform factor, which is) moves into the
+up-projection first.
 
 Prefill runs in plain MLA form (exact, nothing split across ranks but the heads): each rank
 runs its heads over the whole latent of the prompt, then caches only its slice. Decode (and any
@@ -416,8 +417,9 @@ def rotate_for_tpla(path: str | Path, out: str | Path, world: int, calib: torch.
     On one device it is the same model (a rotation of the latent is exact); under `--tp tpla`
     with `world` ranks (transform none) its shards' softmaxes agree better. Returns the
     per-layer errors."""
-    check_parallel(CheckpointReader(path).args, "tpla", world)
-    model, folder = load_model(path)
+    reader = CheckpointReader(path)
+    check_parallel(reader.args, "tpla", world)
+    model, folder = load_model(reader.folder)
     model.requires_grad_(False)
     N, T = calib.shape
     stride = max(1, N * (T - T // 2) // queries)
@@ -439,7 +441,7 @@ def rotate_for_tpla(path: str | Path, out: str | Path, world: int, calib: torch.
         log(f"layer {i}: TPLA x{world} relative error of the attention output {e0:.4f} -> {e1:.4f}")
     record = {"world": world, "calib_tokens": calib.numel(), "query_stride": stride, "steps": steps, "lr": lr,
               "error_before": [round(e, 5) for e in before], "error_after": [round(e, 5) for e in after]}
-    write_model(model, folder, Path(out), CheckpointReader(folder).stored_dtype(), {"tpla_rotation": record})
+    write_model(model, folder, Path(out), reader.stored_dtype(), {"tpla_rotation": record})
     return record
 
 
