@@ -29,71 +29,18 @@ import math
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import tpla
-from checkpoint import CheckpointReader, UserError, default_or, load_model, pick_device, pick_dtype, run
+from checkpoint import CheckpointReader, UserError, load_model, pick_device, pick_dtype, run
+from evaluate import perplexity
+from fetch import default_or, ensure_default_conversion, read_text
 from model import MLA
 
-
-def read_text(path: str | Path) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read it as UTF-8 text ({e})") from None
-
-
-# ----------------------------------------------------------------------------- perplexity
-
-@torch.no_grad()
-def perplexity(model, ids: list[int], ctx: int, progress=None, decode_form: bool = False, batch: int = 4) -> dict:
-    """Mean next-token NLL over non-overlapping full windows of ctx tokens: `ppl` over every
-    predicted token, `ppl_decode` over the tokens a decode step predicts when the first half of
-    the window is the prompt (the tokens at h + 1 ... ctx - 1, h = ctx // 2).
-    decode_form: score those tokens by real decode steps (teacher forcing: prefill the first half,
-    then feed the true tokens h ... ctx - 2 one at a time), `batch` windows at once; otherwise
-    one full forward per window gives both (the same numbers for an exact model)."""
-    n_windows = len(ids) // ctx
-    if n_windows == 0:
-        raise UserError(f"the text has {len(ids)} tokens, fewer than one window of --ctx {ctx}")
-    device = model.tok_embeddings.weight.device
-    windows = torch.tensor(ids[: n_windows * ctx], device=device).view(n_windows, ctx)
-    h = ctx // 2
-    total, total_decode = 0.0, 0.0
-    if not decode_form:
-        for i, w in enumerate(windows):
-            logits = model(w[None])  # (1, ctx, V)
-            nll = F.cross_entropy(logits[0, :-1].float(), w[1:], reduction="none")  # nll[j]: token j + 1
-            total += nll.sum().item()
-            total_decode += nll[h:].sum().item()
-            if progress:
-                progress(i + 1, n_windows)
-    else:
-        model.setup_caches(min(batch, n_windows), ctx)
-        for b in range(0, n_windows, batch):
-            w = windows[b: b + batch]
-            logits = model(w[:, :h], torch.arange(h, device=device))  # (B, h, V): prefill predicts 1 ... h
-            total += F.cross_entropy(logits.flatten(0, 1).float(), w[:, 1: h + 1].flatten(), reduction="sum").item()
-            for pos in range(h, ctx - 1):
-                logits = model(w[:, pos: pos + 1], torch.tensor([pos], device=device))  # (B, 1, V)
-                nll = F.cross_entropy(logits[:, 0].float(), w[:, pos + 1], reduction="sum").item()
-                total, total_decode = total + nll, total_decode + nll
-            if progress:
-                progress(min(b + batch, n_windows), n_windows)
-        model.clear_caches()
-    n, n_decode = n_windows * (ctx - 1), n_windows * (ctx - 1 - h)
-    return {"ppl": math.exp(total / n), "nll": total / n, "tokens": n,
-            "ppl_decode": math.exp(total_decode / n_decode), "nll_decode": total_decode / n_decode,
-            "tokens_decode": n_decode, "windows": n_windows, "ctx": ctx}
-
-
-# ----------------------------------------------------------------------------- the machine
 
 def sig(x: float, digits: int = 4) -> float:
     """x to `digits` significant digits: milliseconds of a 100 KB model and of a 32K cache alike."""
@@ -190,7 +137,6 @@ def fill_cache(model, context: int):
 @torch.no_grad()
 def time_decode(step, model, context: int, batch: int, steps: int, device: str, budget_s: float = 20.0) -> float:
     """Median ms of one decode step with `context` tokens already cached."""
-    from generate import decode_one_token
     model.setup_caches(batch, context + steps + 2)
     fill_cache(model, context)
     token = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -255,22 +201,10 @@ def transformers_decode_ms(folder: Path, context: int, batch: int, steps: int, d
 
 # ----------------------------------------------------------------------------- the speed benchmark
 
-def default_conversion(gqa_folder: Path) -> Path:
-    """The embedded model's default MLA conversion, made on first use."""
-    out = gqa_folder.parent / f"{gqa_folder.name}-mla"
-    if not (out / "config.json").exists():
-        print(f"converting {gqa_folder.name} at the default setting (first use) ...", file=sys.stderr)
-        cmd = [sys.executable, str(Path(__file__).with_name("convert.py")), "--ckpt", str(gqa_folder),
-               "--out", str(out), "--eval-text", "none"]
-        if subprocess.run(cmd, stdout=sys.stderr).returncode:
-            raise UserError("the default conversion failed (see above)")
-    return out
-
-
 def speed(args, device: str, dtype: torch.dtype) -> dict:
     from generate import compile_decode_step, decode_one_token
     gqa_folder = default_or(args.baseline)
-    mla_folder = Path(args.ckpt) if args.ckpt else default_conversion(default_or(None))
+    mla_folder = Path(args.ckpt) if args.ckpt else ensure_default_conversion()
     contexts = [int(c) for c in args.contexts.split(",")]
     batches = [int(b) for b in args.batch.split(",")]
 

@@ -1,24 +1,41 @@
-"""The Hugging Face boundary: read a checkpoint folder into our Transformer.
+"""The Hugging Face boundary: read a checkpoint folder into our Transformer, and write one back.
 
 What is in here:
-- UserError: a mistake in what the user asked for; scripts print it as one line, exit 1.
+- UserError: a mistake in what the user asked for, or a file we cannot use; scripts print it
+  as one line and exit 1 (run()).
 - find_checkpoint: `--ckpt` may name the folder or any file in it.
-- args_from_config: a `config.json` (llama, qwen2, mistral, mixtral, deepseek_v2/v3, mistral4) -> ModelArgs.
+- args_from_config: a `config.json` (llama, qwen2, mistral, mixtral, deepseek_v2/v3, mistral4) -> ModelArgs,
+  every field it needs checked for presence and type.
 - HF_NAMES / hf_name: the one mapping from our parameter names to Hugging Face's; STACKED_EXPERTS:
-  how mistral4 (MLA + Mixtral's router, what convert.py writes for Mixtral) stacks experts.
+  how mistral4 (MLA + Mixtral's router, what convert.py writes for Mixtral) stacks experts;
+  checkpoint_tensors: every tensor a config declares, with its shape.
 - The RoPE layout change at the boundary: DeepSeek checkpoints lay rotary pairs out
   interleaved (x0, x1), (x2, x3), ...; model.py works in rotate_half (x_i, x_{i+D/2}). Rows of
   the projections that produce q_pe and k_pe are permuted here once, so scores are unchanged.
+- Reading, checked before any tensor is read: the index against its shards, every safetensors
+  header (a JSON object; known dtypes; offsets that tile the data exactly, as shape x dtype
+  says), the tensors against the config (none missing, none unaccounted for, every shape).
+  FP8 weights with block scales (DeepSeek-V3's format) are dequantized as they are read; other
+  quantized checkpoints are refused with how to dequantize first.
 - load_model: build on the meta device, then stream tensors one at a time from the
-  safetensors file(s) with shapes checked, so memory never holds two copies of the weights.
-- CheckpointWriter: the way back, tensor by tensor and atomically.
+  safetensors file(s), so memory never holds two copies of the weights.
+- run: a script's main() under the rules for failing: one line, exit 1, and under torchrun a
+  failing rank takes the job down at once.
+- Writing: check_output refuses an --out that is not ours to replace before any work starts;
+  CheckpointWriter writes tensor by tensor into a temporary sibling, checks the folder against
+  its own config, and swaps it into place atomically.
 """
+import ctypes
+import errno
 import json
 import math
 import os
 import shutil
+import signal
+import sys
 import tempfile
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -51,17 +68,41 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
     try:
-        return json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{folder / 'config.json'}: cannot read it ({e})") from None
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read it as JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path}: not a JSON object")
+    return cfg
+
+
+_MISSING = object()
+
+
+def _field(cfg: dict, key: str, kind: type = int, default=_MISSING, minimum: int = 1):
+    """cfg[key], checked: present (unless a default is given) and of the right kind; ints at least
+    `minimum`, floats positive. A config written by hand or cut short fails here, in one line, by name."""
+    value = cfg.get(key)
+    if value is None:
+        if default is _MISSING:
+            raise UserError(f"config.json has no {key}")
+        return default
+    ok = {int: isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+          float: isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+          bool: isinstance(value, bool), dict: isinstance(value, dict)}[kind]
+    if not ok:
+        want = {int: f"an integer >= {minimum}", float: "a positive number", bool: "true or false", dict: "an object"}[kind]
+        raise UserError(f"config.json: {key} is {value!r}, expected {want}")
+    return value
 
 
 def _rope_config(cfg: dict) -> tuple[float, dict | None]:
     # transformers 5 writes "rope_parameters"; older configs write "rope_theta" + "rope_scaling"
-    params = cfg.get("rope_parameters") or {}
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    scaling = cfg.get("rope_scaling") or params
+    params = _field(cfg, "rope_parameters", dict, {})
+    theta = params.get("rope_theta", _field(cfg, "rope_theta", float, 10000.0))
+    scaling = _field(cfg, "rope_scaling", dict, {}) or params
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return theta, None
@@ -71,44 +112,56 @@ def _rope_config(cfg: dict) -> tuple[float, dict | None]:
 
 
 def args_from_config(cfg: dict, **overrides) -> ModelArgs:
+    """ModelArgs for a config.json (as a dict); UserError naming the first field that is missing,
+    of the wrong kind or not supported."""
     kind = cfg.get("model_type")
     if kind not in SUPPORTED:
         raise UserError(f"model_type {kind!r} is not supported (supported: {', '.join(SUPPORTED)})")
     if cfg.get("hidden_act", "silu") != "silu":
         raise UserError(f"hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
     theta, scaling = _rope_config(cfg)
-    n_heads = cfg["num_attention_heads"]
+    dim, n_heads = _field(cfg, "hidden_size"), _field(cfg, "num_attention_heads")
+    n_kv_heads = _field(cfg, "num_key_value_heads", int, n_heads)
+    if n_heads % n_kv_heads:
+        raise UserError(f"config.json: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv_heads}")
+    quant = cfg.get("quantization_config")
+    if quant is not None and not _fp8_blocks(quant):
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+        raise UserError(f"quantized checkpoints are not supported (quantization_config: quant_method {method!r}; "
+                        "FP8 with block scales is): dequantize it to bfloat16 or float16 first, or start from "
+                        "the unquantized release")
     a = dict(
-        dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], vocab_size=cfg["vocab_size"],
-        norm_eps=cfg.get("rms_norm_eps", 1e-6), tie_embeddings=cfg.get("tie_word_embeddings", False),
-        max_seq_len=cfg.get("max_position_embeddings", 4096), hidden_dim=cfg["intermediate_size"],
-        n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+        dim=dim, n_layers=_field(cfg, "num_hidden_layers"), vocab_size=_field(cfg, "vocab_size"),
+        norm_eps=_field(cfg, "rms_norm_eps", float, 1e-6),
+        tie_embeddings=_field(cfg, "tie_word_embeddings", bool, False),
+        max_seq_len=_field(cfg, "max_position_embeddings", int, 4096),
+        hidden_dim=_field(cfg, "intermediate_size"), n_heads=n_heads, n_kv_heads=n_kv_heads,
+        head_dim=_field(cfg, "head_dim", int, dim // n_heads),
         rope_theta=theta, rope_scaling=scaling, extra=cfg,
     )
     if kind == "llama":
-        a.update(qkv_bias=cfg.get("attention_bias", False), o_bias=cfg.get("attention_bias", False),
-                 mlp_bias=cfg.get("mlp_bias", False))
+        bias = _field(cfg, "attention_bias", bool, False)
+        a.update(qkv_bias=bias, o_bias=bias, mlp_bias=_field(cfg, "mlp_bias", bool, False))
     elif kind == "qwen2":
         if cfg.get("use_sliding_window"):
             raise UserError("qwen2 with use_sliding_window is not supported")
         a.update(qkv_bias=True)
     elif kind in ("mistral", "mixtral"):
-        a.update(sliding_window=cfg.get("sliding_window"))
+        a.update(sliding_window=_field(cfg, "sliding_window", int, None))
         if kind == "mixtral":
-            a.update(n_experts=cfg["num_local_experts"], n_experts_per_tok=cfg["num_experts_per_tok"])
+            a.update(n_experts=_field(cfg, "num_local_experts"), n_experts_per_tok=_field(cfg, "num_experts_per_tok"))
     else:  # MLA: deepseek_v2 / v3 with dense layers, mistral4 with Mixtral's routing
         if kind == "mistral4":
             _check_mistral4(cfg)
-            a.update(n_experts=cfg["n_routed_experts"], n_experts_per_tok=cfg["num_experts_per_tok"],
-                     hidden_dim=cfg["moe_intermediate_size"])
-        elif cfg.get("n_routed_experts") and cfg.get("first_k_dense_replace", 0) < cfg["num_hidden_layers"]:
+            a.update(n_experts=_field(cfg, "n_routed_experts"), n_experts_per_tok=_field(cfg, "num_experts_per_tok"),
+                     hidden_dim=_field(cfg, "moe_intermediate_size"))
+        elif cfg.get("n_routed_experts") and _field(cfg, "first_k_dense_replace", int, 0, 0) < a["n_layers"]:
             raise UserError(f"{kind} with MoE layers is not supported: only all-dense layers "
                             "(first_k_dense_replace >= num_hidden_layers), as convert.py writes")
-        a.update(kv_lora_rank=cfg["kv_lora_rank"], q_lora_rank=cfg.get("q_lora_rank") or 0,
-                 qk_nope_head_dim=cfg["qk_nope_head_dim"], qk_rope_head_dim=cfg["qk_rope_head_dim"],
-                 v_head_dim=cfg["v_head_dim"], qkv_bias=cfg.get("attention_bias", False),
-                 o_bias=cfg.get("attention_bias", False), head_dim=cfg["qk_rope_head_dim"])
+        bias = _field(cfg, "attention_bias", bool, False)
+        a.update(kv_lora_rank=_field(cfg, "kv_lora_rank"), q_lora_rank=_field(cfg, "q_lora_rank", int, 0, 0),
+                 qk_nope_head_dim=_field(cfg, "qk_nope_head_dim"), qk_rope_head_dim=_field(cfg, "qk_rope_head_dim"),
+                 v_head_dim=_field(cfg, "v_head_dim"), qkv_bias=bias, o_bias=bias, head_dim=cfg["qk_rope_head_dim"])
     a.update(overrides)
     return ModelArgs(**a)
 
@@ -180,6 +233,15 @@ def hf_name(ours: str, kind: str | None = None) -> str:
     raise KeyError(ours)
 
 
+def checkpoint_tensors(args: ModelArgs) -> dict[str, tuple[str, tuple]]:
+    """Every tensor a checkpoint with these args holds: our name -> (Hugging Face name, shape).
+    mistral4's experts appear under their per-expert names, as CheckpointReader presents them."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    kind = args.extra.get("model_type")
+    return {k: (hf_name(k, kind), tuple(v.shape)) for k, v in model.state_dict().items()}
+
+
 def rope_rows(args: ModelArgs, ours: str) -> torch.Tensor | None:
     """For a DeepSeek tensor whose rows include rotary pairs, the row permutation that takes the
     checkpoint's interleaved pairs to our rotate_half layout; None for every other tensor."""
@@ -200,35 +262,98 @@ def rope_rows(args: ModelArgs, ours: str) -> torch.Tensor | None:
 
 # ----------------------------------------------------------------------------- loading
 
+# every dtype the safetensors format defines, with its size in bits; the header is checked against these
+SAFETENSORS_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
+                    "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+                    "I64": 64, "U64": 64, "F64": 64, "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+# ... and the ones a weight may be stored in here (FP8 only beside its block scales, see _fp8_blocks)
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+FP8 = ("F8_E4M3", "F8_E5M2")
+INDEX = "model.safetensors.index.json"
+
+
+def _fp8_blocks(quant) -> tuple[int, int] | None:
+    """The weight block of a quantization_config we dequantize: FP8 with one float32 scale per block
+    of weight, stored as `{weight}_scale_inv` (DeepSeek-V3, Kimi-K2, Qwen3-FP8: quant_method "fp8",
+    weight_block_size [128, 128]); None for every other quantization."""
+    if not isinstance(quant, dict) or quant.get("quant_method") != "fp8":
+        return None
+    block = quant.get("weight_block_size")
+    if (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)
+            and quant.get("fmt", "e4m3") in ("e4m3", "e5m2")):
+        return block[0], block[1]
+    return None
 
 
 class SafetensorsFile:
     """One .safetensors file, read one tensor at a time with plain reads. (safetensors' own
     safe_open maps the whole file: every tensor read stays resident and counts as memory, which
     hides whether a conversion really streams.) Format: 8-byte little-endian header length, a
-    JSON header {name: {dtype, shape, data_offsets}}, then the raw little-endian data."""
+    JSON header {name: {dtype, shape, data_offsets}}, then the raw little-endian data.
+
+    The header is checked whole when the file is opened, as the safetensors library checks it:
+    a JSON object whose every entry has a known dtype, a shape of non-negative integers and
+    offsets [begin, end) with end - begin = elements x dtype size, the tensors tiling the data
+    exactly (no overlap, no gap, nothing past the end of the file). UserError names the fault."""
 
     def __init__(self, path: Path):
-        self.path, size = path, path.stat().st_size
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            try:
-                if not 0 < n <= size - 8:
-                    raise ValueError("bad header length")
-                header = json.loads(f.read(n))
-            except ValueError as e:
-                raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+        self.path = path
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if size < 8 or not 2 <= n <= size - 8:
+                    raise UserError(f"{path}: not a safetensors file, or cut short ({size} bytes; "
+                                    f"its first 8 bytes give a header of {n} bytes)")
+                raw = f.read(n)
+        except OSError as e:
+            raise UserError(f"{path}: cannot read it ({e.strerror})") from None
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise UserError(f"{path}: the safetensors header is not a JSON object")
         header.pop("__metadata__", None)
         self.start, self.entries = 8 + n, header
-        end = max((e["data_offsets"][1] for e in header.values()), default=0)
-        if self.start + end > size:
-            raise UserError(f"{path}: truncated ({size} bytes, its header describes {self.start + end})")
+        spans = sorted((self._check(name, e), name) for name, e in header.items())
+        at = 0
+        for (begin, end), name in spans:
+            if begin != at:
+                what = "overlaps the tensor before it" if begin < at else f"leaves bytes {at}-{begin} unused"
+                raise UserError(f"{path}: tensor {name} {what} (data_offsets {[begin, end]}): a damaged header")
+            at = end
+        if self.start + at != size:
+            problem = (f"truncated: {size} bytes, its header describes {self.start + at}" if self.start + at > size
+                       else f"{size - self.start - at} bytes after the last tensor")
+            raise UserError(f"{path}: {problem} (an interrupted download or copy?)")
+
+    def _check(self, name: str, e) -> tuple[int, int]:
+        """One header entry's [begin, end), once its dtype, shape and size are checked."""
+        def bad(why):
+            return UserError(f"{self.path}: tensor {name!r} in the header: {why}")
+        if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
+            raise bad("not an object with dtype, shape and data_offsets")
+        dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+        if dtype not in SAFETENSORS_BITS:
+            raise bad(f"unknown dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise bad(f"shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+            raise bad(f"data_offsets {offsets!r} is not [begin, end]")
+        bits = math.prod(shape) * SAFETENSORS_BITS[dtype]
+        if bits != 8 * (offsets[1] - offsets[0]):
+            raise bad(f"shape {shape} of {dtype} needs {bits / 8:g} bytes, data_offsets {offsets} give "
+                      f"{offsets[1] - offsets[0]}")
+        return offsets[0], offsets[1]
 
     def shape(self, name: str) -> tuple:
         return tuple(self.entries[name]["shape"])
+
+    def dtype(self, name: str) -> str:
+        return self.entries[name]["dtype"]
 
     def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor, or only rows [first, first + n) of it seen as 2-D (n, last dim): one contiguous read."""
@@ -243,36 +368,92 @@ class SafetensorsFile:
         buf = torch.empty(end - begin, dtype=torch.uint8)
         with open(self.path, "rb") as f:
             f.seek(self.start + begin)
-            f.readinto(buf.numpy())
+            if f.readinto(buf.numpy()) != end - begin:
+                raise UserError(f"{self.path}: cut short while reading {name} (the file changed while in use?)")
         return buf.view(dtype).reshape(shape)
 
 
 class CheckpointReader:
-    """Every tensor of a checkpoint, single-file or sharded; a tensor is read when asked for."""
+    """Every tensor of a checkpoint, single-file or sharded; a tensor is read when asked for.
+
+    Opening it checks everything that can be checked without reading a tensor: config.json
+    (args_from_config), the index (well-formed; every shard it names on disk; every tensor in
+    the shard it names), every shard's header (SafetensorsFile), the dtypes. check() then holds
+    the tensors against what the config declares."""
 
     def __init__(self, path: str | Path, **overrides):
         self.folder = folder = find_checkpoint(path)
-        self.args = args_from_config(read_config(folder), **overrides)
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+        config = read_config(folder)
+        try:
+            self.args = args_from_config(config, **overrides)
+        except UserError as e:
+            raise UserError(f"{folder}: {e}") from None
+        self.fp8_block = _fp8_blocks(config.get("quantization_config"))
+        if (folder / INDEX).is_file():
+            weight_map = self._read_index(folder / INDEX)
         elif (folder / "model.safetensors").is_file():
             weight_map = None
         else:
-            raise UserError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+            bins = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+            raise UserError(f"{folder}: no model.safetensors or {INDEX}" + (
+                f" ({bins[0]} is a pickle checkpoint: save it as safetensors first, e.g. with transformers' "
+                "save_pretrained)" if bins else ""))
         names = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
         self.files = {name: SafetensorsFile(folder / name) for name in names}
-        self.weight_map = weight_map or {k: "model.safetensors" for k in self.files["model.safetensors"].entries}
+        if weight_map is None:
+            weight_map = {k: "model.safetensors" for k in self.files["model.safetensors"].entries}
+        for tensor, shard in weight_map.items():
+            if tensor not in self.files[shard].entries:
+                raise UserError(f"{folder / INDEX}: lists {tensor} under {shard}, which does not hold it "
+                                "(a stale index?)")
+        self.weight_map = weight_map
+        self._check_dtypes()
         self.blocks = {}  # expert weight -> (stacked tensor, (first row, rows)), for mistral4
         if self.args.extra.get("model_type") == "mistral4":
             self._unstack_experts()
+
+    @staticmethod
+    def _read_index(path: Path) -> dict[str, str]:
+        """The index's weight_map (tensor -> shard file), every shard it names checked to be on disk."""
+        try:
+            index = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{path}: cannot read it as JSON ({e})") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not (isinstance(weight_map, dict) and weight_map
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
+            raise UserError(f"{path}: no weight_map of tensor names to shard files")
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            if Path(shard).name != shard or not shard.endswith(".safetensors"):
+                raise UserError(f"{path}: names shard {shard!r}, not a .safetensors file in this folder")
+        missing = [s for s in shards if not (path.parent / s).is_file()]
+        if missing:
+            raise UserError(f"{path}: names {missing[0]}, which is not in {path.parent} ({len(missing)} of "
+                            f"{len(shards)} shards missing: an interrupted download?)")
+        return weight_map
+
+    def _check_dtypes(self):
+        """Every tensor in a dtype we read: a float, or FP8 beside its block scales."""
+        for name, shard in self.weight_map.items():
+            dtype = self.files[shard].dtype(name)
+            if dtype in SAFETENSORS_DTYPES and (dtype not in FP8 or self.fp8_block):
+                continue
+            hint = ("FP8 without a quantization_config of quant_method 'fp8' and weight_block_size"
+                    if dtype in FP8 else "not a weight dtype we read (F32, F16, BF16, F64)")
+            raise UserError(f"{self.folder / shard}: tensor {name} is stored as {dtype}, {hint}: a quantized "
+                            "checkpoint? dequantize it to bfloat16 or float16 first")
 
     def _unstack_experts(self):
         """List each expert's w1 / w3 / w2 (STACKED_EXPERTS) as a tensor of its own: rows of the stack."""
         for name in [k for k in self.weight_map if k.rsplit(".", 1)[-1] in STACKED_EXPERTS]:
             prefix, stacked = name.rsplit(".", 1)  # model.layers.{i}.mlp.experts, gate_up_proj
             parts = STACKED_EXPERTS[stacked]
-            n_experts, m, _ = self.shape(name)  # m rows per expert, n per weight
+            shape = self.shape(name)
+            if len(shape) != 3 or shape[1] % len(parts) or self.files[self.weight_map[name]].dtype(name) in FP8:
+                raise UserError(f"{self.folder}: stacked experts {name} of shape {list(shape)}: expected "
+                                f"(experts, {len(parts)} x rows, columns) in a float dtype")
+            n_experts, m, _ = shape  # m rows per expert, n per weight
             n = m // len(parts)
             for e in range(n_experts):
                 for j, w in enumerate(parts):
@@ -290,11 +471,63 @@ class CheckpointReader:
     def stored_dtype(self) -> torch.dtype:
         """The dtype the checkpoint stores its weights in (its embeddings')."""
         emb = hf_name("tok_embeddings.weight")
-        return SAFETENSORS_DTYPES[self.files[self.weight_map[emb]].entries[emb]["dtype"]]
+        return SAFETENSORS_DTYPES[self.files[self.weight_map[emb]].dtype(emb)]
+
+    def check(self, args: ModelArgs | None = None) -> set[str]:
+        """Hold the tensors against what config.json declares (checkpoint_tensors), before any is read:
+        each declared one present with its shape, and every one on disk accounted for (FP8 scales
+        with their weights; tensors no model uses, such as DeepSeek-V3's multi-token-prediction
+        layers, set aside by _ignorable). Returns the names that were set aside."""
+        args = args or self.args
+        used = set()
+        for ours, (theirs, shape) in checkpoint_tensors(args).items():
+            if theirs not in self.weight_map:
+                raise UserError(f"{self.folder}: tensor {theirs} is missing (config.json says model_type "
+                                f"{args.extra['model_type']!r}, {args.n_layers} layers)")
+            if self.shape(theirs) != shape:
+                raise UserError(f"{self.folder}: tensor {theirs} has shape {list(self.shape(theirs))}, "
+                                f"config.json implies {list(shape)}")
+            used.add(theirs)
+            scale = self._scale_name(theirs)
+            if scale:
+                self._check_scale(theirs, scale)
+                used.add(scale)
+        unused = [k for k in self.weight_map if k not in used and not _ignorable(k, args)]
+        if unused:
+            raise UserError(f"{self.folder}: tensors that config.json does not account for, e.g. {unused[0]} "
+                            f"({len(unused)} in all)")
+        return {k for k in self.weight_map if k not in used}
+
+    def _scale_name(self, name: str) -> str | None:
+        """The block scales of an FP8 weight; None for a weight stored as it is."""
+        if name in self.blocks or self.files[self.weight_map[name]].dtype(name) not in FP8:
+            return None
+        scale = f"{name}_scale_inv"
+        if scale not in self.weight_map:
+            raise UserError(f"{self.folder}: FP8 tensor {name} has no {scale} beside it")
+        return scale
+
+    def _check_scale(self, name: str, scale: str):
+        (bm, bn), shape = self.fp8_block, self.shape(name)
+        want = (-(-shape[0] // bm), -(-shape[1] // bn)) if len(shape) == 2 else None
+        if self.shape(scale) != want or self.files[self.weight_map[scale]].dtype(scale) not in ("F32", "BF16", "F16"):
+            raise UserError(f"{self.folder}: {scale} has shape {list(self.shape(scale))}; weight_block_size "
+                            f"{[bm, bn]} on {name} {list(shape)} needs a float {list(want or ())}")
 
     def get(self, name: str) -> torch.Tensor:
+        """One tensor as stored; FP8 weights dequantized to float32 (each block times its scale)."""
         file = self.files[self.weight_map[name]]
-        return file.get(*self.blocks[name]) if name in self.blocks else file.get(name)
+        if name in self.blocks:
+            return file.get(*self.blocks[name])
+        t = file.get(name)
+        scale = self._scale_name(name)
+        if scale is None:
+            return t
+        self._check_scale(name, scale)
+        s = self.get(scale).float()
+        bm, bn = self.fp8_block
+        s = s.repeat_interleave(bm, 0)[: t.shape[0]].repeat_interleave(bn, 1)[:, : t.shape[1]]  # one per weight
+        return t.float() * s
 
     def fill(self, module: torch.nn.Module, prefix: str = "", device="cpu", dtype=torch.float32) -> dict:
         """Load every parameter of `module` (built on the meta device; its names are ours, under
@@ -319,16 +552,14 @@ class CheckpointReader:
 
 def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
                **overrides) -> tuple[Transformer, Path]:
-    """Load a Hugging Face checkpoint folder (or any file in it) into our Transformer."""
+    """Load a Hugging Face checkpoint folder (or any file in it) into our Transformer. Every check
+    (CheckpointReader, check()) runs before the first tensor is read; UserError names what is wrong."""
     reader = CheckpointReader(path, **overrides)
     args = reader.args
+    reader.check()
     with torch.device("meta"):
         model = Transformer(args)
-    used = reader.fill(model, device=device, dtype=dtype)
-    unused = [k for k in reader.weight_map if k not in used and not _ignorable(k, args)]
-    if unused:
-        raise UserError(f"{reader.folder}: tensors that config.json does not account for, e.g. {unused[0]} "
-                        f"({len(unused)} in all)")
+    reader.fill(model, device=device, dtype=dtype)
     model.set_rope(args.max_seq_len, device)
     return model.eval(), reader.folder
 
@@ -340,18 +571,10 @@ def _ignorable(name: str, args: ModelArgs) -> bool:
         return True  # n_shared_experts 0 (args_from_config checked): stock Mistral4 still lists them, empty
     # DeepSeek-V3 ships multi-token-prediction layers after the last layer: not used for generation
     parts = name.split(".")
-    return name.startswith("model.layers.") and int(parts[2]) >= args.n_layers
+    return name.startswith("model.layers.") and parts[2].isdigit() and int(parts[2]) >= args.n_layers
 
 
 # ----------------------------------------------------------------------------- command-line helpers
-
-def default_or(ckpt: str | None) -> Path:
-    """The checkpoint a script was given, or the embedded default model (fetched on first use)."""
-    if ckpt:
-        return find_checkpoint(ckpt)
-    from fetch import ensure_default_model
-    return ensure_default_model()
-
 
 def pick_device(name: str | None) -> str:
     if name is None:
@@ -370,22 +593,70 @@ def pick_dtype(name: str | None, device: str) -> torch.dtype:
     return dtypes[name]
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds as Ctrl-C does: temporary folders
+    are removed and finetune.py saves its state. (A KeyboardInterrupt, so every handler of Ctrl-C
+    handles it too.)"""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+# how a gloo / NCCL collective fails when a peer process has gone: this rank is not the one that failed
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
 def run(main) -> None:
-    """Run a script's main(): a UserError becomes one line on stderr and exit status 1. Under
-    torchrun every rank exits 1 and only rank 0 prints (the ranks fail the same check)."""
-    import sys
+    """Run a script's main() under the project's rules for failing:
+    - a UserError, or an OSError (disk full, permission denied), is one line on stderr, exit 1;
+    - standard output closed early (`| head`) is one line too, and no flush error after it;
+    - SIGTERM unwinds like Ctrl-C (temporary files removed), exit 143; Ctrl-C exits 130;
+    - any other exception is a bug: its traceback is what a developer needs.
+    Under torchrun a rank that fails leaves at once, without waiting for the others (they learn it
+    from their next collective, which breaks): one line from the rank that failed, exit 1 on every
+    rank within seconds. A rank whose collective broke because a peer left exits 1 without a word;
+    a UserError, the same on every rank, is printed by rank 0 only."""
     import torch.distributed as dist
+    signal.signal(signal.SIGTERM, _terminate)
+    rank = int(os.environ.get("RANK", "0"))
+    parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    code, line = 0, None
     try:
         main()
     except UserError as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        code, line = 1, (f"error: {e}" if rank == 0 else None)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        code, line = 1, "error: standard output was closed before the output was complete (piped into head?)"
+    except (OSError, MemoryError) as e:
+        code, line = 1, f"error: {e}" if str(e) else f"error: {type(e).__name__}"
+    except Terminated:
+        code = 143
     except KeyboardInterrupt:
-        sys.exit(130)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            leave_process_group()
+        code = 130
+    except Exception as e:
+        if not parallel:
+            raise
+        code = 1
+        if not any(s in str(e) for s in PEER_GONE):
+            where = e.__traceback__
+            while where.tb_next:
+                where = where.tb_next
+            line = (f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                    f"({Path(where.tb_frame.f_code.co_filename).name}:{where.tb_lineno})")
+    if line:
+        print(f"{line} [rank {rank}]" if parallel else line, file=sys.stderr, flush=True)
+    if dist.is_available() and dist.is_initialized():
+        if code:  # leave now: the barrier below would wait for ranks that are stuck waiting for this one
+            try:
+                sys.stdout.flush()
+            except OSError:
+                pass
+            os._exit(code)
+        leave_process_group()
+    if code:
+        sys.exit(code)
 
 
 def leave_process_group(timeout_s: float = 60.0) -> None:
@@ -406,21 +677,97 @@ def leave_process_group(timeout_s: float = 60.0) -> None:
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "tokenizer.model", "chat_template.jinja")
+MARKER = "transmla_output.json"  # in every folder this project writes: by what, from what, when
+
+
+def check_output(out: str | Path, inputs=()) -> Path:
+    """The folder a script is about to write, refused in one line (UserError) before any work if
+    writing it could cost the user a file: `out` is one of the `inputs` (checkpoints, texts, state
+    files), contains one or lies inside one; or it exists and is a file, a symbolic link, or a
+    folder this project did not write (no MARKER in it) that is not empty; or nothing can be
+    created where it would go. A folder we wrote earlier is replaced, atomically, by
+    CheckpointWriter.commit()."""
+    out = Path(out)
+    where = out.resolve()
+    for src in inputs:
+        src_path = Path(src).resolve()
+        if where == src_path or where in src_path.parents:
+            raise UserError(f"--out {out} {'is' if where == src_path else 'contains'} the input {src}: "
+                            "writing there would replace it; choose a new folder")
+        if src_path in where.parents:
+            raise UserError(f"--out {out} lies inside the input {src}; choose a folder outside it")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise UserError(f"--out {out} exists and is {'a symbolic link' if out.is_symlink() else 'a file'}: "
+                        "give a folder to create")
+    if out.is_dir() and not (out / MARKER).is_file() and any(out.iterdir()):
+        raise UserError(f"--out {out} exists and was not written by this project (no {MARKER} in it): "
+                        "choose a new folder, or empty this one yourself")
+    parent = where.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: cannot create anything in {parent}")
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 with RENAME_EXCHANGE: at every moment
+    each name holds one of the two folders). False where the system or filesystem has no such call."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class CheckpointWriter:
     """Writes a Hugging Face folder atomically and tensor by tensor: each tensor's bytes go
     straight to disk (a shard's data file; the shard gets its header when it closes), so memory
-    holds one tensor at a time. Everything lands in a temporary sibling folder that takes the
-    place of `folder` only in commit(). Use it as a context manager: an error or interruption
-    before commit() leaves nothing behind."""
+    holds one tensor at a time. Everything lands in a temporary sibling folder,
+    .NAME.transmla-PID-XXXX, that takes the place of `folder` only in commit(). Use it as a
+    context manager: an error, Ctrl-C or SIGTERM before commit() leaves nothing behind; a kill -9
+    leaves the temporary folder, which the next writer of the same folder removes.
 
-    def __init__(self, folder: str | Path, config: dict, args: ModelArgs, max_shard_bytes: int = 2 << 30):
-        self.folder = Path(folder)
+    `inputs` are the files and folders the run reads: check_output refuses a `folder` that could
+    touch them (and any other folder that is not ours to replace) before anything is written."""
+
+    def __init__(self, folder: str | Path, config: dict, args: ModelArgs, inputs=(), max_shard_bytes: int = 2 << 30):
+        self.folder, self.inputs = check_output(folder, inputs), list(inputs)
         self.folder.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.", dir=self.folder.parent))
+        prefix = f".{self.folder.name}.transmla-"
+        for old in self.folder.parent.iterdir():  # left by a writer that was killed
+            pid = old.name[len(prefix):].split("-")[0]
+            if old.name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=self.folder.parent))
         self.config, self.args = config, replace(args, extra=config)
         self.max_shard_bytes, self.shards, self.header, self.data = max_shard_bytes, [], {}, None
+        self.staged = False
 
     def __enter__(self):
         return self
@@ -486,40 +833,72 @@ class CheckpointWriter:
         self.shards.append((name, list(self.header)))
         self.header, self.data = {}, None
 
-    def commit(self, source: Path | None = None, extra_files: dict | None = None):
-        """Close the last shard, write config.json (and copy the tokenizer files from `source`),
-        then move the folder into place."""
+    def stage(self, source: Path | None = None, extra_files: dict | None = None) -> Path:
+        """Finish the folder where it is, still under its temporary name, and check it: close the last
+        shard, write the index, config.json and MARKER, copy the tokenizer files from `source`. The
+        folder is then read back as any checkpoint is (CheckpointReader.check): every tensor its
+        config declares is there with its shape, and none is without a place in it. Returns the
+        temporary folder, complete and loadable (to evaluate it before commit(), say)."""
         self._close_shard()
         n, weight_map = len(self.shards), {}
         for k, (name, keys) in enumerate(self.shards):
             final = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
             os.replace(self.tmp / name, self.tmp / final)
             weight_map.update({key: final for key in keys})
+        files = {"config.json": json.dumps(self.config, indent=2) + "\n",
+                 MARKER: json.dumps({"written_by": Path(sys.argv[0]).name, "source": str(source) if source else None,
+                                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=2) + "\n",
+                 **(extra_files or {})}
         if n > 1:
-            (self.tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        (self.tmp / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+            files[INDEX] = json.dumps({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
+        for name, text in files.items():
+            (self.tmp / name).write_text(text, encoding="utf-8")
         for name in TOKENIZER_FILES if source else ():
             if (source / name).is_file():
                 shutil.copy2(source / name, self.tmp / name)
+        try:
+            CheckpointReader(self.tmp).check()
+        except UserError as e:
+            raise UserError(f"not written, the folder would be inconsistent: {str(e).replace(str(self.tmp), str(self.folder))}") from None
+        self.staged = True
+        return self.tmp
+
+    def commit(self, source: Path | None = None, extra_files: dict | None = None):
+        """stage() if not done yet, add `extra_files` (name -> text), then put the folder in place in one
+        step: an earlier output at `folder` (ours: check_output is asked again) is swapped out and
+        then removed, so a kill at any moment leaves the old folder or the new one, whole."""
+        if not self.staged:
+            self.stage(source)
         for name, text in (extra_files or {}).items():
-            (self.tmp / name).write_text(text)
-        os.chmod(self.tmp, 0o755)
-        if self.folder.exists():
-            shutil.rmtree(self.folder)
-        os.replace(self.tmp, self.folder)
+            (self.tmp / name).write_text(text, encoding="utf-8")
+        for f in self.tmp.iterdir():  # on disk before the rename makes them visible (a power cut)
+            _fsync(f)
+        os.chmod(self.tmp, 0o755)  # mkdtemp made it private; the result is an ordinary folder
+        check_output(self.folder, self.inputs)
+        if self.folder.is_dir() and _exchange(self.tmp, self.folder):
+            shutil.rmtree(self.tmp, ignore_errors=True)  # the old output, now under the temporary name
+        else:  # no earlier output, or no atomic exchange here: the old one waits aside until the new one is in
+            if self.folder.is_dir():
+                os.replace(self.folder, self.tmp.with_name(self.tmp.name + "-old"))
+            os.replace(self.tmp, self.folder)
+            shutil.rmtree(self.tmp.with_name(self.tmp.name + "-old"), ignore_errors=True)
+        _fsync(self.folder.parent)
 
 
-def write_model(model, source: Path, out: Path, dtype: torch.dtype, record: dict):
+def write_model(model, source: Path, out: Path, dtype: torch.dtype, record: dict, inputs=(), finish=None):
     """A model loaded from `source` and then changed (fine-tuned, rotated) as a stock folder like
-    its source: the source's config plus `record` (what was done to it), its tokenizer files."""
-    config = {**read_config(source), **record}
+    its source: the source's config plus `record` (what was done to it), its tokenizer files.
+    `inputs`: what else the run read (check_output). finish(folder), if given, runs on the complete
+    folder before it is put in place and returns extra files to add (name -> text): a report."""
+    config = {k: v for k, v in read_config(source).items() if k != "quantization_config"}  # written dequantized
+    config.update(torch_dtype=str(dtype).removeprefix("torch."), **record)
     args = CheckpointReader(source).args
     state = model.state_dict()
-    with CheckpointWriter(out, config, args) as writer:
+    with CheckpointWriter(out, config, args, inputs=[source, *inputs]) as writer:
         for name in ("tok_embeddings", "norm") + (() if args.tie_embeddings else ("output",)):
             writer.add(f"{name}.weight", state[f"{name}.weight"].to(dtype))
         for i in range(args.n_layers):
             p = f"layers.{i}."
             writer.add_layer(i, {k[len(p):]: v for k, v in state.items() if k.startswith(p)}, dtype)
-        writer.commit(source=source)
+        staged = writer.stage(source=source)
+        writer.commit(extra_files=finish(staged) if finish else None)

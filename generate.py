@@ -24,7 +24,8 @@ import time
 import torch
 
 import tpla
-from checkpoint import CheckpointReader, UserError, default_or, load_model, pick_device, pick_dtype, run
+from checkpoint import CheckpointReader, UserError, load_model, pick_device, pick_dtype, run
+from fetch import default_or
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:

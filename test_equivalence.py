@@ -461,7 +461,7 @@ def test_mistral4_other_than_mixtral_is_refused():
 def test_perplexity_matches_transformers(smollm):
     """bench.py's perplexity equals transformers' on the same tokens (first 4 windows of 1024)."""
     import math
-    from bench import perplexity
+    from evaluate import perplexity
     from fetch import EVAL_TEXT
     from tokenizer import load_tokenizer
     folder, model, ref = smollm
@@ -499,7 +499,7 @@ def test_convert_embedded_model_loads_in_stock_transformers(smollm, tmp_path):
         assert_close("converted SmolLM2: ours vs transformers DeepseekV3", ours(ids), ref(ids).logits, 1e-3)
         # bench.py's perplexity of the converted model == transformers' (2 windows of 1024)
         import math
-        from bench import perplexity
+        from evaluate import perplexity
         from fetch import EVAL_TEXT
         eval_ids = tok.encode(EVAL_TEXT.read_text(), bos=False)[: 2 * 1024]
         mine = perplexity(ours, eval_ids, 1024)["ppl"]
@@ -942,7 +942,7 @@ def test_tp_one_rank_equals_single_device(tp_tiny, one_rank):
     """World size 1: head-parallel and TPLA (each transform) give the single-device logits, in a full
     forward and in prefill + decode; TPLA's decode-form perplexity equals the plain one."""
     import tpla
-    from bench import perplexity
+    from evaluate import perplexity
     tokens = _tp_tokens()
     for name, mode, transform in TP_JOBS:
         folder = tp_tiny[name]

@@ -72,7 +72,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from checkpoint import CheckpointReader, UserError, find_checkpoint, load_model, run, write_model
+from checkpoint import CheckpointReader, UserError, check_output, find_checkpoint, load_model, run, write_model
+from fetch import ensure_default_conversion
 from model import MLA, Attention, Block, FeedForward, LatentCache, ModelArgs, Transformer, latent_attention
 
 MODES = ("tpla", "heads")
@@ -120,19 +121,13 @@ def checkpoint_or_default(ckpt: str | None) -> Path:
     box = [None]
     if dist.get_rank() == 0:
         try:
-            box = [str(_default_conversion())]
+            box = [str(ensure_default_conversion())]
         except UserError as e:
             box = [e]
     dist.broadcast_object_list(box, src=0)
     if isinstance(box[0], UserError):
         raise box[0]
     return Path(box[0])
-
-
-def _default_conversion() -> Path:
-    from bench import default_conversion
-    from checkpoint import default_or
-    return default_conversion(default_or(None))
 
 
 def check_parallel(args: ModelArgs, mode: str, world: int, transform: str = "none", rope: str = "full"):
@@ -210,8 +205,7 @@ def latent_moment(attn: MLA, x: torch.Tensor) -> torch.Tensor:
 def calibration_ids(folder: Path, n_tokens: int = 2048, seq_len: int = 512, text: str | None = None) -> torch.Tensor:
     """(n_tokens / seq_len, seq_len) token ids from the start of `text` (a file; default: the
     embedded calibration split)."""
-    from bench import read_text
-    from fetch import ensure_texts
+    from fetch import ensure_texts, read_text
     from tokenizer import load_tokenizer
     ids = load_tokenizer(folder).encode(read_text(text or ensure_texts()[0]), bos=False)[:n_tokens]
     return torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
@@ -409,7 +403,7 @@ def fit_rotation(attn: MLA, x: torch.Tensor, cos, sin, world: int, start: int, s
 
 
 def rotate_for_tpla(path: str | Path, out: str | Path, world: int, calib: torch.Tensor, queries: int = 1024,
-                    steps: int = 40, lr: float = 3e-3, log=print) -> dict:
+                    steps: int = 40, lr: float = 3e-3, log=print, inputs=()) -> dict:
     """Write `out`: the MLA checkpoint at `path` with every layer's latent rotated by fit_rotation,
     fitted on calibration ids (N, T) on about `queries` decode steps spread evenly over the second
     halves of the windows (the cost of a step grows with the queries; many windows, each with a
@@ -441,7 +435,7 @@ def rotate_for_tpla(path: str | Path, out: str | Path, world: int, calib: torch.
         log(f"layer {i}: TPLA x{world} relative error of the attention output {e0:.4f} -> {e1:.4f}")
     record = {"world": world, "calib_tokens": calib.numel(), "query_stride": stride, "steps": steps, "lr": lr,
               "error_before": [round(e, 5) for e in before], "error_after": [round(e, 5) for e in after]}
-    write_model(model, folder, Path(out), reader.stored_dtype(), {"tpla_rotation": record})
+    write_model(model, folder, Path(out), reader.stored_dtype(), {"tpla_rotation": record}, inputs)
     return record
 
 
@@ -572,13 +566,15 @@ def main():
     a = p.parse_args()
     if a.world < 2:
         raise UserError(f"--world {a.world}: with one rank TPLA is exact already, there is no split to fit")
-    folder = find_checkpoint(a.ckpt) if a.ckpt else _default_conversion()
+    folder = find_checkpoint(a.ckpt) if a.ckpt else ensure_default_conversion()
     check_parallel(CheckpointReader(folder).args, "tpla", a.world)  # before reading any text
+    out = Path(a.out) if a.out else folder.parent / f"{folder.name}-tpla{a.world}"
+    inputs = [a.calib_text] if a.calib_text else []
+    check_output(out, [folder, *inputs])
     calib = calibration_ids(folder, a.calib_tokens, a.calib_len, a.calib_text)
     if len(calib) == 0:
         raise UserError(f"the calibration text has fewer than --calib-len {a.calib_len} tokens")
-    out = Path(a.out) if a.out else folder.parent / f"{folder.name}-tpla{a.world}"
-    rotate_for_tpla(folder, out, a.world, calib, a.queries, a.steps, a.lr)
+    rotate_for_tpla(folder, out, a.world, calib, a.queries, a.steps, a.lr, inputs=inputs)
     print(f"written {out}: run it with --tp tpla --tpla-transform none on {a.world} ranks")
 
 
