@@ -569,9 +569,11 @@ def _ignorable(name: str, args: ModelArgs) -> bool:
         return True
     if ".mlp.shared_experts." in name and args.extra.get("model_type") == "mistral4":
         return True  # n_shared_experts 0 (args_from_config checked): stock Mistral4 still lists them, empty
-    # DeepSeek-V3 ships multi-token-prediction layers after the last layer: not used for generation
+    # DeepSeek-V3 ships its multi-token-prediction layers after the last layer: not used for generation
     parts = name.split(".")
-    return name.startswith("model.layers.") and parts[2].isdigit() and int(parts[2]) >= args.n_layers
+    mtp = args.extra.get("num_nextn_predict_layers") or 0
+    return (name.startswith("model.layers.") and parts[2].isdigit()
+            and args.n_layers <= int(parts[2]) < args.n_layers + mtp)
 
 
 # ----------------------------------------------------------------------------- command-line helpers

@@ -1,0 +1,632 @@
+"""The file boundary and the rules for failing, proven by breaking things on purpose.
+
+    pytest test_files.py -s        # -s shows what each test tried and what it was told
+
+- Malformed checkpoints (the index, safetensors headers, dtypes, config.json, files cut short at
+  every tensor boundary and inside tensors) are refused with one line, before any tensor is read.
+- FP8 weights with block scales are dequantized as transformers dequantizes them; other
+  quantized checkpoints are refused.
+- Every tensor is accounted for: each optional part of a source (attention and MLP biases, tied
+  embeddings) converts into a folder transformers loads without a missing or unexpected tensor,
+  or is refused in one line; the writer reads its folder back before it commits it.
+- --out: a folder that could cost the user a file is refused before any work; an earlier output
+  of ours is replaced in one step, and kill -9 at every step of the write leaves the old output
+  or the new one, whole, with the source byte for byte unchanged.
+- Under torchrun a rank that fails ends the job at once, with one line from that rank.
+"""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoint import (CheckpointReader, CheckpointWriter, MARKER, SafetensorsFile, UserError, check_output,
+                        load_model)
+from test_equivalence import _one_clear_line, _rank_env, _free_port, _script, assert_close
+
+ROOT = Path(__file__).resolve().parent
+WORDS = ("the a of river city council said on monday that new plans would bring more water to farms "
+         "near town after rain fell for weeks and prices rose while people waited").split()
+
+
+def _byte_tokenizer(folder: Path):
+    """A byte-level BPE tokenizer.json with no merges: ids 0..255, one per byte."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(folder / "tokenizer.json"))
+
+
+def _llama(folder: Path, **kw):
+    """A tiny random Llama written by transformers (with a byte tokenizer): what users bring."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    sharded = kw.pop("sharded", False)
+    cfg = LlamaConfig(**{**dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                intermediate_size=96, vocab_size=256, max_position_embeddings=256,
+                                rms_norm_eps=1e-5), **kw})
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(folder, **({"max_shard_size": "100KB"} if sharded else {}))
+    _byte_tokenizer(folder)
+    return model
+
+
+def _calib(path: Path) -> Path:
+    import random
+    rng = random.Random(0)
+    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(60)) for _ in range(40)) + "\n")
+    return path
+
+
+def _convert_argv(src: Path, out: Path, calib: Path, rank: int = 24) -> list[str]:
+    return ["--ckpt", str(src), "--out", str(out), "--calib-text", str(calib), "--eval-text", "none",
+            "--calib-len", "64", "--calib-tokens", "512", "--kv-lora-rank", str(rank), "--rope-dim", "8",
+            "--freqfold", "2"]
+
+
+def _digest(folder: Path) -> dict:
+    """name -> sha256 of every file under folder: the folder's exact content."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _header(path: Path) -> tuple[dict, bytes]:
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def _write_safetensors(path: Path, header: dict, data: bytes):
+    """A safetensors file from a header as given (any dtype, any offsets) and raw data bytes."""
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A single-file and a sharded tiny Llama, both as transformers writes them."""
+    base = tmp_path_factory.mktemp("llama")
+    _llama(base / "single")
+    _llama(base / "sharded", sharded=True)
+    assert (base / "sharded" / "model.safetensors.index.json").is_file()
+    return base
+
+
+# ----------------------------------------------------------------------------- reading: refused in one line
+
+def _refused(folder: Path, needle: str):
+    """load_model refuses the folder with a UserError of one line that holds needle, no tensor read."""
+    reads = []
+    get = SafetensorsFile.get
+    SafetensorsFile.get = lambda self, *a, **k: reads.append(a) or get(self, *a, **k)
+    try:
+        with pytest.raises(UserError) as e:
+            load_model(folder)
+    finally:
+        SafetensorsFile.get = get
+    print(f"  refused: {e.value}")
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    assert not reads, f"{len(reads)} tensors read before the refusal"
+
+
+def _index_cases(folder: Path) -> list:
+    index = folder / "model.safetensors.index.json"
+    wm = json.loads(index.read_text())["weight_map"]
+    shards = sorted(set(wm.values()))
+    first, other = next(iter(wm)), next(k for k, v in wm.items() if v != wm[next(iter(wm))])
+
+    def set_index(obj):
+        return lambda: index.write_text(json.dumps(obj))
+
+    return [
+        ("a shard the index names is missing", lambda: (folder / shards[-1]).unlink(), shards[-1]),
+        ("the index is not JSON", lambda: index.write_text('{"weight_map": {'), "cannot read it as JSON"),
+        ("the index is a JSON list", set_index([wm]), "no weight_map"),
+        ("a weight_map value is not a file name", set_index({"weight_map": {**wm, first: 3}}), "no weight_map"),
+        ("a tensor listed under a shard that does not hold it", set_index({"weight_map": {**wm, first: wm[other]}}),
+         "which does not hold it"),
+        ("a shard outside the folder", set_index({"weight_map": {**wm, first: "../x.safetensors"}}),
+         "not a .safetensors file in this folder"),
+    ]
+
+
+def _header_cases(path: Path) -> list:
+    header, data = _header(path)
+    meta = header.pop("__metadata__", None)
+    names = sorted(header, key=lambda k: header[k]["data_offsets"][0])
+    a, b = names[1], names[2]
+
+    def change(fn, tail=b""):
+        def apply():
+            h = json.loads(json.dumps(header))
+            fn(h)
+            _write_safetensors(path, {**({"__metadata__": meta} if meta else {}), **h}, data + tail)
+        return apply
+
+    def write_raw(raw: bytes):
+        return lambda: path.write_bytes(raw)
+
+    text = json.dumps(header).encode()
+    return [
+        ("the header is a JSON list", write_raw((8).to_bytes(8, "little") + b"[1, 2]  " + data), "not a JSON object"),
+        ("the header is not JSON", write_raw(len(text).to_bytes(8, "little") + text[:-1] + b"!" + data),
+         "not valid JSON"),
+        ("the header is longer than the file", write_raw((1 << 40).to_bytes(8, "little") + text), "cut short"),
+        ("the file is shorter than 8 bytes", write_raw(b"\x10\x00\x00"), "cut short"),
+        ("a shape that disagrees with the offsets", change(lambda h: h[a].update(shape=[h[a]["shape"][0] + 1,
+                                                                                         *h[a]["shape"][1:]])), "needs"),
+        ("two tensors overlap", change(lambda h: h[b].update(data_offsets=[h[b]["data_offsets"][0] - 4,
+                                                                            h[b]["data_offsets"][1] - 4])),
+         "overlaps"),
+        ("bytes after the last tensor", change(lambda h: None, tail=b"\0" * 8), "after the last tensor"),
+        ("an unknown dtype", change(lambda h: h[a].update(dtype="F7")), "unknown dtype 'F7'"),
+        ("an entry without data_offsets", change(lambda h: h[a].pop("data_offsets")), "not an object with"),
+        ("a negative dimension", change(lambda h: h[a].update(shape=[-1])), "non-negative integers"),
+        ("a weight stored as U32", change(lambda h: h[a].update(dtype="U32")), "stored as U32"),
+        ("a weight stored as I32", change(lambda h: h[a].update(dtype="I32")), "stored as I32"),
+        ("a weight stored as U16", change(lambda h: h[a].update(dtype="U16", shape=h[a]["shape"] + [2])),
+         "stored as U16"),
+        ("a weight stored as U64", change(lambda h: h[a].update(dtype="U64", shape=[*h[a]["shape"][:-1],
+                                                                                  h[a]["shape"][-1] // 2])),
+         "stored as U64"),
+        ("a weight stored as F4", change(lambda h: h[a].update(dtype="F4", shape=[*h[a]["shape"], 8])),
+         "stored as F4"),
+        ("FP8 weights without a quantization_config", change(lambda h: h[a].update(dtype="F8_E4M3",
+                                                                                  shape=[*h[a]["shape"], 4])),
+         "FP8 without a quantization_config"),
+    ]
+
+
+def _config_cases(folder: Path) -> list:
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+
+    def set_config(obj):
+        return lambda: path.write_text(json.dumps(obj))
+
+    cases = [
+        ("config.json is not JSON", lambda: path.write_text("{"), "cannot read it as JSON"),
+        ("config.json is a list", set_config([cfg]), "not a JSON object"),
+        ("no hidden_size", set_config({k: v for k, v in cfg.items() if k != "hidden_size"}), "has no hidden_size"),
+        ("hidden_size as a string", set_config({**cfg, "hidden_size": "64"}), "hidden_size is '64'"),
+        ("heads not a multiple of KV heads", set_config({**cfg, "num_attention_heads": 5}), "not a multiple"),
+        ("an unsupported rope type", set_config({**cfg, "rope_scaling": {"rope_type": "longrope"}}), "'longrope'"),
+        ("a config that declares fewer layers", set_config({**cfg, "num_hidden_layers": 1}), "does not account for"),
+        ("a config that declares more layers", set_config({**cfg, "num_hidden_layers": 3}), "is missing"),
+        ("only a pickle checkpoint", lambda: (folder / "model.safetensors").rename(folder / "pytorch_model.bin"),
+         "pickle checkpoint"),
+    ]
+    for method in ("gptq", "awq", "bitsandbytes", "compressed-tensors", "fbgemm_fp8", "torchao"):
+        cases.append((f"quantization_config {method}", set_config({**cfg, "quantization_config": {"quant_method": method}}),
+                      f"quant_method {method!r}"))
+    cases.append(("FP8 without a block size", set_config({**cfg, "quantization_config": {"quant_method": "fp8"}}),
+                  "quant_method 'fp8'"))
+    return cases
+
+
+def test_malformed_checkpoints_refused_in_one_line(llama, tmp_path):
+    """Each fault of a kind users meet (an index out of step with its shards, a header that is not
+    what its file holds, a dtype we do not read, a config.json cut short or quantized) ends in a
+    UserError of one line that names the fault, before any tensor is read."""
+    kinds = [("sharded", _index_cases), ("single", lambda f: _header_cases(f / "model.safetensors")),
+             ("single", _config_cases)]
+    n = 0
+    for source, cases_of in kinds:
+        for k in range(len(cases_of(_fresh(llama / source, tmp_path / "probe")))):
+            folder = _fresh(llama / source, tmp_path / f"case{n}")
+            what, apply, needle = cases_of(folder)[k]
+            print(f"{what}:")
+            apply()
+            _refused(folder, needle)
+            n += 1
+    print(f"{n} malformed checkpoints, each refused in one line")
+    # and as a user meets it: one line on stderr, exit 1, no traceback
+    folder = _fresh(llama / "sharded", tmp_path / "cli")
+    shard = sorted(folder.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    _one_clear_line(_script("generate.py", "--ckpt", str(folder), "--prompt", "hi", "--max-new-tokens", "1"),
+                    shard.name)
+
+
+def _fresh(src: Path, dst: Path) -> Path:
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_cut_short_at_every_tensor_boundary_and_inside_tensors(llama, tmp_path):
+    """A download or copy that stopped anywhere: at the start, at the end and in the middle of every
+    tensor's bytes, and inside the header. Every cut is refused in one line, nothing read."""
+    folder = _fresh(llama / "single", tmp_path / "cut")
+    path = folder / "model.safetensors"
+    raw = path.read_bytes()
+    header, _ = _header(path)
+    start = len(raw) - sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items() if k != "__metadata__")
+    cuts = {4, 8, start // 2, start}
+    for k, e in header.items():
+        if k != "__metadata__":
+            begin, end = e["data_offsets"]
+            cuts |= {start + begin, start + (begin + end) // 2, start + end - 1}
+    cuts.discard(len(raw))
+    for cut in sorted(cuts):
+        path.write_bytes(raw[:cut])
+        with pytest.raises(UserError) as e:
+            load_model(folder)
+        assert "cut short" in str(e.value) or "truncated" in str(e.value), e.value
+        assert "\n" not in str(e.value)
+    print(f"cut at {len(cuts)} places of {len(raw)} bytes: each refused, e.g. {e.value}")
+
+
+def test_checks_run_before_any_tensor_is_read(llama, tmp_path):
+    """The last layer's last tensor missing: refused before the first tensor is read (a 70B load
+    does not run for minutes and then fail)."""
+    folder = _fresh(llama / "single", tmp_path / "missing")
+    path = folder / "model.safetensors"
+    from safetensors.torch import load_file, save_file
+    state = load_file(path)
+    del state["model.layers.1.mlp.down_proj.weight"]
+    save_file(state, path, metadata={"format": "pt"})
+    _refused(folder, "model.layers.1.mlp.down_proj.weight is missing")
+
+
+# ----------------------------------------------------------------------------- FP8
+
+def _fp8_quantize(folder: Path, block: int):
+    """Rewrite every projection weight as F8_E4M3 with a float32 scale per block x block tile, as
+    DeepSeek-V3 ships its weights (quant_method fp8, weight_block_size, {weight}_scale_inv)."""
+    from safetensors.torch import load_file, save_file
+    state, out = load_file(folder / "model.safetensors"), {}
+    for k, w in state.items():
+        if not k.endswith("_proj.weight"):
+            out[k] = w
+            continue
+        rows, cols = w.shape
+        gr, gc = -(-rows // block), -(-cols // block)
+        tiles = torch.zeros(gr * block, gc * block)
+        tiles[:rows, :cols] = w
+        tiles = tiles.view(gr, block, gc, block)
+        scale = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0  # e4m3's largest value
+        q = (tiles / scale[:, None, :, None]).view(gr * block, gc * block)[:rows, :cols]
+        out[k], out[k + "_scale_inv"] = q.to(torch.float8_e4m3fn), scale
+    save_file(out, folder / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [block, block]}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@torch.no_grad()
+def test_fp8_block_scales_dequantized_as_transformers_does(llama, tmp_path):
+    """FP8 weights with 16 x 16 block scales load to the same model transformers dequantizes them
+    into; a block that does not divide the shapes (24: ragged edge tiles) equals a hand dequantization;
+    written back (write_model), the folder is plain float with no quantization_config."""
+    from transformers import AutoModelForCausalLM
+    from checkpoint import write_model
+    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    folder = _fresh(llama / "single", tmp_path / "fp8")
+    _fp8_quantize(folder, 16)
+    ours, _ = load_model(folder)
+    ref = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert_close("FP8 (16 x 16 blocks): ours vs transformers' dequantization", ours(tokens), ref(tokens).logits, 1e-5)
+    original = load_model(llama / "single")[0](tokens)
+    lost = (ours(tokens) - original).abs().max().item()
+    print(f"  FP8 vs the float32 original: max |diff| {lost:.3g} (the quantization's own error)")
+    assert lost > 1e-4  # the weights really went through FP8
+
+    folder = _fresh(llama / "single", tmp_path / "fp8_ragged")
+    stored = _fp8_quantize(folder, 24)
+    reader = CheckpointReader(folder)
+    reader.check()
+    for name, t in stored.items():
+        if t.dtype == torch.float8_e4m3fn:
+            s = stored[name + "_scale_inv"]
+            rows = torch.arange(t.shape[0]) // 24
+            cols = torch.arange(t.shape[1]) // 24
+            hand = t.float() * s[rows][:, cols]
+            assert torch.equal(reader.get(name), hand), name
+    print("  FP8 (24 x 24 blocks, ragged edges): every weight equals the hand dequantization exactly")
+
+    model, _ = load_model(folder)
+    write_model(model, folder, tmp_path / "fp8_written", torch.float32, {})
+    cfg = json.loads((tmp_path / "fp8_written" / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    assert_close("FP8 checkpoint written back as float32", load_model(tmp_path / "fp8_written")[0](tokens),
+                 model(tokens), 0)
+
+
+# ----------------------------------------------------------------------------- every tensor accounted for
+
+@torch.no_grad()
+def test_every_source_tensor_has_a_place_or_is_refused(tmp_path):
+    """Optional parts of a Llama: attention biases (q, k, v and o) and tied embeddings convert into a
+    folder stock transformers loads without a missing or unexpected tensor, equal to our model on
+    it; MLP biases, which stock DeepSeek-V3 has no place for, are refused in one line before any
+    work, with nothing written. (test_equivalence.py walks Qwen2, Mistral and Mixtral.)"""
+    from transformers import AutoModelForCausalLM
+    from convert import check_source, convert_layers, write_checkpoint
+    calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(6))
+    tokens = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(7))
+    for name, kw in (("attention_bias", dict(attention_bias=True)), ("tied", dict(tie_word_embeddings=True)),
+                     ("attention_bias_tied", dict(attention_bias=True, tie_word_embeddings=True))):
+        src, out = tmp_path / name, tmp_path / f"{name}-mla"
+        _llama(src, **kw)
+        reader = CheckpointReader(src)
+        check_source(reader, 8, 24, 0)
+        write_checkpoint(reader, out, convert_layers(CheckpointReader(src), calib, rope_dim=8, kv_lora_rank=24,
+                                                     freqfold=2), torch.float32, {})
+        ref, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+        assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+        assert_close(f"Llama with {name}, converted: ours vs transformers", load_model(out)[0](tokens),
+                     ref.eval()(tokens).logits, 1e-4)
+    src = tmp_path / "mlp_bias"
+    _llama(src, mlp_bias=True)
+    with pytest.raises(UserError, match="mlp.gate_proj.bias has no place in a stock DeepseekV3ForCausalLM") as e:
+        check_source(CheckpointReader(src), 8, 24, 0)
+    print("  refused:", e.value)
+    out = tmp_path / "mlp_bias-mla"
+    res = _script("convert.py", *_convert_argv(src, out, _calib(tmp_path / "calib.txt")))
+    _one_clear_line(res, "mlp.gate_proj.bias has no place")
+    assert "calibrate" not in res.stderr and not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_writer_reads_its_folder_back_before_commit(llama, tmp_path):
+    """A tensor the written config has no place for, or one it declares and did not get: the writer
+    refuses to commit, in one line, and leaves nothing behind (not even its temporary folder)."""
+    reader = CheckpointReader(llama / "single")
+    state = {name: reader.get(name) for name in reader.weight_map}
+    for what, change, needle in (("an extra tensor", lambda s: {**s, "model.layers.0.mlp.up_proj.bias": torch.zeros(96)},
+                                  "does not account for"),
+                                 ("a missing tensor", lambda s: {k: v for k, v in s.items() if "layers.1.mlp.up" not in k},
+                                  "is missing")):
+        out = tmp_path / "out"
+        with pytest.raises(UserError) as e, CheckpointWriter(out, reader.args.extra, reader.args) as w:
+            for name, t in change(state).items():
+                w._write(name, [t], tuple(t.shape), t.dtype)
+            w.commit(source=reader.folder)
+        print(f"  {what}: {e.value}")
+        assert needle in str(e.value) and str(out) in str(e.value) and "\n" not in str(e.value)
+        assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- --out
+
+def test_out_that_could_cost_a_file_is_refused_before_any_work(llama, tmp_path):
+    """--out is refused in one line when it is an input, holds one, lies inside one, is a file, a
+    symbolic link, or a folder this project did not write; an empty folder and an earlier output of
+    ours are fine. convert.py, tpla.py and finetune.py ask before reading any text or tensor."""
+    models = tmp_path / "models"
+    src = _fresh(llama / "single", models / "llama")
+    (tmp_path / "texts").mkdir()
+    calib = _calib(tmp_path / "texts" / "calib.txt")
+    (models / "notes.txt").write_text("results of last week's runs\n")
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "data.bin").write_bytes(b"keep me")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / MARKER).write_text("{}")
+    inputs = [src, calib]
+    for out, needle in ((models, "contains the input"), (src, "is the input"), (src / "sub", "lies inside the input"),
+                        (tmp_path / "texts", "contains the input"), (tmp_path / "a_file", "is a file"),
+                        (tmp_path / "link", "symbolic link"), (tmp_path / "theirs", "was not written by this project"),
+                        (tmp_path / "a_file" / "out", "cannot create")):
+        with pytest.raises(UserError) as e:
+            check_output(out, inputs)
+        print(f"  {e.value}")
+        assert needle in str(e.value)
+    for out in (tmp_path / "empty", tmp_path / "ours", tmp_path / "new" / "deeper"):
+        assert check_output(out, inputs) == out
+    before = _digest(tmp_path)
+    # case 06 of ../shared/cases, as a user meets it: refused before any work, nothing touched
+    res = _script("convert.py", *_convert_argv(src, models, calib))
+    _one_clear_line(res, "contains the input")
+    assert "calibrate" not in res.stderr
+    mla = tmp_path / "mla"
+    shutil.copytree(llama / "single", mla)
+    cfg = json.loads((llama / "single" / "config.json").read_text())
+    (mla / "config.json").write_text(json.dumps({**cfg, "model_type": "deepseek_v3", "kv_lora_rank": 16,
+                                                  "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 16}))
+    _one_clear_line(_script("tpla.py", "--ckpt", str(mla), "--out", str(tmp_path)), "contains the input")
+    _one_clear_line(_script("finetune.py", "--ckpt", str(mla), "--teacher", str(src), "--text", str(calib),
+                            "--out", str(tmp_path / "theirs")), "was not written by this project")
+    shutil.rmtree(mla)
+    assert _digest(tmp_path) == before
+
+
+def _kill_driver(tmp_path: Path) -> Path:
+    """convert.py with every step of its write counted; at step K (argv[1]) the process kill -9s itself."""
+    path = tmp_path / "kill_driver.py"
+    path.write_text(f'''import json, os, shutil, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+kill_at, log = int(sys.argv[1]), sys.argv[2]
+sys.argv = ["convert.py", *sys.argv[3:]]
+import checkpoint, convert
+steps = []
+def step(name, fn):
+    def counted(*a, **k):
+        steps.append(name)
+        if len(steps) == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return fn(*a, **k)
+    return counted
+W = checkpoint.CheckpointWriter
+for name in ("_write", "_close_shard", "stage", "commit"):
+    setattr(W, name, step(name, getattr(W, name)))
+for name in ("_exchange", "_fsync"):
+    setattr(checkpoint, name, step(name, getattr(checkpoint, name)))
+os.replace, shutil.rmtree, shutil.copy2 = (step(f.__name__, f) for f in (os.replace, shutil.rmtree, shutil.copy2))
+try:
+    checkpoint.run(convert.main)
+finally:
+    open(log, "w").write(json.dumps(steps))
+''')
+    return path
+
+
+def _whole_output(out: Path, old: dict, src: Path) -> str:
+    """'old' if out is exactly the earlier output, 'new' if it is a complete new conversion; fails otherwise."""
+    if _digest(out) == old:
+        return "old"
+    CheckpointReader(out).check()
+    load_model(out)
+    assert json.loads((out / "config.json").read_text())["kv_lora_rank"] == 24
+    assert (out / MARKER).is_file() and (out / "convert_report.json").is_file()
+    return "new"
+
+
+def test_kill_during_the_write_leaves_old_or_new_output(llama, tmp_path):
+    """convert.py replacing an earlier output of its own is killed (SIGKILL, as kill -9) before each
+    step of its write: every tensor written, the shard closed, the folder checked, each file copied,
+    fsynced and renamed, the swap, the removal of the old output. Each time the output folder holds
+    the old output byte for byte or the complete new one, and the source is byte for byte unchanged;
+    the next run removes what the killed one left. Then once more from outside, at a moment the
+    clock picks."""
+    src = _fresh(llama / "single", tmp_path / "llama")
+    calib = _calib(tmp_path / "calib.txt")
+    source = _digest(src)
+    old_out = tmp_path / "old"
+    assert _script("convert.py", *_convert_argv(src, old_out, calib, rank=16)).returncode == 0
+    old = _digest(old_out)
+    driver = _kill_driver(tmp_path)
+
+    def run(k: int, out: Path) -> subprocess.Popen:
+        _fresh(old_out, out)
+        return subprocess.Popen([sys.executable, str(driver), str(k), str(out) + ".steps", *_convert_argv(src, out, calib)],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    p = run(0, tmp_path / "count")  # never killed: count the steps
+    assert p.wait() == 0, p.stderr.read()
+    steps = json.loads((tmp_path / "count.steps").read_text())
+    assert _whole_output(tmp_path / "count", old, src) == "new"
+    writes = [i for i, s in enumerate(steps, 1) if s == "_write"]
+    kills = sorted({writes[0], writes[len(writes) // 2], writes[-1]} | {i for i, s in enumerate(steps, 1) if s != "_write"})
+    print(f"{len(steps)} steps in the write ({', '.join(dict.fromkeys(steps))}); killing before each of {len(kills)}")
+    seen = {}
+    for batch in (kills[i:i + 2] for i in range(0, len(kills), 2)):  # two at a time: two cores
+        procs = {k: run(k, tmp_path / f"kill{k}") for k in batch}
+        for k, proc in procs.items():
+            assert proc.wait() == -signal.SIGKILL, proc.stderr.read()
+            seen[k] = _whole_output(tmp_path / f"kill{k}", old, src)
+            assert _digest(src) == source
+    print("  output after the kill at each step:", ", ".join(f"{steps[k - 1]}#{k}: {v}" for k, v in seen.items()))
+    assert set(seen.values()) == {"old", "new"}  # the swap is the one moment it changes
+    left = [p.name for p in tmp_path.iterdir() if ".transmla-" in p.name]
+    assert left, "a kill mid-write leaves its temporary folder"
+    k = kills[0]
+    assert _script("convert.py", *_convert_argv(src, tmp_path / f"kill{k}", calib)).returncode == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".kill{k}.transmla-")]
+    print(f"  {len(left)} temporary folders left by the kills; the next run into kill{k} removed its own")
+
+    out = tmp_path / "outside"
+    _fresh(old_out, out)
+    proc = subprocess.Popen([sys.executable, "convert.py", *_convert_argv(src, out, calib)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and not [p for p in tmp_path.iterdir() if p.name.startswith(".outside.transmla-")]:
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    print(f"  kill -9 from outside once the write began: exit {proc.returncode}, "
+          f"output {_whole_output(out, old, src)}")
+    assert _digest(src) == source
+
+
+def test_sigterm_removes_the_temporary_folder(llama, tmp_path):
+    """SIGTERM (a scheduler's stop) unwinds like Ctrl-C: the temporary folder goes, the old output stays."""
+    src = _fresh(llama / "single", tmp_path / "llama")
+    calib = _calib(tmp_path / "calib.txt")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "convert.py", *_convert_argv(src, out, calib)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.transmla-")]:
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGTERM)
+    rc, err = proc.wait(), proc.stderr.read()
+    print(f"SIGTERM once the write began: exit {rc}; left beside the output: "
+          f"{[p.name for p in tmp_path.iterdir() if p.name.startswith('.')]}")
+    assert rc in (143, 0) and "Traceback" not in err  # 0: it finished before the signal came
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.transmla-")]
+
+
+# ----------------------------------------------------------------------------- a failing rank
+
+FAULT = '''import os, sys
+sys.path.insert(0, {root!r})
+sys.argv = ["generate.py", *sys.argv[1:]]
+import model
+if os.environ["RANK"] == "1":  # rank 1 fails on its own, in the middle of decode
+    forward, calls = model.Transformer.forward, [0]
+    def failing(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == 6:
+            raise RuntimeError("injected fault on rank 1")
+        return forward(self, *a, **k)
+    model.Transformer.forward = failing
+import checkpoint, generate
+checkpoint.run(generate.main)
+'''
+
+
+def test_failing_rank_ends_the_job_at_once(llama, tmp_path):
+    """Two ranks decoding; rank 1 raises in its 5th decode step. Both exit 1, rank 1 says one line,
+    rank 0 nothing; neither waits for the other in a barrier (the stall this replaces was 60 s, a
+    timeout: the bound below is that, so only a stall fails it, not a busy machine). Then rank 0's
+    stdout closed early (piped into head): the same."""
+    driver = tmp_path / "fault.py"
+    driver.write_text(FAULT.format(root=str(ROOT)))
+    argv = ["--ckpt", str(llama / "single"), "--prompt", "Once upon a time", "--temperature", "0",
+            "--max-new-tokens", "400"]
+    port = _free_port()
+    t0 = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, str(driver), *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, **_rank_env(r, 2, port)})
+             for r in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    took = time.monotonic() - t0
+    print(f"rank 1 raised mid-decode: exits {[p.returncode for p in procs]} after {took:.1f} s; "
+          f"rank 1 said {outs[1][1].strip()!r}, rank 0 said {outs[0][1].strip()!r}")
+    assert [p.returncode for p in procs] == [1, 1]
+    assert outs[1][1].strip().splitlines() == [outs[1][1].strip()] and "injected fault on rank 1" in outs[1][1]
+    assert "[rank 1]" in outs[1][1] and "Traceback" not in outs[1][1]
+    assert "Traceback" not in outs[0][1] and "error" not in outs[0][1]
+    assert took < 60
+
+    letters = _fresh(llama / "single", tmp_path / "letters")
+    from safetensors.torch import load_file, save_file
+    from tokenizers import pre_tokenizers
+    state = load_file(letters / "model.safetensors")
+    keep = torch.tensor([c.isascii() and c.isalpha() for c in sorted(pre_tokenizers.ByteLevel.alphabet())])
+    state["lm_head.weight"][~keep] = 0  # letters only: every token prints at once, none ends the text
+    state["lm_head.weight"][keep] *= 5
+    save_file(state, letters / "model.safetensors", metadata={"format": "pt"})
+    port = _free_port()
+    argv = ["generate.py", "--ckpt", str(letters), "--prompt", "Once", "--temperature", "0", "--max-new-tokens", "3000"]
+    procs = [subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, **_rank_env(r, 2, port)}) for r in range(2)]
+    procs[0].stdout.read(1)  # what `| head -c 1` reads before it exits
+    procs[0].stdout.close()
+    t0 = time.monotonic()
+    errs = [p.stderr.read().decode() for p in procs]
+    rcs = [p.wait(timeout=600) for p in procs]
+    took = time.monotonic() - t0
+    print(f"rank 0's stdout closed: exits {rcs} after {took:.1f} s; rank 0 said {errs[0].strip().splitlines()[-1:]}, "
+          f"rank 1 {errs[1].strip().splitlines()[-1:]}")
+    assert rcs == [1, 1] and took < 60
+    assert "standard output was closed" in errs[0] and "Traceback" not in errs[0] + errs[1]
+    assert not [line for line in errs[1].splitlines() if line.startswith("error")]
