@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 import tpla
-from checkpoint import CheckpointReader, UserError, load_model, pick_device, pick_dtype, run
+from checkpoint import CheckpointReader, load_model
+from cli import UserError, pick_device, pick_dtype, run
 from evaluate import perplexity
 from fetch import default_or, ensure_default_conversion, read_text
 from model import MLA

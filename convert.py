@@ -55,9 +55,10 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import (CheckpointReader, CheckpointWriter, UserError, args_from_config, check_output,
-                        checkpoint_tensors, hf_name, load_model, pick_dtype, run)
+from checkpoint import CheckpointReader, args_from_config, checkpoint_tensors, hf_name, load_model
+from cli import UserError, pick_dtype, run
 from model import Block, ModelArgs, Transformer, rope_frequencies, rope_table
+from writer import CheckpointWriter, check_output
 
 TINY = 1e-10  # RMS of the latent before its (stock, unavoidable) RMSNorm: far below sqrt(eps)
 

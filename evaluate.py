@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from checkpoint import UserError
+from cli import UserError
 
 
 @torch.no_grad()

@@ -32,7 +32,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from checkpoint import UserError, find_checkpoint, run
+from checkpoint import find_checkpoint
+from cli import UserError, run
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_CKPT = ASSETS / "SmolLM2-135M-Instruct"

@@ -34,11 +34,11 @@ LR: linear warm-up, then cosine decay to --lr / 10. The run ends after --tokens 
 whichever comes first; with a time budget the schedule follows the clock (progress is the larger
 of the token and the time fraction), so the decay ends when the time does.
 
-Resuming: every --save-every steps, at the end and on Ctrl-C the trainable weights (unfolded),
+Resuming: every --save-every steps, at the end and on Ctrl-C or SIGTERM the trainable weights (unfolded),
 the optimizer state, the step, the data generator and the settings go to the state file
 (--state, default OUT.state.pt beside the output folder), written atomically. `--resume` loads it
 and continues with the saved settings. The output folder is written once, at the end, into a
-temporary folder that is moved into place when complete (checkpoint.CheckpointWriter); its
+temporary folder that is moved into place when complete (writer.CheckpointWriter); its
 config.json keeps the conversion's record ("transmla") and adds one of the fine-tuning ("finetune").
 
 Speed (2-core CPUs, embedded model): the default --dtype is bfloat16 autocast where the CPU has
@@ -59,12 +59,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import (CheckpointReader, UserError, check_output, find_checkpoint, load_model, pick_device,
-                        read_config, run, write_model)
+from checkpoint import CheckpointReader, find_checkpoint, load_model, read_config
+from cli import UserError, pick_device, run
 from convert import TINY  # the RMS the latent is folded back to, as convert.py writes it
 from evaluate import perplexity
 from fetch import default_or, ensure_default_conversion, read_text
 from model import MLA, RMSNorm, Transformer
+from writer import check_output, write_model
 import tpla
 
 LINEAR = 1e-8  # a latent norm is linear if its input's mean square is below LINEAR * eps (error < LINEAR / 2)

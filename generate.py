@@ -24,7 +24,8 @@ import time
 import torch
 
 import tpla
-from checkpoint import CheckpointReader, UserError, load_model, pick_device, pick_dtype, run
+from checkpoint import CheckpointReader, load_model
+from cli import UserError, pick_device, pick_dtype, run
 from fetch import default_or
 
 

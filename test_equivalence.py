@@ -23,7 +23,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoint import UserError, load_model
+from checkpoint import load_model
+from cli import UserError
 from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent
@@ -650,7 +651,7 @@ def test_fetched_model_is_sensible():
 
 def test_fetch_user_errors(tmp_path, monkeypatch):
     import fetch
-    from checkpoint import UserError
+    from cli import UserError
     from tokenizer import load_tokenizer
     monkeypatch.setattr(fetch, "ASSETS", tmp_path)
     with pytest.raises(UserError) as e:  # pip fails: no such version
@@ -815,7 +816,7 @@ def test_tiktoken_equals_hf_on_trained_tokenizers(tmp_path, kind):
 
 def test_tokenizer_user_errors(tmp_path):
     from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
-    from checkpoint import UserError
+    from cli import UserError
     from tokenizer import load_tokenizer
     hf = HFTokenizer(models.BPE(vocab={"a": 0}, merges=[]))
     hf.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -977,7 +978,7 @@ def _tp_worker(rank: int, world: int, port: int, folders: dict, out: str):
     import os
     os.environ.update(_rank_env(rank, world, port))
     import tpla
-    from checkpoint import leave_process_group
+    from cli import leave_process_group
     tpla.init_distributed("cpu")
     results = {}
     with torch.no_grad():
@@ -1257,7 +1258,7 @@ def test_finetune_script_writes_stock_checkpoint_and_resumes(tmp_path):
     same logits as our model; a run paused and resumed writes the same weights as one run straight
     through; the evaluation texts are refused as training text."""
     import transformers as tf
-    from checkpoint import TOKENIZER_FILES
+    from writer import TOKENIZER_FILES
     from fetch import CALIB_TEXT, EVAL_TEXT, ensure_default_model, ensure_texts
     ensure_texts()
     gqa = tmp_path / "gqa"

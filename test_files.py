@@ -27,9 +27,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint import (CheckpointReader, CheckpointWriter, MARKER, SafetensorsFile, UserError, check_output,
-                        load_model)
-from test_equivalence import _one_clear_line, _rank_env, _free_port, _script, assert_close
+from checkpoint import CheckpointReader, SafetensorsFile, load_model
+from cli import UserError
+from writer import CheckpointWriter, MARKER, check_output
+from test_equivalence import _free_port, _one_clear_line, _rank_env, _script, assert_close
 
 ROOT = Path(__file__).resolve().parent
 WORDS = ("the a of river city council said on monday that new plans would bring more water to farms "
@@ -316,7 +317,7 @@ def test_fp8_block_scales_dequantized_as_transformers_does(llama, tmp_path):
     into; a block that does not divide the shapes (24: ragged edge tiles) equals a hand dequantization;
     written back (write_model), the folder is plain float with no quantization_config."""
     from transformers import AutoModelForCausalLM
-    from checkpoint import write_model
+    from writer import write_model
     tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     folder = _fresh(llama / "single", tmp_path / "fp8")
     _fp8_quantize(folder, 16)
@@ -457,7 +458,7 @@ def _kill_driver(tmp_path: Path) -> Path:
 sys.path.insert(0, {str(ROOT)!r})
 kill_at, log = int(sys.argv[1]), sys.argv[2]
 sys.argv = ["convert.py", *sys.argv[3:]]
-import checkpoint, convert
+import cli, convert, writer
 steps = []
 def step(name, fn):
     def counted(*a, **k):
@@ -466,14 +467,14 @@ def step(name, fn):
             os.kill(os.getpid(), signal.SIGKILL)
         return fn(*a, **k)
     return counted
-W = checkpoint.CheckpointWriter
+W = writer.CheckpointWriter
 for name in ("_write", "_close_shard", "stage", "commit"):
     setattr(W, name, step(name, getattr(W, name)))
 for name in ("_exchange", "_fsync"):
-    setattr(checkpoint, name, step(name, getattr(checkpoint, name)))
+    setattr(writer, name, step(name, getattr(writer, name)))
 os.replace, shutil.rmtree, shutil.copy2 = (step(f.__name__, f) for f in (os.replace, shutil.rmtree, shutil.copy2))
 try:
-    checkpoint.run(convert.main)
+    cli.run(convert.main)
 finally:
     open(log, "w").write(json.dumps(steps))
 ''')
@@ -578,8 +579,8 @@ if os.environ["RANK"] == "1":  # rank 1 fails on its own, in the middle of decod
             raise RuntimeError("injected fault on rank 1")
         return forward(self, *a, **k)
     model.Transformer.forward = failing
-import checkpoint, generate
-checkpoint.run(generate.main)
+import cli, generate
+cli.run(generate.main)
 '''
 
 

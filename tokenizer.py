@@ -30,7 +30,7 @@ from pathlib import Path
 
 import tiktoken
 
-from checkpoint import UserError
+from cli import UserError
 
 # GPT-2's byte-level split; tokenizers' ByteLevel(use_regex=True) uses exactly this
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""

@@ -72,9 +72,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from checkpoint import CheckpointReader, UserError, check_output, find_checkpoint, load_model, run, write_model
+from checkpoint import CheckpointReader, find_checkpoint, load_model
+from cli import UserError, run
 from fetch import ensure_default_conversion
 from model import MLA, Attention, Block, FeedForward, LatentCache, ModelArgs, Transformer, latent_attention
+from writer import check_output, write_model
 
 MODES = ("tpla", "heads")
 TRANSFORMS = ("none", "hadamard", "pca", "pca-sorted")  # pca-sorted: shard 0 gets the top half of the energy
@@ -103,6 +105,10 @@ def init_distributed(device: str) -> tuple[int, int, str]:
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if launched():
             dist.init_process_group(backend)
+            # every rank connected before any goes on: rank 0 hosts the rendezvous store, and if it
+            # failed (and left, cli.run) while a slower rank was still connecting, that rank
+            # would print a wall of C++ warnings before failing too
+            dist.barrier()
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if device.startswith("cuda"):

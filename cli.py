@@ -1,0 +1,117 @@
+"""What every script's command line shares: the rules for failing, and the device and dtype flags.
+
+- UserError: a mistake in what the user asked for, or a file we cannot use.
+- run(main): how a script fails. A UserError, an OSError (disk full, permission denied) or a
+  closed standard output is one line on stderr and exit 1; SIGTERM unwinds like Ctrl-C (so
+  temporary folders go), exit 143; anything else is a bug and keeps its traceback. Under torchrun
+  a rank that fails leaves at once, and the job ends within seconds with one line from it.
+- pick_device, pick_dtype: --device and --dtype, with defaults that suit the hardware.
+"""
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for, or a file we cannot use: run() prints it as one line
+    and exits 1."""
+
+
+def pick_device(name: str | None) -> str:
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
+def pick_dtype(name: str | None, device: str) -> torch.dtype:
+    # fp32 by default on CPU: its bf16 matmuls are slow on most CPUs and the references use fp32
+    name = name or ("bfloat16" if device.startswith("cuda") else "float32")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise UserError(f"--dtype {name}: choose one of {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds as Ctrl-C does: temporary folders
+    are removed and finetune.py saves its state. (A KeyboardInterrupt, so every handler of Ctrl-C
+    handles it too.)"""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+# how a gloo / NCCL collective fails when a peer process has gone: this rank is not the one that failed
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def run(main) -> None:
+    """Run a script's main() under the project's rules for failing:
+    - a UserError, or an OSError (disk full, permission denied), is one line on stderr, exit 1;
+    - standard output closed early (`| head`) is one line too, and no flush error after it;
+    - SIGTERM unwinds like Ctrl-C (temporary files removed), exit 143; Ctrl-C exits 130;
+    - any other exception is a bug: its traceback is what a developer needs.
+    Under torchrun a rank that fails leaves at once, without waiting for the others (they learn it
+    from their next collective, which breaks): one line from the rank that failed, exit 1 on every
+    rank within seconds. A rank whose collective broke because a peer left exits 1 without a word;
+    a UserError, the same on every rank, is printed by rank 0 only."""
+    import torch.distributed as dist
+    signal.signal(signal.SIGTERM, _terminate)
+    rank = int(os.environ.get("RANK", "0"))
+    parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    code, line = 0, None
+    try:
+        main()
+    except UserError as e:
+        code, line = 1, (f"error: {e}" if rank == 0 else None)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        code, line = 1, "error: standard output was closed before the output was complete (piped into head?)"
+    except (OSError, MemoryError) as e:
+        code, line = 1, f"error: {e}" if str(e) else f"error: {type(e).__name__}"
+    except Terminated:
+        code = 143
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as e:
+        if not parallel:
+            raise
+        code = 1
+        if not any(s in str(e) for s in PEER_GONE):
+            where = e.__traceback__
+            while where.tb_next:
+                where = where.tb_next
+            line = (f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                    f"({Path(where.tb_frame.f_code.co_filename).name}:{where.tb_lineno})")
+    if line:
+        print(f"{line} [rank {rank}]" if parallel else line, file=sys.stderr, flush=True)
+    if dist.is_available() and dist.is_initialized():
+        if code:  # leave now: the barrier below would wait for ranks that are stuck waiting for this one
+            try:
+                sys.stdout.flush()
+            except OSError:
+                pass
+            os._exit(code)
+        leave_process_group()
+    if code:
+        sys.exit(code)
+
+
+def leave_process_group(timeout_s: float = 60.0) -> None:
+    """Tear the process group down after every rank got here: a gloo rank that closes its
+    connections while another is still finishing can make that one abort. The wait has a
+    timeout, so a rank that never comes (it failed elsewhere) cannot hang the others."""
+    import datetime
+    import torch.distributed as dist
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+    except RuntimeError:
+        pass
+    dist.destroy_process_group()

@@ -1,0 +1,262 @@
+"""Writing a Hugging Face checkpoint folder, without ever costing the user a file.
+
+    with CheckpointWriter(out, config, args, inputs=[source]) as w:   # out checked here, before any work
+        w.add(...); w.add_layer(...)                                   # tensor by tensor, to a hidden sibling
+        w.commit(source=source)                                        # read back, then swapped into place
+
+- check_output: the --out every writing script asks about before it starts: never an input, a
+  folder holding one or inside one, and never a folder this project did not write (MARKER).
+- CheckpointWriter: tensors stream to disk one at a time into .NAME.transmla-PID-XXXX; stage()
+  finishes the folder there and reads it back as any checkpoint is read (every tensor its config
+  declares, nothing it does not); commit() swaps it into place in one step (renameat2
+  RENAME_EXCHANGE), so a crash or kill -9 at any moment leaves the old folder or the new one.
+- write_model: a model loaded from a checkpoint and then changed (fine-tuned, rotated), written
+  as a folder like its source.
+"""
+import ctypes
+import errno
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from checkpoint import (INDEX, SAFETENSORS_DTYPES, STACKED_EXPERTS, CheckpointReader, hf_name, read_config,
+                        rope_rows)
+from cli import UserError
+from model import ModelArgs
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "tokenizer.model", "chat_template.jinja")
+MARKER = "transmla_output.json"  # in every folder this project writes: by what, from what, when
+
+
+def check_output(out: str | Path, inputs=()) -> Path:
+    """The folder a script is about to write, refused in one line (UserError) before any work if
+    writing it could cost the user a file: `out` is one of the `inputs` (checkpoints, texts, state
+    files), contains one or lies inside one; or it exists and is a file, a symbolic link, or a
+    folder this project did not write (no MARKER in it) that is not empty; or nothing can be
+    created where it would go. A folder we wrote earlier is replaced, atomically, by
+    CheckpointWriter.commit()."""
+    out = Path(out)
+    where = out.resolve()
+    for src in inputs:
+        src_path = Path(src).resolve()
+        if where == src_path or where in src_path.parents:
+            raise UserError(f"--out {out} {'is' if where == src_path else 'contains'} the input {src}: "
+                            "writing there would replace it; choose a new folder")
+        if src_path in where.parents:
+            raise UserError(f"--out {out} lies inside the input {src}; choose a folder outside it")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise UserError(f"--out {out} exists and is {'a symbolic link' if out.is_symlink() else 'a file'}: "
+                        "give a folder to create")
+    if out.is_dir() and not (out / MARKER).is_file() and any(out.iterdir()):
+        raise UserError(f"--out {out} exists and was not written by this project (no {MARKER} in it): "
+                        "choose a new folder, or empty this one yourself")
+    parent = where.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: cannot create anything in {parent}")
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 with RENAME_EXCHANGE: at every moment
+    each name holds one of the two folders). False where the system or filesystem has no such call."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointWriter:
+    """Writes a Hugging Face folder atomically and tensor by tensor: each tensor's bytes go
+    straight to disk (a shard's data file; the shard gets its header when it closes), so memory
+    holds one tensor at a time. Everything lands in a temporary sibling folder,
+    .NAME.transmla-PID-XXXX, that takes the place of `folder` only in commit(). Use it as a
+    context manager: an error, Ctrl-C or SIGTERM before commit() leaves nothing behind; a kill -9
+    leaves the temporary folder, which the next writer of the same folder removes.
+
+    `inputs` are the files and folders the run reads: check_output refuses a `folder` that could
+    touch them (and any other folder that is not ours to replace) before anything is written."""
+
+    def __init__(self, folder: str | Path, config: dict, args: ModelArgs, inputs=(), max_shard_bytes: int = 2 << 30):
+        self.folder, self.inputs = check_output(folder, inputs), list(inputs)
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        prefix = f".{self.folder.name}.transmla-"
+        for old in self.folder.parent.iterdir():  # left by a writer that was killed
+            pid = old.name[len(prefix):].split("-")[0]
+            if old.name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=self.folder.parent))
+        self.config, self.args = config, replace(args, extra=config)
+        self.max_shard_bytes, self.shards, self.header, self.data = max_shard_bytes, [], {}, None
+        self.staged = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.data:
+            self.data.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def add(self, ours: str, t: torch.Tensor):
+        """Add one of our parameters under its Hugging Face name, in the checkpoint's RoPE layout."""
+        if ours == "output.weight" and self.args.tie_embeddings:
+            return
+        perm = rope_rows(self.args, ours)
+        t = t if perm is None else t[torch.argsort(perm)]
+        self._write(hf_name(ours, self.config["model_type"]), [t], t.shape, t.dtype)
+
+    def add_layer(self, i: int, tensors: dict, dtype: torch.dtype):
+        """Add layer i's parameters (our names within the layer), each cast to dtype as it is written.
+        In a mistral4 folder the experts go into the stacked tensors (STACKED_EXPERTS) one expert at
+        a time, and the shared expert stock Mistral4 always builds gets zero rows: it adds nothing."""
+        mistral4 = self.config["model_type"] == "mistral4"
+        for k, t in tensors.items():
+            if not (mistral4 and k.startswith("feed_forward.experts.")):
+                self.add(f"layers.{i}.{k}", t.to(dtype))
+        if not mistral4:
+            return
+        n_experts, prefix = self.args.n_experts, f"model.layers.{i}.mlp"
+        for stacked, parts in STACKED_EXPERTS.items():
+            blocks = [tensors[f"feed_forward.experts.{e}.{w}.weight"] for e in range(n_experts) for w in parts]
+            shape = (n_experts, sum(b.shape[0] for b in blocks[:len(parts)]), blocks[0].shape[1])
+            self._write(f"{prefix}.experts.{stacked}", (b.to(dtype) for b in blocks), shape, dtype)
+        for name, shape in (("gate_proj", (0, self.args.dim)), ("up_proj", (0, self.args.dim)),
+                            ("down_proj", (self.args.dim, 0))):
+            self._write(f"{prefix}.shared_experts.{name}.weight", [torch.empty(shape, dtype=dtype)], shape, dtype)
+
+    def _write(self, theirs: str, blocks, shape: tuple, dtype: torch.dtype):
+        """One tensor of `shape` whose bytes come as consecutive blocks, each written as it arrives."""
+        if self.data is None:
+            self.data, self.offset = open(self.tmp / "data", "wb"), 0
+        begin = self.offset
+        for t in blocks:
+            assert t.dtype == dtype, (theirs, t.dtype, dtype)
+            self.data.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
+            self.offset += t.numel() * t.element_size()
+        assert self.offset - begin == math.prod(shape) * dtype.itemsize, (theirs, shape)
+        self.header[theirs] = {"dtype": {v: k for k, v in SAFETENSORS_DTYPES.items()}[dtype], "shape": list(shape),
+                               "data_offsets": [begin, self.offset]}
+        if self.offset >= self.max_shard_bytes:
+            self._close_shard()
+
+    def _close_shard(self):
+        if self.data is None:
+            return
+        self.data.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.header}).encode()
+        header += b" " * (-len(header) % 8)  # keep the data 8-byte aligned
+        name = f"shard-{len(self.shards)}.safetensors"
+        with open(self.tmp / name, "wb") as out, open(self.tmp / "data", "rb") as data:
+            out.write(len(header).to_bytes(8, "little") + header)
+            shutil.copyfileobj(data, out, 16 << 20)
+        os.remove(self.tmp / "data")
+        self.shards.append((name, list(self.header)))
+        self.header, self.data = {}, None
+
+    def stage(self, source: Path | None = None, extra_files: dict | None = None) -> Path:
+        """Finish the folder where it is, still under its temporary name, and check it: close the last
+        shard, write the index, config.json and MARKER, copy the tokenizer files from `source`. The
+        folder is then read back as any checkpoint is (CheckpointReader.check): every tensor its
+        config declares is there with its shape, and none is without a place in it. Returns the
+        temporary folder, complete and loadable (to evaluate it before commit(), say)."""
+        self._close_shard()
+        n, weight_map = len(self.shards), {}
+        for k, (name, keys) in enumerate(self.shards):
+            final = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.tmp / name, self.tmp / final)
+            weight_map.update({key: final for key in keys})
+        files = {"config.json": json.dumps(self.config, indent=2) + "\n",
+                 MARKER: json.dumps({"written_by": Path(sys.argv[0]).name, "source": str(source) if source else None,
+                                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=2) + "\n",
+                 **(extra_files or {})}
+        if n > 1:
+            files[INDEX] = json.dumps({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
+        for name, text in files.items():
+            (self.tmp / name).write_text(text, encoding="utf-8")
+        for name in TOKENIZER_FILES if source else ():
+            if (source / name).is_file():
+                shutil.copy2(source / name, self.tmp / name)
+        try:
+            CheckpointReader(self.tmp).check()
+        except UserError as e:
+            raise UserError(f"not written, the folder would be inconsistent: {str(e).replace(str(self.tmp), str(self.folder))}") from None
+        self.staged = True
+        return self.tmp
+
+    def commit(self, source: Path | None = None, extra_files: dict | None = None):
+        """stage() if not done yet, add `extra_files` (name -> text), then put the folder in place in one
+        step: an earlier output at `folder` (ours: check_output is asked again) is swapped out and
+        then removed, so a kill at any moment leaves the old folder or the new one, whole."""
+        if not self.staged:
+            self.stage(source)
+        for name, text in (extra_files or {}).items():
+            (self.tmp / name).write_text(text, encoding="utf-8")
+        for f in self.tmp.iterdir():  # on disk before the rename makes them visible (a power cut)
+            _fsync(f)
+        os.chmod(self.tmp, 0o755)  # mkdtemp made it private; the result is an ordinary folder
+        check_output(self.folder, self.inputs)
+        if self.folder.is_dir() and _exchange(self.tmp, self.folder):
+            shutil.rmtree(self.tmp, ignore_errors=True)  # the old output, now under the temporary name
+        else:  # no earlier output, or no atomic exchange here: the old one waits aside until the new one is in
+            if self.folder.is_dir():
+                os.replace(self.folder, self.tmp.with_name(self.tmp.name + "-old"))
+            os.replace(self.tmp, self.folder)
+            shutil.rmtree(self.tmp.with_name(self.tmp.name + "-old"), ignore_errors=True)
+        _fsync(self.folder.parent)
+
+
+def write_model(model, source: Path, out: Path, dtype: torch.dtype, record: dict, inputs=(), finish=None):
+    """A model loaded from `source` and then changed (fine-tuned, rotated) as a stock folder like
+    its source: the source's config plus `record` (what was done to it), its tokenizer files.
+    `inputs`: what else the run read (check_output). finish(folder), if given, runs on the complete
+    folder before it is put in place and returns extra files to add (name -> text): a report."""
+    config = {k: v for k, v in read_config(source).items() if k != "quantization_config"}  # written dequantized
+    config.update(torch_dtype=str(dtype).removeprefix("torch."), **record)
+    args = CheckpointReader(source).args
+    state = model.state_dict()
+    with CheckpointWriter(out, config, args, inputs=[source, *inputs]) as writer:
+        for name in ("tok_embeddings", "norm") + (() if args.tie_embeddings else ("output",)):
+            writer.add(f"{name}.weight", state[f"{name}.weight"].to(dtype))
+        for i in range(args.n_layers):
+            p = f"layers.{i}."
+            writer.add_layer(i, {k[len(p):]: v for k, v in state.items() if k.startswith(p)}, dtype)
+        staged = writer.stage(source=source)
+        writer.commit(extra_files=finish(staged) if finish else None)
