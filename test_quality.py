@@ -1,0 +1,157 @@
+"""Tests that fail when the method gets worse, where the equivalence ladder cannot see it.
+
+    pytest test_quality.py -s        # -s prints each measured value beside its floor
+
+At full rank every basis is exact, so test_equivalence.py cannot tell which components a lossy
+conversion keeps. Here:
+- each lossy step keeps what it claims on a tiny model: RoRoPE the leading key (or score)
+  components of every frequency block, BKV-PCA the top-R eigenvalues of the balanced
+  keys and values, the attention-weighted PCA the smallest weighted error any rank-R latent has;
+- on the embedded model, the default conversion's perplexity stays under a ceiling set from its
+  measured value, and each fit of the fitted method is no worse than its absence.
+"""
+import pytest
+import torch
+
+from test_equivalence import assert_close
+
+VOCAB = 128
+
+
+@pytest.fixture(scope="module")
+def layer0(tmp_path_factory):
+    """Layer 0 of a tiny random Llama (4 query heads, 2 KV heads of 16 dims) in MLA form (step 1), with
+    the second moments of its attention input over random hidden states."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from checkpoint import CheckpointReader
+    from convert import gqa_as_mla, second_moments
+    from model import Block
+    folder = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    ref = LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=96, vocab_size=VOCAB))
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ref.save_pretrained(folder)
+    reader = CheckpointReader(folder)
+    with torch.device("meta"):
+        block = Block(reader.args)
+    reader.fill(block, "layers.0.")
+    # hidden states with a few dominant directions, as real ones have: the PCAs have something to find
+    g = torch.Generator().manual_seed(8)
+    h = torch.randn(16, 32, 64, generator=g) @ (torch.randn(64, 64, generator=g) * torch.logspace(0, -1.5, 64))
+    with torch.no_grad():
+        cov = second_moments(block.attention_norm, h)
+        exact = gqa_as_mla(block.attention, reader.args.n_kv_heads, reader.args.head_dim)
+    return exact, cov, block, reader.args
+
+
+def _energy(rows: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """E[(row . x1)^2] for each row: the second moment each output dim carries on the calibration inputs."""
+    return torch.einsum("id,de,ie->i", rows, cov, rows)
+
+
+def _top(m: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.linalg.eigvalsh(m).flip(0)[:k]
+
+
+@pytest.mark.parametrize("select", ["key", "score"])
+@torch.no_grad()
+def test_rorope_keeps_the_leading_components(layer0, select):
+    """RoRoPE (step 2), FreqFold 4 on 2 KV heads of 16 dims, RoPE kept on 4 of 16 pairs: in each block
+    of F frequencies it keeps the components that carry the most key energy (select "key": the
+    top eigenvalues of the block's key covariance, real and imaginary halves together) or the most
+    score energy (select "score": E[q_i^2] E[k_i^2], the top eigenvalues of ck cq)."""
+    from convert import rorope
+    exact, cov, _, a = layer0
+    F, r = 4, 8
+    layer = rorope(exact, cov, r, F, a.n_kv_heads, select)
+    n_pairs, block = exact.kpe.shape[0] // 2, a.n_kv_heads * F
+    n_blocks, keep = n_pairs // block, r // 2 // (n_pairs // block)
+    kept_re, kept_im = layer.kpe[: r // 2], layer.kpe[r // 2:]
+    q_all = exact.qmap @ exact.wq  # (H, L, D + 1): every head's rope-space query, before RoRoPE
+    q_kept = layer.qmap @ layer.wq  # (H, r, D + 1): after, the kept pairs only
+    for b in range(n_blocks):
+        s = slice(b * block, (b + 1) * block)
+        re, im = exact.kpe[:n_pairs][s], exact.kpe[n_pairs:][s]
+        ck = re @ cov @ re.T + im @ cov @ im.T
+        k_energy = _energy(kept_re[b * keep:(b + 1) * keep], cov) + _energy(kept_im[b * keep:(b + 1) * keep], cov)
+        if select == "key":
+            got, want = k_energy, _top(ck, keep)
+        else:
+            si = slice(n_pairs + b * block, n_pairs + (b + 1) * block)
+            cq = sum(q[s] @ cov @ q[s].T + q[si] @ cov @ q[si].T for q in q_all)
+            qk = q_kept[:, list(range(b * keep, (b + 1) * keep)) + list(range(r // 2 + b * keep, r // 2 + (b + 1) * keep))]
+            q_energy = sum(_energy(q[:keep], cov) + _energy(q[keep:], cov) for q in qk)
+            got, want = k_energy * q_energy, torch.linalg.eigvals(ck @ cq).real.sort(descending=True).values[:keep]
+        share = (want.sum() / (torch.linalg.eigvals(ck @ cq).real.sum() if select == "score" else ck.trace())).item()
+        print(f"block {b}: kept {select} energy {got.sum().item():.6g}, top {keep} eigenvalues {want.sum().item():.6g} "
+              f"({share:.0%} of the block)")
+        assert_close(f"RoRoPE ({select}) block {b}: kept energy per component vs the top eigenvalues",
+                     got.sort(descending=True).values / want[0], want / want[0], 1e-9)
+
+
+@torch.no_grad()
+def test_bkv_pca_keeps_the_top_eigenvalues(layer0):
+    """BKV-PCA (step 3) at R = 8 of 56: the latent's energy is the sum of the top R eigenvalues of the
+    balanced keys and values [k_nope / alpha ; v], alpha the ratio of their mean norms."""
+    from convert import bkv_pca, rorope
+    exact, cov, _, a = layer0
+    partial = rorope(exact, cov, 8, 4, a.n_kv_heads)
+    n = partial.n_lat_k
+    k, v = partial.lat[:n], partial.lat[n:]
+    alpha = _energy(k, cov).sqrt().mean() / _energy(v, cov).sqrt().mean()
+    z = torch.cat([k / alpha, v])
+    eig = torch.linalg.eigvalsh(z @ cov @ z.T).flip(0)
+    for R in (4, 8, 24):
+        kept = _energy(bkv_pca(partial, cov, R).lat, cov).sum()
+        print(f"R = {R}: latent energy {kept.item():.6g}, top-{R} eigenvalues {eig[:R].sum().item():.6g} "
+              f"({(eig[:R].sum() / eig.sum()).item():.0%} of {eig.sum().item():.6g})")
+        assert abs(kept / eig[:R].sum() - 1) < 1e-9
+
+
+def _attention_error(full, approx, cov: torch.Tensor, wo: torch.Tensor) -> tuple[float, float]:
+    """What attention loses when `approx` (rank-R latent) stands for `full` (the exact latent), as
+    fractions of what it computes: query-weighted key error sum_h E[(q_h . dk_h)^2] over sum_h
+    E[(q_h . k_h)^2], and o_proj-weighted value error sum_h E|W_O,h dv_h|^2 over sum_h E|W_O,h v_h|^2."""
+    H, d_h, _ = full.uk.shape
+    wo_h = wo.double().view(-1, H, d_h).transpose(0, 1)  # (H, D, d_h)
+    err_k = err_v = tot_k = tot_v = 0.0
+    for h in range(H):
+        cq = full.wq[h] @ cov @ full.wq[h].T  # E[q_h q_h^T], (d_h, d_h)
+        k, v = full.uk[h] @ full.lat, full.uv[h] @ full.lat  # (d_h, D + 1) each
+        dk, dv = k - approx.uk[h] @ approx.lat, v - approx.uv[h] @ approx.lat
+        err_k += (cq @ dk @ cov @ dk.T).trace().item()
+        tot_k += (cq @ k @ cov @ k.T).trace().item()
+        err_v += (wo_h[h] @ dv @ cov @ dv.T @ wo_h[h].T).trace().item()
+        tot_v += (wo_h[h] @ v @ cov @ v.T @ wo_h[h].T).trace().item()
+    return err_k / tot_k, err_v / tot_v
+
+
+@torch.no_grad()
+def test_attention_pca_has_the_least_weighted_error(layer0):
+    """The attention-weighted PCA (step 3, --latent-fit attention) at R = 8: its weighted error
+    (key error share + value error share, _attention_error) is the least any rank-R latent can
+    have, the sum of the dropped eigenvalues of G^1/2 C G^1/2 (G the error's quadratic form, C the
+    latent's second moment), and below BKV-PCA's."""
+    from convert import attention_pca, bkv_pca, rorope
+    exact, cov, block, a = layer0
+    wo = block.attention.wo.weight
+    partial = rorope(exact, cov, 8, 4, a.n_kv_heads)
+    H, d_h, n = partial.uk.shape
+    wo_h = wo.double().view(-1, H, d_h).transpose(0, 1)
+    gk = sum(partial.uk[h].T @ partial.wq[h] @ cov @ partial.wq[h].T @ partial.uk[h] for h in range(H))
+    gv = sum(partial.uv[h].T @ wo_h[h].T @ wo_h[h] @ partial.uv[h] for h in range(H))
+    C = partial.lat @ cov @ partial.lat.T
+    G = gk / (gk @ C).trace() + gv / (gv @ C).trace()
+    e, E = torch.linalg.eigh(G)
+    G_half = (E * e.clamp_min(0).sqrt()) @ E.T
+    eig = torch.linalg.eigvalsh(G_half @ C @ G_half).flip(0)
+    for R in (4, 8, 16):
+        fit = sum(_attention_error(partial, attention_pca(partial, cov, R, wo), cov, wo))
+        bkv = sum(_attention_error(partial, bkv_pca(partial, cov, R), cov, wo))
+        print(f"R = {R}: weighted error attention PCA {fit:.6g} (least possible {eig[R:].sum().item():.6g}), "
+              f"BKV-PCA {bkv:.6g}")
+        assert abs(fit / eig[R:].sum().item() - 1) < 1e-6
+        assert fit < bkv
