@@ -139,15 +139,20 @@ def test_bfloat16_decode_tracks_float32(kind):
                  full[:, 29:], 0.15)
 
 
+@pytest.mark.parametrize("kind", ["gqa", "mla_naive", "mla_absorb", "mla_auto"])
 @torch.no_grad()
-def test_chunked_prefill_equals_one_shot():
-    for kind in ("gqa", "mla"):
-        model = _random_model(kind == "mla", sliding_window=7 if kind == "gqa" else None)
-        tokens = torch.randint(0, VOCAB, (1, 33), generator=torch.Generator().manual_seed(3))
-        model.setup_caches(1, 40)
-        one = model(tokens, torch.arange(33))
-        chunks = [model(tokens[:, a:b], torch.arange(a, b)) for a, b in ((0, 13), (13, 20), (20, 33))]
-        assert_close(f"{kind}: chunked prefill (13+7+13) vs one shot", torch.cat(chunks, 1), one, 1e-5)
+def test_chunked_prefill_equals_no_cache(kind):
+    """A prompt prefilled in chunks (13 + 7 + 13 tokens) into a fresh cache, then two decode steps:
+    the logits of one forward with no cache at all. Every chunk must write its own keys and values
+    (or latents) before it attends, and read the earlier chunks' back (GQA with a sliding window
+    of 7, so the window's edge falls inside chunks)."""
+    model = _random_model(kind != "gqa", kind.removeprefix("mla_"), sliding_window=7 if kind == "gqa" else None)
+    tokens = torch.randint(0, VOCAB, (2, 35), generator=torch.Generator().manual_seed(3))
+    full = model(tokens)
+    model.setup_caches(2, 40)
+    steps = [model(tokens[:, a:b], torch.arange(a, b)) for a, b in ((0, 13), (13, 20), (20, 33), (33, 34), (34, 35))]
+    assert_close(f"{kind}: chunked prefill (13+7+13) + decode on a fresh cache vs no cache", torch.cat(steps, 1),
+                 full, 1e-5)
 
 
 @torch.no_grad()
@@ -837,10 +842,9 @@ def test_tokenizer_user_errors(tmp_path):
 
 # TPLA decode on 2 ranks is an approximation: the largest logit difference from MLA it may show on
 # the tiny 3-head checkpoint below (measured 0.042 with no transform, 0.033 hadamard, 0.032 pca)
-TPLA_TINY_BOUND = 0.05
 TP_JOBS = [("mla3", "heads", "none"), ("mla_qlora_bias", "heads", "none"), ("mqa3", "heads", "none"),
            ("mla3", "tpla", "none"), ("mla3", "tpla", "hadamard"), ("mla3", "tpla", "pca"),
-           ("mla_qlora_bias", "tpla", "hadamard")]
+           ("mla_qlora_bias", "tpla", "hadamard"), ("mla3_sharp", "tpla", "none"), ("mla3_sharp", "tpla", "pca")]
 
 
 @pytest.fixture(scope="module")
@@ -863,6 +867,15 @@ def tp_tiny(tiny, tmp_path_factory):
                 p.add_(torch.randn_like(p) * 0.05)
         out[name] = tmp_path_factory.mktemp(name)
         ref.save_pretrained(out[name])
+    # mla3 with queries 6x larger: sharp attention, where a shard's softmax differs most from the whole's
+    out["mla3_sharp"] = sharp = tmp_path_factory.mktemp("mla3_sharp")
+    shutil.copytree(out["mla3"], sharp, dirs_exist_ok=True)
+    from safetensors.torch import load_file, save_file
+    state = load_file(sharp / "model.safetensors")
+    for k in state:
+        if k.endswith("self_attn.q_proj.weight"):
+            state[k] *= 6
+    save_file(state, sharp / "model.safetensors", metadata={"format": "pt"})
     return out
 
 
@@ -881,6 +894,76 @@ def _prefill_then_decode(model, tokens: torch.Tensor, prompt: int = 12) -> torch
     steps += [model(tokens[:, i:i + 1], torch.tensor([i])) for i in range(prompt, tokens.shape[1])]
     model.clear_caches()
     return torch.cat(steps, 1)
+
+
+def _chunked_then_decode(model, tokens: torch.Tensor, chunks=((0, 5), (5, 12))) -> torch.Tensor:
+    """Logits of a prefill in chunks on a fresh cache, then of one decode step per remaining token."""
+    model.setup_caches(tokens.shape[0], tokens.shape[1] + 4)
+    steps = [model(tokens[:, a:b], torch.arange(a, b)) for a, b in chunks]
+    steps += [model(tokens[:, i:i + 1], torch.tensor([i])) for i in range(chunks[-1][1], tokens.shape[1])]
+    model.clear_caches()
+    return torch.cat(steps, 1)
+
+
+def _rotate_half(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+    """RoPE in the rotate_half layout, from its definition: dims (i, i + d/2) turn by pos * theta^(-2i/d)."""
+    d = x.shape[-1]
+    angle = pos[:, None].double() * theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)  # (T, d/2)
+    cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]  # (T, 1, d/2)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+@torch.no_grad()
+def _tpla_reference(model, tokens: torch.Tensor, world: int, start: int) -> torch.Tensor:
+    """Logits of an MLA model whose tokens at positions >= start attend in TPLA form over `world`
+    shards, written from the definition (REFERENCE.md section 5), sharing no code with tpla.py or
+    model.py's attention: shard i takes its contiguous slice P_i of the normed latent, expands every
+    head's keys k_h = [W_UK,h[:, P_i] c[P_i] ; k_pe] and values v_h = W_UV,h[:, P_i] c[P_i] (naive
+    form, nothing absorbed), runs a softmax of its own over them with DeepSeek's scale
+    (d_nope + r)^-1/2, and passes its heads' outputs through o_proj; the shards' outputs are summed
+    (o_proj's bias once). Positions < start attend over the whole latent (MLA form). In float64."""
+    a0 = model.args
+    H, R, r, dn, dv = a0.n_heads, a0.kv_lora_rank, a0.qk_rope_head_dim, a0.qk_nope_head_dim, a0.v_head_dim
+    assert a0.rope_scaling is None and R % world == 0
+    B, T = tokens.shape
+    pos = torch.arange(T)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    scale = (dn + r) ** -0.5
+    h = model.tok_embeddings(tokens).double()
+    for block in model.layers:
+        at = block.attention
+        x = block.attention_norm(h.float()).double()
+        lin = lambda m, t: F.linear(t, m.weight.double(), None if m.bias is None else m.bias.double())
+        if at.q_lora_rank:
+            qa = lin(at.wq_a, x)
+            q = lin(at.wq_b, qa * torch.rsqrt(qa.pow(2).mean(-1, keepdim=True) + at.q_norm.eps) * at.q_norm.weight.double())
+        else:
+            q = lin(at.wq, x)
+        q_nope, q_pe = q.view(B, T, H, dn + r).split([dn, r], -1)
+        c, k_pe = lin(at.wkv_a, x).split([R, r], -1)
+        c = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + at.kv_norm.eps) * at.kv_norm.weight.double()
+        q_pe = _rotate_half(q_pe, pos, a0.rope_theta)
+        k_pe = _rotate_half(k_pe[:, :, None], pos, a0.rope_theta)[:, :, 0]
+        W = at.wkv_b.weight.double().view(H, dn + dv, R)
+        wo = at.wo.weight.double()
+        y = torch.zeros_like(h)
+        for first, n_shards in ((0, 1), (start, world)):  # rows [first, T): MLA form, then rows >= start: TPLA
+            y_rows = 0
+            for i in range(n_shards):
+                P = slice(i * R // n_shards, (i + 1) * R // n_shards)
+                k = torch.einsum("btc,hdc->bthd", c[..., P], W[:, :dn, P])  # (B, T, H, dn)
+                v = torch.einsum("btc,hdc->bthd", c[..., P], W[:, dn:, P])  # (B, T, H, dv)
+                s_ = (torch.einsum("bqhd,bkhd->bhqk", q_nope, k) + torch.einsum("bqhd,bkd->bhqk", q_pe, k_pe)) * scale
+                p_ = s_.masked_fill(~causal, float("-inf")).softmax(-1)  # (B, H, T, T): this shard's own softmax
+                o = torch.einsum("bhqk,bkhd->bqhd", p_, v).reshape(B, T, H * dv)
+                y_rows = y_rows + o @ wo.T
+            y[:, first:] = y_rows[:, first:]
+        if at.wo.bias is not None:
+            y = y + at.wo.bias.double()
+        h = h + y
+        h = h + block.feed_forward(block.ffn_norm(h.float())).double()
+    return model.logits(model.norm(h.float()))
 
 
 def _greedy(model) -> list[int]:
@@ -941,7 +1024,8 @@ def _logits_with(model, impl, tokens):
 @torch.no_grad()
 def test_tp_one_rank_equals_single_device(tp_tiny, one_rank):
     """World size 1: head-parallel and TPLA (each transform) give the single-device logits, in a full
-    forward and in prefill + decode; TPLA's decode-form perplexity equals the plain one."""
+    forward, in prefill + decode and in a chunked prefill + decode; TPLA's decode-form perplexity
+    equals the plain one."""
     import tpla
     from evaluate import perplexity
     tokens = _tp_tokens()
@@ -952,6 +1036,8 @@ def test_tp_one_rank_equals_single_device(tp_tiny, one_rank):
         label = f"{name} --tp {mode}" + (f" ({transform})" if mode == "tpla" else "") + ", 1 rank"
         assert_close(f"{label}: full forward vs single device", model(tokens), ref(tokens), 1e-5)
         assert_close(f"{label}: prefill + decode vs single device", _prefill_then_decode(model, tokens),
+                     ref(tokens), 1e-5)
+        assert_close(f"{label}: chunked prefill + decode vs single device", _chunked_then_decode(model, tokens),
                      ref(tokens), 1e-5)
     ids = _tp_tokens().flatten().tolist()
     want = perplexity(load_model(tp_tiny["mla3"])[0], ids, 16)
@@ -984,8 +1070,10 @@ def _tp_worker(rank: int, world: int, port: int, folders: dict, out: str):
     with torch.no_grad():
         for name, mode, transform in TP_JOBS:
             model = tpla.load_parallel(folders[name], mode, rank, world, transform=transform, calib=_calib())[0]
+            attention = {k: v for k, v in model.state_dict().items() if ".attention." in k} if mode == "tpla" else None
             results[name, mode, transform] = (model(_tp_tokens()), _prefill_then_decode(model, _tp_tokens()),
-                                              _greedy(model), model.kv_bytes_per_token())
+                                              _greedy(model), model.kv_bytes_per_token(),
+                                              _chunked_then_decode(model, _tp_tokens()), attention)
     if rank == 0:
         torch.save(results, out)
     leave_process_group()
@@ -994,15 +1082,20 @@ def _tp_worker(rank: int, world: int, port: int, folders: dict, out: str):
 @torch.no_grad()
 def test_tp_two_ranks(tp_tiny, tmp_path):
     """2 gloo processes. Head-parallel (uneven 1 + 2 heads; GQA with its one KV head replicated) ==
-    the single-device model: logits and greedy tokens. TPLA: the full forward and the prefill are
-    MLA form, exact; decode logits differ by at most TPLA_TINY_BOUND; the cache per rank is
-    R / 2 + r values per token per layer, against R + r for head-parallel."""
+    the single-device model: logits, greedy tokens, a chunked prefill. TPLA: the full forward and a
+    prefill from position 0 are MLA form, exact; every token after that (decode steps, and the
+    chunks of a prefill after its first) is TPLA form and equals _tpla_reference, written from the
+    definition, on the checkpoint as rank 0 holds it (its latent transformed: none, Hadamard, PCA).
+    Where attention is sharp (mla3_sharp) the split must show: TPLA differs from MLA by far more
+    than the reference's tolerance. The cache per rank is R / 2 + r values per token per layer,
+    against R + r for head-parallel."""
     import torch.multiprocessing as mp
+    import tpla
     out = tmp_path / "rank0.pt"
     mp.spawn(_tp_worker, args=(2, _free_port(), dict(tp_tiny), str(out)), nprocs=2, join=True)
     results = torch.load(out)
     tokens = _tp_tokens()
-    for (name, mode, transform), (full, steps, greedy, kv_bytes) in results.items():
+    for (name, mode, transform), (full, steps, greedy, kv_bytes, chunked, attention) in results.items():
         ref = load_model(tp_tiny[name])[0]
         want = ref(tokens)
         label = f"{name} --tp {mode}" + (f" ({transform})" if mode == "tpla" else "") + ", 2 ranks"
@@ -1010,20 +1103,39 @@ def test_tp_two_ranks(tp_tiny, tmp_path):
         a = ref.args
         if mode == "heads":
             assert_close(f"{label}: prefill + decode vs single device", steps, want, 1e-5)
+            assert_close(f"{label}: chunked prefill + decode vs single device", chunked, want, 1e-5)
             assert greedy == _greedy(ref)
             assert kv_bytes == ref.kv_bytes_per_token()
-        else:
-            assert_close(f"{label}: prefill (MLA form) vs single device", steps[:, :12], want[:, :12], 1e-5)
-            diff = (steps[:, 12:] - want[:, 12:]).abs().max().item()
-            agree = (steps[:, 12:].argmax(-1) == want[:, 12:].argmax(-1)).float().mean().item()
-            print(f"{label}: decode (TPLA form) vs MLA: max |diff| {diff:.3g}, top-1 agreement {agree:.0%}")
-            if name == "mla3":
-                assert 0 < diff <= TPLA_TINY_BOUND
-            if transform == "none":  # the one-process simulation finetune.py trains with computes the same
-                import tpla
-                sim = tpla.simulate(load_model(tp_tiny[name])[0], 2, start=12)(tokens)
-                assert_close(f"{label}: tpla.simulate (one process) vs the 2 ranks' prefill + decode", sim, steps, 1e-5)
-            assert kv_bytes == a.n_layers * (a.kv_lora_rank // 2 + a.qk_rope_head_dim) * 4
+            continue
+        assert_close(f"{label}: prefill (MLA form) vs single device", steps[:, :12], want[:, :12], 1e-5)
+        held = load_model(tp_tiny[name])[0]  # the checkpoint as the ranks hold it: its latent transformed
+        held.load_state_dict({**held.state_dict(), **attention})
+        assert_close(f"{label}: the transformed checkpoint vs the original (one device)", held(tokens), want, 1e-5)
+        assert_close(f"{label}: prefill + TPLA decode vs the reference", steps, _tpla_reference(held, tokens, 2, 12), 1e-5)
+        assert_close(f"{label}: chunked prefill (5 + 7) + TPLA decode vs the reference", chunked,
+                     _tpla_reference(held, tokens, 2, 5), 1e-5)
+        diff = (steps[:, 12:] - want[:, 12:]).abs().max().item()
+        agree = (steps[:, 12:].argmax(-1) == want[:, 12:].argmax(-1)).float().mean().item()
+        print(f"{label}: decode (TPLA form) vs MLA: max |diff| {diff:.3g}, top-1 agreement {agree:.0%}")
+        assert diff > (0.1 if "sharp" in name else 1e-2)  # the split is active
+        if transform == "none":  # the one-process simulation finetune.py trains with computes the same
+            sim = tpla.simulate(load_model(tp_tiny[name])[0], 2, start=12)(tokens)
+            assert_close(f"{label}: tpla.simulate (one process) vs the reference", sim,
+                         _tpla_reference(held, tokens, 2, 12), 1e-5)
+        assert kv_bytes == a.n_layers * (a.kv_lora_rank // 2 + a.qk_rope_head_dim) * 4
+
+
+@torch.no_grad()
+def test_tpla_reference_is_mla_on_one_shard(tp_tiny):
+    """The reference itself: with one shard it is the plain MLA model (so its TPLA form differs from
+    MLA by the split alone), and its TPLA form at 2 shards is not the MLA model's."""
+    tokens = _tp_tokens()
+    for name in ("mla3", "mla_qlora_bias", "mla3_sharp"):
+        model = load_model(tp_tiny[name])[0]
+        assert_close(f"{name}: reference with 1 shard vs the model", _tpla_reference(model, tokens, 1, 0), model(tokens), 1e-5)
+        diff = (_tpla_reference(model, tokens, 2, 0) - model(tokens)).abs().max().item()
+        print(f"{name}: reference with 2 shards vs the model: max |diff| {diff:.3g}")
+        assert diff > 1e-3
 
 
 def _launch(world: int, *argv, timeout: float = 120) -> list[subprocess.CompletedProcess]:
