@@ -41,6 +41,7 @@ from cli import UserError, pick_device, pick_dtype, run
 from evaluate import perplexity
 from fetch import default_or, ensure_default_conversion, read_text
 from model import MLA
+from writer import check_output_file
 
 
 def sig(x: float, digits: int = 4) -> float:
@@ -425,6 +426,10 @@ def main():
     args = p.parse_args()
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
+    inputs = [p_ for p_ in (args.ckpt, args.baseline, args.ppl) if p_]
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_output_file(path, inputs, flag)
 
     if args.ppl is None:
         try:

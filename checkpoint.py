@@ -49,12 +49,20 @@ def find_checkpoint(path: str | Path) -> Path:
     return folder
 
 
+def read_json(path: Path, data: bytes | None = None):
+    """A JSON file (or its bytes), or UserError in one line: unreadable, not UTF-8, not JSON, or JSON
+    that Python refuses (integers of thousands of digits, nesting thousands deep)."""
+    try:
+        return json.loads((data if data is not None else path.read_bytes()).decode("utf-8"))
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise UserError(f"{path}: not valid JSON ({str(e)[:120]})") from None
+
+
 def read_config(folder: Path) -> dict:
     path = folder / "config.json"
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: cannot read it as JSON ({e})") from None
+    cfg = read_json(path)
     if not isinstance(cfg, dict):
         raise UserError(f"{path}: not a JSON object")
     return cfg
@@ -63,33 +71,43 @@ def read_config(folder: Path) -> dict:
 _MISSING = object()
 
 
-def _field(cfg: dict, key: str, kind: type = int, default=_MISSING, minimum: int = 1):
+def _field(cfg: dict, key: str, kind: type = int, default=_MISSING, minimum: int = 1, where: str = ""):
     """cfg[key], checked: present (unless a default is given) and of the right kind; ints at least
-    `minimum`, floats positive. A config written by hand or cut short fails here, in one line, by name."""
+    `minimum`, floats positive and finite. A config written by hand or cut short fails here, in one
+    line, by name (`where`: the object it sits in, e.g. rope_scaling)."""
     value = cfg.get(key)
+    key = f"{where} {key}" if where else key
     if value is None:
         if default is _MISSING:
             raise UserError(f"config.json has no {key}")
         return default
     ok = {int: isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
-          float: isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+          float: isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf,
           bool: isinstance(value, bool), dict: isinstance(value, dict)}[kind]
     if not ok:
-        want = {int: f"an integer >= {minimum}", float: "a positive number", bool: "true or false", dict: "an object"}[kind]
+        want = {int: f"an integer >= {minimum}", float: "a positive finite number", bool: "true or false", dict: "an object"}[kind]
         raise UserError(f"config.json: {key} is {value!r}, expected {want}")
     return value
+
+
+ROPE_FIELDS = {"linear": ("factor",),  # what each RoPE scaling needs, every one a positive number
+               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
 def _rope_config(cfg: dict) -> tuple[float, dict | None]:
     # transformers 5 writes "rope_parameters"; older configs write "rope_theta" + "rope_scaling"
     params = _field(cfg, "rope_parameters", dict, {})
-    theta = params.get("rope_theta", _field(cfg, "rope_theta", float, 10000.0))
+    theta = _field(params, "rope_theta", float, None, where="rope_parameters") or _field(cfg, "rope_theta", float, 10000.0)
     scaling = _field(cfg, "rope_scaling", dict, {}) or params
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return theta, None
-    if kind not in ("llama3", "linear"):
-        raise UserError(f"rope type {kind!r} is not supported (supported: default, linear, llama3)")
+    if kind not in ROPE_FIELDS:
+        raise UserError(f"rope type {kind!r} is not supported (supported: default, {', '.join(ROPE_FIELDS)})")
+    for key in ROPE_FIELDS[kind]:
+        _field(scaling, key, float, where="rope_scaling" if cfg.get("rope_scaling") else "rope_parameters")
+    if kind == "llama3" and scaling["low_freq_factor"] >= scaling["high_freq_factor"]:
+        raise UserError("config.json: llama3 rope scaling needs low_freq_factor < high_freq_factor")
     return theta, {**scaling, "rope_type": kind}
 
 
@@ -291,10 +309,7 @@ class SafetensorsFile:
                 raw = f.read(n)
         except OSError as e:
             raise UserError(f"{path}: cannot read it ({e.strerror})") from None
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+        header = read_json(path, raw)
         if not isinstance(header, dict):
             raise UserError(f"{path}: the safetensors header is not a JSON object")
         header.pop("__metadata__", None)
@@ -318,17 +333,18 @@ class SafetensorsFile:
         if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
             raise bad("not an object with dtype, shape and data_offsets")
         dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
-        if dtype not in SAFETENSORS_BITS:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_BITS:
             raise bad(f"unknown dtype {dtype!r}")
         if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
             raise bad(f"shape {shape!r} is not a list of non-negative integers")
         if not (isinstance(offsets, list) and len(offsets) == 2
                 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
             raise bad(f"data_offsets {offsets!r} is not [begin, end]")
-        bits = math.prod(shape) * SAFETENSORS_BITS[dtype]
+        bits = math.prod(shape) * SAFETENSORS_BITS[dtype]  # Python integers: no overflow, whatever the header says
         if bits != 8 * (offsets[1] - offsets[0]):
-            raise bad(f"shape {shape} of {dtype} needs {bits / 8:g} bytes, data_offsets {offsets} give "
-                      f"{offsets[1] - offsets[0]}")
+            short = lambda x: str(x) if len(str(x)) <= 40 else str(x)[:37] + "..."  # noqa: E731
+            raise bad(f"data_offsets {short(offsets)} give {short(offsets[1] - offsets[0])} bytes, shape "
+                      f"{short(shape)} of {dtype} needs {short(bits // 8)}")
         return offsets[0], offsets[1]
 
     def shape(self, name: str) -> tuple:
@@ -397,10 +413,7 @@ class CheckpointReader:
     @staticmethod
     def _read_index(path: Path) -> dict[str, str]:
         """The index's weight_map (tensor -> shard file), every shard it names checked to be on disk."""
-        try:
-            index = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{path}: cannot read it as JSON ({e})") from None
+        index = read_json(path)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not (isinstance(weight_map, dict) and weight_map
                 and all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
@@ -451,9 +464,11 @@ class CheckpointReader:
         return file.shape(name)
 
     def stored_dtype(self) -> torch.dtype:
-        """The dtype the checkpoint stores its weights in (its embeddings')."""
+        """The dtype the checkpoint stores its weights in (its embeddings'), bfloat16 for FP8: what its
+        dequantized weights are written in, as transformers dequantizes them."""
         emb = hf_name("tok_embeddings.weight")
-        return SAFETENSORS_DTYPES[self.files[self.weight_map[emb]].dtype(emb)]
+        dtype = self.files[self.weight_map[emb]].dtype(emb)
+        return torch.bfloat16 if dtype in FP8 else SAFETENSORS_DTYPES[dtype]
 
     def check(self, args: ModelArgs | None = None) -> set[str]:
         """Hold the tensors against what config.json declares (checkpoint_tensors), before any is read:
@@ -542,7 +557,7 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch
     with torch.device("meta"):
         model = Transformer(args)
     reader.fill(model, device=device, dtype=dtype)
-    model.set_rope(args.max_seq_len, device)
+    model.set_rope(device=device)
     return model.eval(), reader.folder
 
 

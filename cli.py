@@ -1,8 +1,8 @@
 """What every script's command line shares: the rules for failing, and the device and dtype flags.
 
 - UserError: a mistake in what the user asked for, or a file we cannot use.
-- run(main): how a script fails. A UserError, an OSError (disk full, permission denied) or a
-  closed standard output is one line on stderr and exit 1; SIGTERM unwinds like Ctrl-C (so
+- run(main): how a script fails. A UserError, an OSError (disk full, permission denied), running
+  out of memory or a closed standard output is one line on stderr and exit 1; SIGTERM unwinds like Ctrl-C (so
   temporary folders go), exit 143; anything else is a bug and keeps its traceback. Under torchrun
   a rank that fails leaves at once, and the job ends within seconds with one line from it.
 - pick_device, pick_dtype: --device and --dtype, with defaults that suit the hardware.
@@ -53,14 +53,15 @@ PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pi
 
 def run(main) -> None:
     """Run a script's main() under the project's rules for failing:
-    - a UserError, or an OSError (disk full, permission denied), is one line on stderr, exit 1;
+    - a UserError, an OSError (disk full, permission denied) or running out of memory is one line
+      on stderr, exit 1;
     - standard output closed early (`| head`) is one line too, and no flush error after it;
     - SIGTERM unwinds like Ctrl-C (temporary files removed), exit 143; Ctrl-C exits 130;
     - any other exception is a bug: its traceback is what a developer needs.
-    Under torchrun a rank that fails leaves at once, without waiting for the others (they learn it
-    from their next collective, which breaks): one line from the rank that failed, exit 1 on every
-    rank within seconds. A rank whose collective broke because a peer left exits 1 without a word;
-    a UserError, the same on every rank, is printed by rank 0 only."""
+    Under torchrun each rank that fails says so in one line (ending [rank N]) and leaves at once,
+    without waiting for the others: they learn it from their next collective, which breaks, and
+    leave without a word, so the job ends within seconds. (A check every rank fails alike is one
+    line per rank: a rank cannot tell whether another has said it already.)"""
     import torch.distributed as dist
     signal.signal(signal.SIGTERM, _terminate)
     rank = int(os.environ.get("RANK", "0"))
@@ -69,7 +70,7 @@ def run(main) -> None:
     try:
         main()
     except UserError as e:
-        code, line = 1, (f"error: {e}" if rank == 0 else None)
+        code, line = 1, f"error: {e}"
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
         code, line = 1, "error: standard output was closed before the output was complete (piped into head?)"
@@ -80,15 +81,18 @@ def run(main) -> None:
     except KeyboardInterrupt:
         code = 130
     except Exception as e:
-        if not parallel:
+        if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):
+            code, line = 1, f"error: out of memory: {str(e).splitlines()[0][:200]}"
+        elif not parallel:
             raise
-        code = 1
-        if not any(s in str(e) for s in PEER_GONE):
-            where = e.__traceback__
-            while where.tb_next:
-                where = where.tb_next
-            line = (f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                    f"({Path(where.tb_frame.f_code.co_filename).name}:{where.tb_lineno})")
+        else:
+            code = 1
+            if not any(s in str(e) for s in PEER_GONE):
+                where = e.__traceback__
+                while where.tb_next:
+                    where = where.tb_next
+                line = (f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                        f"({Path(where.tb_frame.f_code.co_filename).name}:{where.tb_lineno})")
     if line:
         print(f"{line} [rank {rank}]" if parallel else line, file=sys.stderr, flush=True)
     if dist.is_available() and dist.is_initialized():

@@ -429,7 +429,7 @@ def convert_in_memory(reader: CheckpointReader, calib: torch.Tensor, **kw) -> Tr
         reader.fill(model.output, "output.")
     for i, *_, block in blocks:
         model.layers[i] = block
-    model.set_rope(args.max_seq_len)
+    model.set_rope()
     return model.eval()
 
 

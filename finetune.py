@@ -65,7 +65,7 @@ from convert import TINY  # the RMS the latent is folded back to, as convert.py 
 from evaluate import perplexity
 from fetch import default_or, ensure_default_conversion, read_text
 from model import MLA, RMSNorm, Transformer
-from writer import check_output, write_model
+from writer import check_output, check_output_file, write_model
 import tpla
 
 LINEAR = 1e-8  # a latent norm is linear if its input's mean square is below LINEAR * eps (error < LINEAR / 2)
@@ -360,15 +360,21 @@ def main():
     student_dir, teacher_dir, texts = resolve_paths(args)
     out = Path(args.out) if args.out else student_dir.parent / f"{student_dir.name}-ft"
     state_path = Path(args.state) if args.state else out.with_name(out.name + ".state.pt")
-    check_output(out, [student_dir, teacher_dir, *texts, *eval_paths(args), state_path])
     state = None
     if args.resume:
         if not state_path.is_file():
             raise UserError(f"--resume: no state file {state_path}")
-        state = torch.load(state_path, weights_only=False)
+        try:
+            state = torch.load(state_path, weights_only=False)
+            assert isinstance(state, dict) and isinstance(state.get("settings"), dict)
+        except Exception:  # anything torch.load can raise on a file that is not a state
+            raise UserError(f"--resume: {state_path} is not a training state of finetune.py") from None
         for k in SETTINGS:  # the run continues as it was started
             setattr(args, k, state["settings"].get(k, p.get_default(k)))  # a setting added since: its default
         student_dir, teacher_dir, texts = resolve_paths(args)
+    inputs = [student_dir, teacher_dir, *texts, *eval_paths(args)]
+    check_output_file(state_path, inputs, "--state", kind="torch")  # it is written over as training goes
+    check_output(out, [*inputs, state_path])
     from tokenizer import load_tokenizer
     tok = load_tokenizer(student_dir)
     ids = training_ids(texts, tok)

@@ -349,10 +349,14 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.cache_len = 0  # 0: no cache, every forward sees the whole sequence
-        self.set_rope(args.max_seq_len)
+        self.set_rope()
 
-    def set_rope(self, n_pos: int, device=None):
+    def set_rope(self, n_pos: int | None = None, device=None):
+        """The cos / sin tables of positions 0 ... n_pos - 1; by default of the trained context, at most
+        4096 positions to start with (a 10M-token context would need gigabytes): setup_caches and
+        forward grow them when a longer cache or sequence comes."""
         a = self.args
+        n_pos = n_pos or min(a.max_seq_len, 4096)
         if a.rope_pairs is None:
             inv_freq = rope_frequencies(a.rope_dim, a.rope_theta, a.rope_scaling)
         else:

@@ -29,7 +29,7 @@ import torch
 
 from checkpoint import CheckpointReader, SafetensorsFile, load_model
 from cli import UserError
-from writer import CheckpointWriter, MARKER, check_output
+from writer import MARKER, CheckpointWriter, check_output, check_output_file
 from test_equivalence import _free_port, _one_clear_line, _rank_env, _script, assert_close
 
 ROOT = Path(__file__).resolve().parent
@@ -134,7 +134,7 @@ def _index_cases(folder: Path) -> list:
 
     return [
         ("a shard the index names is missing", lambda: (folder / shards[-1]).unlink(), shards[-1]),
-        ("the index is not JSON", lambda: index.write_text('{"weight_map": {'), "cannot read it as JSON"),
+        ("the index is not JSON", lambda: index.write_text('{"weight_map": {'), "not valid JSON"),
         ("the index is a JSON list", set_index([wm]), "no weight_map"),
         ("a weight_map value is not a file name", set_index({"weight_map": {**wm, first: 3}}), "no weight_map"),
         ("a tensor listed under a shard that does not hold it", set_index({"weight_map": {**wm, first: wm[other]}}),
@@ -188,6 +188,12 @@ def _header_cases(path: Path) -> list:
         ("FP8 weights without a quantization_config", change(lambda h: h[a].update(dtype="F8_E4M3",
                                                                                   shape=[*h[a]["shape"], 4])),
          "FP8 without a quantization_config"),
+        ("a dtype that is not a string", change(lambda h: h[a].update(dtype=["F32"])), "unknown dtype"),
+        ("a shape of astronomical size", change(lambda h: h[a].update(shape=[10 ** 200, 10 ** 200])), "of F32 needs 4000"),
+        ("an integer of 5000 digits", write_raw(len(big := b'{"x": ' + b"9" * 5000 + b"}").to_bytes(8, "little")
+                                                + big + data), "not valid JSON"),
+        ("nesting 100000 deep", write_raw(len(deep := b"[" * 100000 + b"]" * 100000).to_bytes(8, "little") + deep + data),
+         "not valid JSON"),
     ]
 
 
@@ -199,7 +205,7 @@ def _config_cases(folder: Path) -> list:
         return lambda: path.write_text(json.dumps(obj))
 
     cases = [
-        ("config.json is not JSON", lambda: path.write_text("{"), "cannot read it as JSON"),
+        ("config.json is not JSON", lambda: path.write_text("{"), "not valid JSON"),
         ("config.json is a list", set_config([cfg]), "not a JSON object"),
         ("no hidden_size", set_config({k: v for k, v in cfg.items() if k != "hidden_size"}), "has no hidden_size"),
         ("hidden_size as a string", set_config({**cfg, "hidden_size": "64"}), "hidden_size is '64'"),
@@ -210,6 +216,20 @@ def _config_cases(folder: Path) -> list:
         ("only a pickle checkpoint", lambda: (folder / "model.safetensors").rename(folder / "pytorch_model.bin"),
          "pickle checkpoint"),
     ]
+    for what, change, needle in (
+            ("linear RoPE scaling without a factor", {"rope_scaling": {"rope_type": "linear"}}, "has no rope_scaling factor"),
+            ("llama3 RoPE scaling without its fields", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+             "has no rope_scaling low_freq_factor"),
+            ("a RoPE factor of 0", {"rope_scaling": {"type": "linear", "factor": 0}}, "rope_scaling factor is 0"),
+            ("a RoPE factor as a string", {"rope_scaling": {"type": "linear", "factor": "2"}}, "rope_scaling factor is '2'"),
+            ("rope_theta as a string", {"rope_parameters": {"rope_theta": "1e4"}}, "rope_parameters rope_theta is '1e4'"),
+            ("rope_theta infinite", {"rope_theta": float("inf"), "rope_parameters": None}, "rope_theta is inf"),
+            ("rms_norm_eps infinite", {"rms_norm_eps": float("inf")}, "rms_norm_eps is inf"),
+            ("an integer of 5000 digits", None, "not valid JSON")):
+        if change is None:
+            cases.append((what, lambda: path.write_text('{"hidden_size": ' + "9" * 5000 + "}"), needle))
+        else:
+            cases.append((what, set_config({**cfg, **change}), needle))
     for method in ("gptq", "awq", "bitsandbytes", "compressed-tensors", "fbgemm_fp8", "torchao"):
         cases.append((f"quantization_config {method}", set_config({**cfg, "quantization_config": {"quant_method": method}}),
                       f"quant_method {method!r}"))
@@ -407,10 +427,13 @@ def test_writer_reads_its_folder_back_before_commit(llama, tmp_path):
 
 # ----------------------------------------------------------------------------- --out
 
-def test_out_that_could_cost_a_file_is_refused_before_any_work(llama, tmp_path):
-    """--out is refused in one line when it is an input, holds one, lies inside one, is a file, a
-    symbolic link, or a folder this project did not write; an empty folder and an earlier output of
-    ours are fine. convert.py, tpla.py and finetune.py ask before reading any text or tensor."""
+def test_out_that_could_cost_a_file_is_refused_before_any_work(llama, tmp_path, monkeypatch):
+    """--out is refused in one line when it is an input, holds one, lies inside one, holds the
+    current folder, is a file, a symbolic link or a mount point, or a folder this project did not
+    write, or an earlier output of ours to which something was added since (a note, a .git) or
+    whose record is damaged; an empty folder and an untouched earlier output of ours are fine.
+    The same for the files a run writes (--state, --json). convert.py, tpla.py, finetune.py and
+    bench.py ask before reading any text or tensor."""
     models = tmp_path / "models"
     src = _fresh(llama / "single", models / "llama")
     (tmp_path / "texts").mkdir()
@@ -421,19 +444,41 @@ def test_out_that_could_cost_a_file_is_refused_before_any_work(llama, tmp_path):
     (tmp_path / "theirs" / "data.bin").write_bytes(b"keep me")
     (tmp_path / "empty").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "empty")
-    (tmp_path / "ours").mkdir()
-    (tmp_path / "ours" / MARKER).write_text("{}")
+    for name, extra in (("ours", None), ("ours_noted", "notes.txt"), ("ours_git", ".git"), ("ours_damaged", None)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+        (tmp_path / name / MARKER).write_text(json.dumps({"files": ["config.json"]}))
+        if extra:
+            (tmp_path / name / extra).mkdir()
+    (tmp_path / "ours_damaged" / MARKER).write_text("{")
     inputs = [src, calib]
-    for out, needle in ((models, "contains the input"), (src, "is the input"), (src / "sub", "lies inside the input"),
-                        (tmp_path / "texts", "contains the input"), (tmp_path / "a_file", "is a file"),
-                        (tmp_path / "link", "symbolic link"), (tmp_path / "theirs", "was not written by this project"),
-                        (tmp_path / "a_file" / "out", "cannot create")):
+    cases = [(models, "contains the input"), (src, "is the input"), (src / "sub", "lies inside the input"),
+             (tmp_path / "texts", "contains the input"), (tmp_path / "a_file", "is a file"),
+             (tmp_path / "link", "symbolic link"), (tmp_path / "theirs", "was not written by this project"),
+             (tmp_path / "ours_noted", "holds files this project did not write there (notes.txt)"),
+             (tmp_path / "ours_git", "(.git)"), (tmp_path / "ours_damaged", "is damaged"),
+             (tmp_path / "a_file" / "out", "cannot create")]
+    if os.path.ismount("/proc"):
+        cases.append((Path("/proc"), "mount point"))
+    for out, needle in cases:
         with pytest.raises(UserError) as e:
             check_output(out, inputs)
         print(f"  {e.value}")
         assert needle in str(e.value)
     for out in (tmp_path / "empty", tmp_path / "ours", tmp_path / "new" / "deeper"):
         assert check_output(out, inputs) == out
+    monkeypatch.chdir(tmp_path / "ours")  # an output of ours, but the shell stands in it
+    with pytest.raises(UserError, match="holds the current folder") as e:
+        check_output(".", inputs)
+    print(f"  {e.value}")
+    monkeypatch.undo()
+    for path, kind, needle in ((calib, "torch", "is the input"), (src / "state.pt", "torch", "lies inside the input"),
+                               (tmp_path / "a_file", "torch", "is not a training state"),
+                               (tmp_path / "empty", None, "is a folder")):
+        with pytest.raises(UserError) as e:
+            check_output_file(path, inputs, "--state", kind)
+        print(f"  {e.value}")
+        assert needle in str(e.value)
     before = _digest(tmp_path)
     # case 06 of ../shared/cases, as a user meets it: refused before any work, nothing touched
     res = _script("convert.py", *_convert_argv(src, models, calib))
@@ -445,8 +490,12 @@ def test_out_that_could_cost_a_file_is_refused_before_any_work(llama, tmp_path):
     (mla / "config.json").write_text(json.dumps({**cfg, "model_type": "deepseek_v3", "kv_lora_rank": 16,
                                                   "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 16}))
     _one_clear_line(_script("tpla.py", "--ckpt", str(mla), "--out", str(tmp_path)), "contains the input")
-    _one_clear_line(_script("finetune.py", "--ckpt", str(mla), "--teacher", str(src), "--text", str(calib),
-                            "--out", str(tmp_path / "theirs")), "was not written by this project")
+    finetune = ["finetune.py", "--ckpt", str(mla), "--teacher", str(src), "--text", str(calib)]
+    _one_clear_line(_script(*finetune, "--out", str(tmp_path / "theirs")), "was not written by this project")
+    _one_clear_line(_script(*finetune, "--out", str(tmp_path / "ft"), "--state", str(calib)), "--state")
+    _one_clear_line(_script(*finetune, "--out", str(tmp_path / "ft"), "--state", str(tmp_path / "a_file"), "--resume"),
+                    "is not a training state")
+    _one_clear_line(_script("bench.py", "--ppl", "--ckpt", str(src), "--json", str(src / "config.json")), "--json")
     shutil.rmtree(mla)
     assert _digest(tmp_path) == before
 
@@ -470,6 +519,8 @@ def step(name, fn):
 W = writer.CheckpointWriter
 for name in ("_write", "_close_shard", "stage", "commit"):
     setattr(W, name, step(name, getattr(W, name)))
+if os.environ.get("NO_EXCHANGE"):  # a filesystem without RENAME_EXCHANGE (NFS, Lustre)
+    writer._exchange = lambda a, b: False
 for name in ("_exchange", "_fsync"):
     setattr(writer, name, step(name, getattr(writer, name)))
 os.replace, shutil.rmtree, shutil.copy2 = (step(f.__name__, f) for f in (os.replace, shutil.rmtree, shutil.copy2))
@@ -534,6 +585,25 @@ def test_kill_during_the_write_leaves_old_or_new_output(llama, tmp_path):
     assert _script("convert.py", *_convert_argv(src, tmp_path / f"kill{k}", calib)).returncode == 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".kill{k}.transmla-")]
     print(f"  {len(left)} temporary folders left by the kills; the next run into kill{k} removed its own")
+
+    # where the filesystem cannot swap two folders in one step, commit renames twice; killed between them
+    out = tmp_path / "noswap"
+    _fresh(old_out, out)
+    env = {**os.environ, "NO_EXCHANGE": "1"}
+    argv = [sys.executable, str(driver), "0", str(out) + ".steps", *_convert_argv(src, out, calib)]
+    assert subprocess.run(argv, cwd=ROOT, env=env, capture_output=True).returncode == 0
+    steps = json.loads((tmp_path / "noswap.steps").read_text())
+    last_rename = max(i for i, s in enumerate(steps, 1) if s == "replace")
+    _fresh(old_out, out)
+    argv[2] = str(last_rename)
+    assert subprocess.run(argv, cwd=ROOT, env=env, capture_output=True).returncode == -signal.SIGKILL
+    aside = [p.name for p in tmp_path.iterdir() if p.name.startswith(".noswap.transmla-") and p.name.endswith("-old")]
+    assert not out.exists() and len(aside) == 1
+    reader = CheckpointReader(old_out)
+    with CheckpointWriter(out, reader.args.extra, reader.args):  # the next writer of the folder puts it back
+        assert _digest(out) == old
+    print(f"  no RENAME_EXCHANGE, killed between the two renames: the output stood aside as {aside[0]}; "
+          "the next writer of the folder put it back, byte for byte")
 
     out = tmp_path / "outside"
     _fresh(old_out, out)
@@ -631,3 +701,16 @@ def test_failing_rank_ends_the_job_at_once(llama, tmp_path):
     assert rcs == [1, 1] and took < 60
     assert "standard output was closed" in errs[0] and "Traceback" not in errs[0] + errs[1]
     assert not [line for line in errs[1].splitlines() if line.startswith("error")]
+
+    # a user error on one rank only (a path missing on one node): that rank says it, the job ends
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "generate.py", "--ckpt", str(letters if r == 0 else tmp_path / "nowhere"),
+                               "--prompt", "Once", "--max-new-tokens", "3000"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, **_rank_env(r, 2, port)})
+             for r in range(2)]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    print(f"a checkpoint missing on rank 1 only: exits {[p.returncode for p in procs]}; rank 1 said "
+          f"{errs[1].strip()!r}, rank 0 {errs[0].strip().splitlines()[-1:]}")
+    assert [p.returncode for p in procs] == [1, 1]
+    assert errs[1].strip().splitlines() == [errs[1].strip()] and "no such file" in errs[1] and "[rank 1]" in errs[1]
+    assert "Traceback" not in errs[0] and "error" not in errs[0]

@@ -424,6 +424,7 @@ def rotate_for_tpla(path: str | Path, out: str | Path, world: int, calib: torch.
     N, T = calib.shape
     stride = max(1, N * (T - T // 2) // queries)
     h = model.tok_embeddings(calib)
+    model.set_rope(max(T, model.rope_cos.shape[0]))
     cos, sin = model.rope_cos[:T], model.rope_sin[:T]
     mask = torch.ones(T, T, dtype=torch.bool).tril()
     before, after = [], []
@@ -526,12 +527,13 @@ def load_parallel(path: str | Path, mode: str, rank: int, world: int, device: st
         model = Transformer(args)
     for name in ("tok_embeddings", "norm") + (() if model.output is None else ("output",)):
         reader.fill(getattr(model, name), f"{name}.", device, dtype)
-    model.set_rope(args.max_seq_len, device)
+    model.set_rope(device=device)
     pca = mode == "tpla" and transform.startswith("pca")
     if pca:
         calib = (calib if calib is not None else calibration_ids(reader.folder)).to(device)
         h = model.tok_embeddings(calib)  # (N, T, D) hidden states of the whole model
         T = calib.shape[1]
+        model.set_rope(max(T, model.rope_cos.shape[0]), device)
         rope_cs, mask = (model.rope_cos[:T], model.rope_sin[:T]), torch.ones(T, T, dtype=torch.bool, device=device).tril()
     for i in range(args.n_layers):
         with torch.device("meta"):

@@ -18,7 +18,9 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 from dataclasses import replace
@@ -35,37 +37,86 @@ from model import ModelArgs
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "tokenizer.model", "chat_template.jinja")
-MARKER = "transmla_output.json"  # in every folder this project writes: by what, from what, when
+MARKER = "transmla_output.json"  # in every folder this project writes: by what, from what, when, which files
+
+
+def _overlaps(path: Path, inputs, flag: str):
+    """UserError if `path` is one of the inputs, holds one or lies inside one."""
+    where = path.resolve()
+    for src in inputs:
+        src_path = Path(src).resolve()
+        if where == src_path or where in src_path.parents:
+            raise UserError(f"{flag} {path} {'is' if where == src_path else 'contains'} the input {src}: "
+                            "writing there would replace it; choose a new path")
+        if src_path in where.parents:
+            raise UserError(f"{flag} {path} lies inside the input {src}; choose a path outside it")
+
+
+def _creatable(path: Path, flag: str):
+    parent = path.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot create anything in {parent}")
 
 
 def check_output(out: str | Path, inputs=()) -> Path:
     """The folder a script is about to write, refused in one line (UserError) before any work if
     writing it could cost the user a file: `out` is one of the `inputs` (checkpoints, texts, state
-    files), contains one or lies inside one; or it exists and is a file, a symbolic link, or a
-    folder this project did not write (no MARKER in it) that is not empty; or nothing can be
-    created where it would go. A folder we wrote earlier is replaced, atomically, by
-    CheckpointWriter.commit()."""
-    out = Path(out)
-    where = out.resolve()
-    for src in inputs:
-        src_path = Path(src).resolve()
-        if where == src_path or where in src_path.parents:
-            raise UserError(f"--out {out} {'is' if where == src_path else 'contains'} the input {src}: "
-                            "writing there would replace it; choose a new folder")
-        if src_path in where.parents:
-            raise UserError(f"--out {out} lies inside the input {src}; choose a folder outside it")
+    files), contains one or lies inside one, or holds the current folder; it exists and is a
+    file, a symbolic link or a mount point; it is a folder that is not empty and that this project
+    did not write, or that holds files besides those it wrote (MARKER lists them: a note, a
+    .git, a model written into it later would be lost); nothing can be created where it would go.
+    Returns the folder as an absolute path. A folder we wrote earlier, untouched, is replaced
+    atomically by CheckpointWriter.commit()."""
+    out = Path(os.path.abspath(out))
+    _overlaps(out, inputs, "--out")
+    if out == Path.cwd() or out in Path.cwd().parents:
+        raise UserError(f"--out {out} holds the current folder; give a folder outside it")
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise UserError(f"--out {out} exists and is {'a symbolic link' if out.is_symlink() else 'a file'}: "
                         "give a folder to create")
-    if out.is_dir() and not (out / MARKER).is_file() and any(out.iterdir()):
+    if out.is_dir() and os.path.ismount(out):
+        raise UserError(f"--out {out} is a mount point, which cannot be replaced: give a folder inside it")
+    present = set(os.listdir(out)) if out.is_dir() else set()
+    if present and MARKER not in present:
         raise UserError(f"--out {out} exists and was not written by this project (no {MARKER} in it): "
                         "choose a new folder, or empty this one yourself")
-    parent = where.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: cannot create anything in {parent}")
+    if present:
+        written = _written_files(out)
+        extra = sorted(present - written - {MARKER})
+        if extra:
+            raise UserError(f"--out {out} holds files this project did not write there ({', '.join(extra[:3])}"
+                            f"{' ...' if len(extra) > 3 else ''}): move them out, or choose a new folder")
+    _creatable(out, "--out")
     return out
+
+
+def _written_files(folder: Path) -> set[str]:
+    marker = folder / MARKER
+    try:
+        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
+        assert isinstance(files, list) and all(isinstance(f, str) for f in files)
+        return set(files)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise UserError(f"--out {folder}: its {MARKER} is damaged, so what else the folder holds is "
+                        "unknown; choose a new folder, or empty this one yourself") from None
+
+
+def check_output_file(path: str | Path, inputs=(), flag: str = "--json", kind: str | None = None) -> Path:
+    """A file a script is about to write (a report, a training state), refused in one line before any
+    work: it is an input, holds one or lies inside one (a checkpoint folder); it is a folder; or it
+    exists and is not of `kind` ("torch": a torch.save archive, such as a state file)."""
+    path = Path(os.path.abspath(path))
+    _overlaps(path, inputs, flag)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    if kind == "torch" and path.exists():
+        import zipfile
+        if not zipfile.is_zipfile(path) or not any(n.endswith("/data.pkl") for n in zipfile.ZipFile(path).namelist()):
+            raise UserError(f"{flag} {path} exists and is not a training state: choose another file name")
+    _creatable(path, flag)
+    return path
 
 
 def _alive(pid: int) -> bool:
@@ -107,9 +158,12 @@ class CheckpointWriter:
     """Writes a Hugging Face folder atomically and tensor by tensor: each tensor's bytes go
     straight to disk (a shard's data file; the shard gets its header when it closes), so memory
     holds one tensor at a time. Everything lands in a temporary sibling folder,
-    .NAME.transmla-PID-XXXX, that takes the place of `folder` only in commit(). Use it as a
+    .NAME.transmla-HOST-PID-XXXX, that takes the place of `folder` only in commit(). Use it as a
     context manager: an error, Ctrl-C or SIGTERM before commit() leaves nothing behind; a kill -9
-    leaves the temporary folder, which the next writer of the same folder removes.
+    leaves the temporary folder, which the next writer of the same folder removes. (Where the
+    filesystem cannot swap two folders in one step, commit() renames twice; a kill between the
+    two leaves the earlier output as .NAME.transmla-HOST-PID-XXXX-old, and the next writer of the
+    folder puts it back.)
 
     `inputs` are the files and folders the run reads: check_output refuses a `folder` that could
     touch them (and any other folder that is not ours to replace) before anything is written."""
@@ -117,15 +171,20 @@ class CheckpointWriter:
     def __init__(self, folder: str | Path, config: dict, args: ModelArgs, inputs=(), max_shard_bytes: int = 2 << 30):
         self.folder, self.inputs = check_output(folder, inputs), list(inputs)
         self.folder.parent.mkdir(parents=True, exist_ok=True)
-        prefix = f".{self.folder.name}.transmla-"
-        for old in self.folder.parent.iterdir():  # left by a writer that was killed
-            pid = old.name[len(prefix):].split("-")[0]
-            if old.name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+        # the host in the name: on a shared filesystem, a process id says nothing about another machine's
+        prefix = f".{self.folder.name}.transmla-{re.sub(r'[^A-Za-z0-9]', '', socket.gethostname())[:24]}-"
+        for old in sorted(self.folder.parent.iterdir()):  # left by a writer of this folder that was killed
+            rest = old.name[len(prefix):]
+            if not old.name.startswith(prefix) or not rest.split("-")[0].isdigit() or _alive(int(rest.split("-")[0])):
+                continue
+            if rest.endswith("-old") and not self.folder.exists():
+                os.replace(old, self.folder)  # killed between commit's two renames: the earlier output goes back
+            else:
                 shutil.rmtree(old, ignore_errors=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=self.folder.parent))
         self.config, self.args = config, replace(args, extra=config)
         self.max_shard_bytes, self.shards, self.header, self.data = max_shard_bytes, [], {}, None
-        self.staged = False
+        self.staged, self.source = False, None
 
     def __enter__(self):
         return self
@@ -193,7 +252,7 @@ class CheckpointWriter:
 
     def stage(self, source: Path | None = None, extra_files: dict | None = None) -> Path:
         """Finish the folder where it is, still under its temporary name, and check it: close the last
-        shard, write the index, config.json and MARKER, copy the tokenizer files from `source`. The
+        shard, write the index and config.json, copy the tokenizer files from `source`. The
         folder is then read back as any checkpoint is (CheckpointReader.check): every tensor its
         config declares is there with its shape, and none is without a place in it. Returns the
         temporary folder, complete and loadable (to evaluate it before commit(), say)."""
@@ -203,10 +262,8 @@ class CheckpointWriter:
             final = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
             os.replace(self.tmp / name, self.tmp / final)
             weight_map.update({key: final for key in keys})
-        files = {"config.json": json.dumps(self.config, indent=2) + "\n",
-                 MARKER: json.dumps({"written_by": Path(sys.argv[0]).name, "source": str(source) if source else None,
-                                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=2) + "\n",
-                 **(extra_files or {})}
+        self.source = source
+        files = {"config.json": json.dumps(self.config, indent=2) + "\n", **(extra_files or {})}
         if n > 1:
             files[INDEX] = json.dumps({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
         for name, text in files.items():
@@ -229,6 +286,10 @@ class CheckpointWriter:
             self.stage(source)
         for name, text in (extra_files or {}).items():
             (self.tmp / name).write_text(text, encoding="utf-8")
+        (self.tmp / MARKER).write_text(json.dumps({  # last: what check_output lets the next run replace
+            "written_by": Path(sys.argv[0]).name, "source": str(self.source) if self.source else None,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "files": sorted(os.listdir(self.tmp))}, indent=2) + "\n", encoding="utf-8")
         for f in self.tmp.iterdir():  # on disk before the rename makes them visible (a power cut)
             _fsync(f)
         os.chmod(self.tmp, 0o755)  # mkdtemp made it private; the result is an ordinary folder
