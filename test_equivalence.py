@@ -139,6 +139,29 @@ def test_bfloat16_decode_tracks_float32(kind):
                  full[:, 29:], 0.15)
 
 
+@pytest.mark.parametrize("impl", ["absorb", "naive"])
+@torch.no_grad()
+def test_bfloat16_long_cache_tracks_float32(impl):
+    """bf16 MLA (weights and cache) decoding 12 tokens after a 2048-token prefill, against the fp32
+    model's one forward: relative error of the logits (norm of the difference over norm of the
+    fp32 logits) measured 0.0121 (absorbed) and 0.0123 (naive), bound 0.03; top-1 the same. Over
+    2K keys a softmax or latent norm that lost its small terms would drift well past that. (On this
+    CPU torch sums bf16 in fp32 inside softmax and mean, so computing either in bf16 is not such a
+    fault here; the fp32 casts in model.py are for kernels that do not.)"""
+    import copy
+    model = _random_model(True, impl)
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    tokens = torch.randint(0, VOCAB, (2, 2060), generator=torch.Generator().manual_seed(5))
+    full = model(tokens)[:, 2048:]
+    bf16.setup_caches(2, 2060)
+    bf16(tokens[:, :2048], torch.arange(2048))
+    steps = torch.cat([bf16(tokens[:, i:i + 1], torch.tensor([i])) for i in range(2048, 2060)], 1).float()
+    rel = ((steps - full).norm() / full.norm()).item()
+    top1 = (steps.argmax(-1) == full.argmax(-1)).float().mean().item()
+    print(f"mla {impl}: bf16 decode after a 2048-token cache vs fp32: relative error {rel:.4f}, top-1 agreement {top1:.0%}")
+    assert rel < 0.03 and top1 == 1.0
+
+
 @pytest.mark.parametrize("kind", ["gqa", "mla_naive", "mla_absorb", "mla_auto"])
 @torch.no_grad()
 def test_chunked_prefill_equals_no_cache(kind):
@@ -221,7 +244,7 @@ def test_embedded_model_matches_transformers(smollm):
     from tokenizer import load_tokenizer
     folder, model, ref = smollm
     ids = torch.tensor([load_tokenizer(folder).encode(EVAL_TEXT.read_text())[:256]])
-    assert_close("SmolLM2-135M logits vs transformers (256 tokens of eval text)", model(ids), ref(ids).logits, 1e-3)
+    assert_close("SmolLM2-135M logits vs transformers (256 tokens of eval text)", model(ids), ref(ids).logits, 1e-4)
 
 
 @torch.no_grad()
@@ -312,6 +335,29 @@ def test_bench_speed_runs_and_reports(tiny, tmp_path):
     assert step_flops(model, 48, 2) - step_flops(model, 16, 2) == 2 * 2 * 32 * 2 * a.n_heads * (2 * a.R + a.r)
     model = load_model(tiny["llama"][0])[0]
     assert step_flops(model, 48, 2) - step_flops(model, 16, 2) == 2 * 2 * 32 * 2 * 2 * 4 * 16
+
+
+def test_bench_bytes_and_flops_by_hand(tiny):
+    """bench.py's roofline inputs for one small shape, counted by hand. The tiny DeepSeek-V3: hidden
+    64, 2 layers, 4 heads, R = 16, r = 8, d_nope 12, d_v 10, MLP 96, vocab 128, untied; the tiny
+    Llama: 4 heads of 16, 2 KV heads. Context 48, batch 2, fp32."""
+    from bench import step_bytes, step_flops
+    mla = load_model(tiny["deepseek_v3"][0])[0]
+    # per layer: wq 64 x 4 (12 + 8) = 5120, wkv_a 64 x 24 = 1536, wkv_b 16 x 4 (12 + 10) = 1408,
+    # wo 40 x 64 = 2560, MLP 3 x 64 x 96 = 18432: 29056 in linears, + norms 16 + 64 + 64
+    linears = 2 * 29056 + 128 * 64  # + lm_head
+    weights = 2 * (29056 + 144) + 128 * 64 + 64  # + final norm; the untied embedding is only indexed
+    assert step_bytes(mla, 48, 2) == 4 * weights + 2 * 48 * 2 * (16 + 8) * 4 == 285056
+    for layer in mla.layers:
+        layer.attention.impl = "absorb"  # per head and cached token: q.[c ; k_pe] (R + r), p.c (R)
+    assert step_flops(mla, 48, 2) == 2 * 2 * (linears + 48 * 2 * 4 * (2 * 16 + 8)) == 326656
+    for layer in mla.layers:
+        layer.attention.impl = "naive"  # per cached token: expand c (R x H (d_nope + d_v)), then attend
+    assert step_flops(mla, 48, 2) == 2 * 2 * (linears + 48 * 2 * (16 * 4 * 22 + 4 * (12 + 8 + 10))) == 851968
+    gqa = load_model(tiny["llama"][0])[0]
+    # per layer: q and o 64 x 64, k and v 64 x 32, MLP 18432: 30720, + norms 128
+    assert step_bytes(gqa, 48, 2) == 4 * (2 * (30720 + 128) + 128 * 64 + 64) + 2 * 48 * 2 * 2 * 2 * 16 * 4 == 328960
+    assert step_flops(gqa, 48, 2) == 2 * 2 * (2 * 30720 + 128 * 64 + 48 * 2 * 2 * 4 * 16) == 327680
 
 
 # ----------------------------------------------------------------------------- conversion (convert.py)
@@ -1269,36 +1315,44 @@ def _sharp_mla(tiny, tmp_path) -> Path:
 
 
 def test_finetune_for_tpla_lowers_its_loss(tiny, tmp_path):
-    """finetune.py --tpla: training with every second window's second half in (simulated) TPLA form
-    shrinks what the TPLA form adds to the held-out KL over the MLA form, against the same steps in
-    MLA form only (on the sharp tiny model: a uniform attention's per-shard softmax costs nothing)."""
+    """finetune.py --tpla 2 (every second window's second half in simulated TPLA form), 60 steps, over
+    6 seeds (data, held-out windows and batches all drawn anew): on held-out windows the KL to the
+    teacher with the second halves in TPLA x2 form falls, and in MLA form does not rise, in every
+    seed; averaged over the seeds the TPLA-form KL ends below that of the same steps in MLA form
+    only. On the sharp tiny model: a uniform attention's per-shard softmax costs nothing."""
     import tpla
     from finetune import batch, distill_step, load_student
     student_dir = _sharp_mla(tiny, tmp_path)
     teacher, _ = load_model(tmp_path / "gqa")
     teacher.requires_grad_(False)
-    ids = torch.randint(0, VOCAB, (4000,), generator=torch.Generator().manual_seed(9))
-    held_out = torch.randint(0, VOCAB, (4, 33), generator=torch.Generator().manual_seed(10))
     ctx = torch.autocast("cpu", enabled=False)
-    kl = {}
-    for world in (1, 2):
-        gen = torch.Generator().manual_seed(0)
-        student, _, params = load_student(student_dir, "cpu", torch.float32, "attn", ids[:128].view(4, 32))
-        if world > 1:
-            tpla.simulate(student, world, start=16, rows=torch.tensor([1, 3]))
-        opt = torch.optim.AdamW(params, lr=1e-3)
-        for _ in range(60):
-            distill_step(student, teacher, *batch(ids, 4, 32, gen), 0.0, ctx)
-            opt.step()
-            opt.zero_grad()
-        for form in (1, 2):  # held-out, the second halves in MLA form (1 shard), then in TPLA x2 form
-            tpla.simulate(student, form, start=16)
-            kl[world, form], _ = distill_step(student, teacher, held_out[:, :-1], held_out[:, 1:], 0.0, ctx,
-                                              backward=False)
-    gap = {world: kl[world, 2] - kl[world, 1] for world in (1, 2)}
-    print(f"held-out KL after 60 steps, MLA form / TPLA x2 form: trained in MLA form {kl[1, 1]:.5f} / "
-          f"{kl[1, 2]:.5f}, with --tpla 2 {kl[2, 1]:.5f} / {kl[2, 2]:.5f}: TPLA's excess {gap[1]:.5f} -> {gap[2]:.5f}")
-    assert 0 < gap[2] < 0.9 * gap[1]  # measured 0.00276 -> 0.00224
+    tpla_form = {1: [], 2: []}  # trained with --tpla 1 / 2: the TPLA-form KL after training, per seed
+    for seed in range(6):
+        ids = torch.randint(0, VOCAB, (4000,), generator=torch.Generator().manual_seed(100 + seed))
+        held_out = torch.randint(0, VOCAB, (8, 33), generator=torch.Generator().manual_seed(200 + seed))
+        for world in (1, 2):
+            student, _, params = load_student(student_dir, "cpu", torch.float32, "attn", ids[:128].view(4, 32))
+
+            def kl(form: int) -> float:  # held-out, the second halves in MLA form (1 shard) or TPLA x2 form
+                tpla.simulate(student, form, start=16)
+                return distill_step(student, teacher, held_out[:, :-1], held_out[:, 1:], 0.0, ctx, backward=False)[0]
+
+            before = kl(1), kl(2)
+            tpla.simulate(student, world, start=16, rows=torch.tensor([1, 3]) if world > 1 else None)
+            opt, gen = torch.optim.AdamW(params, lr=1e-3), torch.Generator().manual_seed(seed)
+            for _ in range(60):
+                distill_step(student, teacher, *batch(ids, 4, 32, gen), 0.0, ctx)
+                opt.step()
+                opt.zero_grad()
+            after = kl(1), kl(2)
+            tpla_form[world].append(after[1])
+            if world == 2:
+                print(f"seed {seed}, --tpla 2: held-out KL in MLA form {before[0]:.5f} -> {after[0]:.5f}, in TPLA "
+                      f"form {before[1]:.5f} -> {after[1]:.5f} (MLA-form training: {tpla_form[1][-1]:.5f})")
+                assert after[1] < before[1] and after[0] <= before[0]
+    mean = {w: sum(v) / len(v) for w, v in tpla_form.items()}
+    print(f"TPLA-form KL after training, mean of 6 seeds: --tpla 2 {mean[2]:.5f}, MLA form only {mean[1]:.5f}")
+    assert mean[2] < mean[1]  # measured 0.01610 < 0.01633
 
 
 def test_rotation_fitted_for_tpla(tiny, tmp_path):
@@ -1396,10 +1450,18 @@ def test_finetune_script_writes_stock_checkpoint_and_resumes(tmp_path):
     ours, _ = load_model(tmp_path / "a")
     resumed, _ = load_model(tmp_path / "b")
     start, _ = load_model(mla)
-    flat = lambda m: torch.cat([p.flatten() for p in m.state_dict().values()])
-    assert_close("paused + resumed vs straight through (all weights)", flat(resumed), flat(ours), 1e-6)
+    # weights span 4e-11 (the folded latent rows) to 3e6 (their norm weights): compare each row to its own size
+    worst, where = -1.0, ""
+    for name, a in ours.state_dict().items():
+        b = resumed.state_dict()[name]
+        a2, b2 = (a[:, None], b[:, None]) if a.dim() == 1 else (a.flatten(1), b.flatten(1))
+        rel = ((b2 - a2).abs().amax(1) / a2.abs().amax(1).clamp_min(1e-30)).max().item()
+        worst, where = max((worst, where), (rel, name))
+    print(f"paused + resumed vs straight through: largest difference relative to its row {worst:.3g} ({where})")
+    assert worst < 1e-5
     tokens = torch.randint(0, 49152, (2, 40), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
+        assert_close("paused + resumed vs straight through: logits", resumed(tokens), ours(tokens), 1e-5)
         moved = (ours(tokens) - start(tokens)).abs().max().item()
     print(f"fine-tuning moved logits by up to {moved:.3g}")
     assert moved > 1e-3

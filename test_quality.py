@@ -155,3 +155,59 @@ def test_attention_pca_has_the_least_weighted_error(layer0):
               f"BKV-PCA {bkv:.6g}")
         assert abs(fit / eig[R:].sum().item() - 1) < 1e-6
         assert fit < bkv
+
+
+# ----------------------------------------------------------------------------- the embedded model
+
+FITTED_CEILING = 60.0  # measured 56.52 (2026-12-01): the default conversion, 16 x 256 calibration tokens
+
+
+@torch.no_grad()
+def test_embedded_conversion_quality_floors():
+    """SmolLM2-135M at the default setting (R = 64, r = 32, F = 4) with 16 x 256 calibration tokens,
+    perplexity on the first 2 x 1024 evaluation tokens (measured 2026-12-01: original 28.80,
+    transmla 90.41, bkv + refit 57.95, attention 84.84, fitted 56.52). The default (fitted) stays
+    under FITTED_CEILING; each fit is no worse than its absence, alone and on top of the other."""
+    from checkpoint import CheckpointReader, load_model
+    from convert import calibration_samples, convert_in_memory
+    from evaluate import perplexity
+    from fetch import ensure_default_model, ensure_texts, read_text
+    from tokenizer import load_tokenizer
+    folder = ensure_default_model()
+    calib_path, eval_path = ensure_texts()
+    tok = load_tokenizer(folder)
+    calib = calibration_samples([d for d in read_text(calib_path).splitlines() if d.strip()], tok, 256, 16)
+    ids = tok.encode(read_text(eval_path), bos=False)[: 2 * 1024]
+    ppl = {"original": perplexity(load_model(folder)[0], ids, 1024)["ppl"]}
+    for name, latent_fit, output_fit in (("transmla", "bkv", False), ("bkv + refit", "bkv", True),
+                                         ("attention", "attention", False), ("fitted", "attention", True)):
+        model = convert_in_memory(CheckpointReader(folder), calib, rope_dim=32, kv_lora_rank=64, freqfold=4,
+                                  latent_fit=latent_fit, output_fit=output_fit)
+        ppl[name] = perplexity(model, ids, 1024)["ppl"]
+        print(f"{name:>12}: perplexity {ppl[name]:.2f} (original {ppl['original']:.2f})")
+    assert ppl["fitted"] < FITTED_CEILING
+    assert ppl["bkv + refit"] <= ppl["transmla"] and ppl["fitted"] <= ppl["attention"]  # the o_proj refit
+    assert ppl["attention"] <= ppl["transmla"] and ppl["fitted"] <= ppl["bkv + refit"]  # the weighted latent
+    assert ppl["original"] < ppl["fitted"]
+
+
+def test_calibration_sampler():
+    """The calibration the README states: 92 samples of 256 tokens from the embedded calibration
+    split, the official sampler with seed 42 (the same samples on every run, others with another
+    seed); each sample starts at the start of a document, and no document starts two."""
+    from convert import calibration_samples
+    from fetch import ensure_default_model, ensure_texts, read_text
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(ensure_default_model())
+    docs = [d for d in read_text(ensure_texts()[0]).splitlines() if d.strip()]
+    calib = calibration_samples(docs, tok, 256, 128)
+    assert calib.shape == (92, 256)
+    assert torch.equal(calib, calibration_samples(docs, tok, 256, 128))
+    assert not torch.equal(calib[:8], calibration_samples(docs, tok, 256, 8, seed=0))
+    from collections import Counter
+    encoded = [tuple(tok.encode(d)[:256]) for d in docs]  # the corpus holds a few documents twice
+    starts = [next((e for e in encoded if tuple(s[:len(e)].tolist()) == e), None) for s in calib]
+    print(f"{len(docs)} documents ({len(set(encoded))} distinct) -> {calib.shape[0]} samples of "
+          f"{calib.shape[1]} tokens, each starting at a document")
+    assert None not in starts
+    assert all(n <= Counter(encoded)[e] for e, n in Counter(starts).items())  # no document used twice
