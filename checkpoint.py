@@ -470,30 +470,32 @@ class CheckpointReader:
         dtype = self.files[self.weight_map[emb]].dtype(emb)
         return torch.bfloat16 if dtype in FP8 else SAFETENSORS_DTYPES[dtype]
 
-    def check(self, args: ModelArgs | None = None) -> set[str]:
+    def _expect(self, theirs: str, shape: tuple):
+        """UserError unless tensor `theirs` is in the checkpoint with `shape`."""
+        if theirs not in self.weight_map:
+            raise UserError(f"{self.folder}: tensor {theirs} is missing (config.json says model_type "
+                            f"{self.args.extra['model_type']!r}, {self.args.n_layers} layers)")
+        if self.shape(theirs) != shape:
+            raise UserError(f"{self.folder}: tensor {theirs} has shape {list(self.shape(theirs))}, "
+                            f"config.json implies {list(shape)}")
+
+    def check(self):
         """Hold the tensors against what config.json declares (checkpoint_tensors), before any is read:
         each declared one present with its shape, and every one on disk accounted for (FP8 scales
         with their weights; tensors no model uses, such as DeepSeek-V3's multi-token-prediction
-        layers, set aside by _ignorable). Returns the names that were set aside."""
-        args = args or self.args
+        layers, set aside by _ignorable)."""
         used = set()
-        for ours, (theirs, shape) in checkpoint_tensors(args).items():
-            if theirs not in self.weight_map:
-                raise UserError(f"{self.folder}: tensor {theirs} is missing (config.json says model_type "
-                                f"{args.extra['model_type']!r}, {args.n_layers} layers)")
-            if self.shape(theirs) != shape:
-                raise UserError(f"{self.folder}: tensor {theirs} has shape {list(self.shape(theirs))}, "
-                                f"config.json implies {list(shape)}")
+        for theirs, shape in checkpoint_tensors(self.args).values():
+            self._expect(theirs, shape)
             used.add(theirs)
             scale = self._scale_name(theirs)
             if scale:
                 self._check_scale(theirs, scale)
                 used.add(scale)
-        unused = [k for k in self.weight_map if k not in used and not _ignorable(k, args)]
+        unused = [k for k in self.weight_map if k not in used and not _ignorable(k, self.args)]
         if unused:
             raise UserError(f"{self.folder}: tensors that config.json does not account for, e.g. {unused[0]} "
                             f"({len(unused)} in all)")
-        return {k for k in self.weight_map if k not in used}
 
     def _scale_name(self, name: str) -> str | None:
         """The block scales of an FP8 weight; None for a weight stored as it is."""
@@ -526,25 +528,17 @@ class CheckpointReader:
         s = s.repeat_interleave(bm, 0)[: t.shape[0]].repeat_interleave(bn, 1)[:, : t.shape[1]]  # one per weight
         return t.float() * s
 
-    def fill(self, module: torch.nn.Module, prefix: str = "", device="cpu", dtype=torch.float32) -> dict:
+    def fill(self, module: torch.nn.Module, prefix: str = "", device="cpu", dtype=torch.float32):
         """Load every parameter of `module` (built on the meta device; its names are ours, under
-        `prefix` in the whole model) from the checkpoint, shapes checked; returns the HF names used."""
-        state, used = {}, set()
+        `prefix` in the whole model) from the checkpoint, shapes checked."""
+        state = {}
         for ours, meta in module.state_dict().items():
             theirs = hf_name(prefix + ours, self.args.extra["model_type"])
-            if theirs not in self.weight_map:
-                raise UserError(f"{self.folder}: tensor {theirs} is missing (config says model_type "
-                                f"{self.args.extra['model_type']!r}, {self.args.n_layers} layers)")
-            shape = self.shape(theirs)
-            if shape != tuple(meta.shape):
-                raise UserError(f"{self.folder}: tensor {theirs} has shape {list(shape)}, "
-                                f"config.json implies {list(meta.shape)}")
+            self._expect(theirs, tuple(meta.shape))
             t = self.get(theirs)
             perm = rope_rows(self.args, prefix + ours)
             state[ours] = (t if perm is None else t[perm]).to(device=device, dtype=dtype)
-            used.add(theirs)
         module.load_state_dict(state, strict=True, assign=True)
-        return used
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,

@@ -4,9 +4,10 @@
         w.add(...); w.add_layer(...)                                   # tensor by tensor, to a hidden sibling
         w.commit(source=source)                                        # read back, then swapped into place
 
-- check_output: the --out every writing script asks about before it starts: never an input, a
-  folder holding one or inside one, and never a folder this project did not write (MARKER).
-- CheckpointWriter: tensors stream to disk one at a time into .NAME.transmla-PID-XXXX; stage()
+- check_output / check_output_file: the --out (--state, --json) every writing script asks about
+  before it starts: never an input, a folder holding one or inside one, and never a folder this
+  project did not write, or has had files added since (MARKER lists what it wrote).
+- CheckpointWriter: tensors stream to disk one at a time into .NAME.transmla-HOST-PID-XXXX; stage()
   finishes the folder there and reads it back as any checkpoint is read (every tensor its config
   declares, nothing it does not); commit() swaps it into place in one step (renameat2
   RENAME_EXCHANGE), so a crash or kill -9 at any moment leaves the old folder or the new one.
