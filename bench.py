@@ -475,7 +475,7 @@ def ppl(args, device: str, dtype: torch.dtype) -> dict:
                                            args.tpla_rope, args.tpla_rescale)
     else:
         model, folder = load_model(default_or(args.ckpt), device=device, dtype=dtype)
-    ids = load_tokenizer(folder).encode(text, bos=False)[: args.max_tokens]
+    ids = load_tokenizer(folder).encode(text)[: args.max_tokens]
 
     def progress(i, n):
         print(f"\rwindow {i}/{n}", end="", file=sys.stderr, flush=True)

@@ -156,7 +156,7 @@ def main():
     if args.chat:
         prompt = tok.encode_chat([{"role": "user", "content": args.prompt}])
     else:
-        prompt = tok.encode(args.prompt, bos=False)
+        prompt = tok.encode(args.prompt, add_special_tokens=True)  # a BOS where transformers adds one
     if not prompt:
         raise UserError("--prompt is empty")
     model.setup_caches(1, len(prompt) + args.max_new_tokens)

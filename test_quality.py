@@ -177,7 +177,7 @@ def test_embedded_conversion_quality_floors():
     calib_path, eval_path = ensure_texts()
     tok = load_tokenizer(folder)
     calib = calibration_samples([d for d in read_text(calib_path).splitlines() if d.strip()], tok, 256, 16)
-    ids = tok.encode(read_text(eval_path), bos=False)[: 2 * 1024]
+    ids = tok.encode(read_text(eval_path))[: 2 * 1024]
     ppl = {"original": perplexity(load_model(folder)[0], ids, 1024)["ppl"]}
     for name, latent_fit, output_fit in (("transmla", "bkv", False), ("bkv + refit", "bkv", True),
                                          ("attention", "attention", False), ("fitted", "attention", True)):

@@ -1,25 +1,44 @@
-"""A tiktoken tokenizer built from the checkpoint's own files (tiktoken cannot download here).
+"""A checkpoint's tokenizer, from its own files, giving the ids Hugging Face gives (no downloads).
 
     from tokenizer import load_tokenizer
     tok = load_tokenizer("assets/SmolLM2-135M-Instruct")
     ids = tok.encode("Hello world"); text = tok.decode(ids)
-    prompt = tok.encode_chat([{"role": "user", "content": "Hi"}])
+    prompt = tok.encode("Hello", add_special_tokens=True)   # with the BOS / EOS its template adds
+    chat = tok.encode_chat([{"role": "user", "content": "Hi"}])
 
-    python -m pytest -q test_fetch_tokenizer.py -s   # equals Hugging Face tokenizers token for token
+    python -m pytest -q test_tokenizer.py -s   # equals Hugging Face tokenizers token for token
 
-What is in here:
-- Tokenizer: encode / decode / encode_chat, bos_id, eos_ids (the ids that end generation).
-  Streaming: decode the growing list of ids and hold back a trailing "\ufffd" (half a character).
-- load_tokenizer, from one of two sources:
-  - tokenizer.json with a byte-level BPE model (GPT-2 style: SmolLM, Qwen2, Llama-3 exports).
-    Its pre-tokenizer becomes one tiktoken regex. tiktoken merges the adjacent pair whose result
-    has the lowest rank; Hugging Face merges the pair that comes first in the merge list. So the
-    tiktoken ranks are positions in the merge list and a table turns ranks into the model's ids.
-    (For SmolLM2 the ids already grow in merge order, 252 + position; the table is still needed
-    for the 21 control bytes the vocabulary lacks, which Hugging Face drops and so do we.)
-  - a Llama-3 tokenizer.model, which is tiktoken's own format (base64 token, rank = id).
-- Chat formats rendered by our own code, no jinja: ChatML (SmolLM2, Qwen2) and Llama-3. The
-  template is read only to recognise the format, its default system prompt and its date line.
+The oracle is Hugging Face `tokenizers` reading the same tokenizer.json (the library transformers
+runs). One Tokenizer interface, two engines, chosen by what the file contains:
+
+- tiktoken, for byte-level BPE (GPT-2, SmolLM, Qwen2, Llama-3; Llama-3's tiktoken tokenizer.model
+  too). tiktoken merges the adjacent pair whose result has the lowest rank, Hugging Face the pair
+  that comes first in the merge list: the tiktoken ranks are positions in the merge list, and a
+  table turns ranks into the model's ids. These agree when each merge result is made by one merge
+  (checked) and the merges were learned in order, as BPE training makes them (measured: zero
+  differences on SmolLM2 and on trained tokenizers of each kind, test_tokenizer.py). With
+  `ignore_merges: false` a vocabulary token that no merge makes is never produced, so it gets no
+  rank. Added tokens are cut out here, as Hugging Face's added vocabulary cuts them: first those
+  with `normalized: false` from the raw text, then the normalizer (NFC / NFKC) runs on what is
+  left and the `normalized: true` ones are cut from that; at each position the longest token
+  wins (regex alternation, longest first). Each piece in between goes to tiktoken.
+- Hugging Face `tokenizers`, for everything tiktoken cannot express exactly: SentencePiece-style
+  BPE (Llama-2, Mistral, Mixtral, TinyLlama: a Prepend / Replace normalizer or a Metaspace
+  pre-tokenizer, `byte_fallback` to the <0x00>..<0xFF> tokens, a ByteFallback / Fuse / Strip
+  decoder), added tokens with `lstrip` / `rstrip` / `single_word` (Phi-3's chat markers,
+  `<mask>`), other pre-tokenizers, normalizers, decoders and models. `_tiktoken_obstacle` names
+  the feature that sends a file there; the library is needed only for those files.
+
+Special tokens around a sequence (`add_special_tokens=True`) follow transformers 5: the
+tokenizer.json's post-processor (TemplateProcessing, e.g. Llama-3's BOS; none: nothing added).
+tokenizer_config.json's `add_bos_token` / `add_eos_token` count only without a tokenizer.json
+(transformers drops them when there is one). generate.py adds them to a plain prompt, as transformers' tokenizer(prompt) does; perplexity
+(evaluate.py, convert.py, bench.py, finetune.py) encodes without them, its documented protocol.
+transformers' named tokenizer classes (LlamaTokenizer, ...) rebuild the pipeline from the
+vocabulary and merges rather than reading the file's; we read the file, as `tokenizers` does.
+
+Chat formats are rendered by our own code, no jinja: ChatML (SmolLM2, Qwen2) and Llama-3. The
+template is read only to recognise the format, its default system prompt and its date line.
 """
 import base64
 import json
@@ -49,25 +68,125 @@ def _unicode_to_byte() -> dict[str, int]:
     return {chr(b): b for b in printable} | {chr(256 + k): b for k, b in enumerate(others)}
 
 
-class Tokenizer:
-    def __init__(self, enc: tiktoken.Encoding, to_id: list[int | None], bos_id: int | None, eos_ids: set[int],
-                 chat_template: str, bos_token: str = "", normalize: str | None = None):
-        self.enc, self.to_id = enc, to_id  # to_id[rank]: the model's id, None for a byte it lacks
-        self.to_rank = {i: r for r, i in enumerate(to_id) if i is not None}
-        self.bos_id, self.eos_ids, self.chat_template, self.bos_token = bos_id, eos_ids, chat_template, bos_token
+TO_BYTE = _unicode_to_byte()
+
+
+class AddedTokens:
+    """Hugging Face's added vocabulary: cut added tokens out of a text, longest first at each position.
+
+    tokens: (content, id, normalized, special) per added token; normalize: None, "NFC" or "NFKC"."""
+
+    def __init__(self, tokens: list[tuple[str, int, bool, bool]], normalize: str | None = None):
         self.normalize = normalize
+        self.raw = {c: i for c, i, normalized, _ in tokens if c and not normalized}
+        # a normalized token is matched in normalized text, so its own content is normalized too
+        self.norm = {self._normalized(c): i for c, i, normalized, _ in tokens if c and normalized}
+        self.ids = {c: i for c, i, _, _ in tokens}
+        self.special = {i for _, i, _, special in tokens if special}
+        self._raw_re, self._norm_re = self._alternation(self.raw), self._alternation(self.norm)
 
-    def encode(self, text: str, bos: bool = False) -> list[int]:
-        if self.normalize:
-            text = unicodedata.normalize(self.normalize, text)
-        # special tokens written in the text count as special tokens, as in Hugging Face tokenizers
-        ids = [self.to_id[r] for r in self.enc.encode(text, allowed_special="all")]
-        ids = [i for i in ids if i is not None]
-        return [self.bos_id] + ids if bos and self.bos_id is not None else ids
+    def _normalized(self, text: str) -> str:
+        return unicodedata.normalize(self.normalize, text) if self.normalize else text
 
-    def decode(self, ids: list[int]) -> str:
-        # ids past the tokenizer (embedding rows padded to a round number) decode to nothing
-        return self.enc.decode([self.to_rank[i] for i in ids if i in self.to_rank])
+    @staticmethod
+    def _alternation(tokens: dict[str, int]) -> re.Pattern | None:
+        # re takes the first alternative that matches at the leftmost position: longest first
+        return re.compile("|".join(map(re.escape, sorted(tokens, key=len, reverse=True)))) if tokens else None
+
+    @staticmethod
+    def _cut(text: str, pattern: re.Pattern | None, ids: dict[str, int]):
+        """Yields (piece, None) for text between matches and (match, id) for each match."""
+        start = 0
+        for m in pattern.finditer(text) if pattern else ():
+            if m.start() > start:
+                yield text[start:m.start()], None
+            yield m.group(), ids[m.group()]
+            start = m.end()
+        if start < len(text):
+            yield text[start:], None
+
+    def split(self, text: str):
+        """Yields (normalized piece, None) for ordinary text and (token, id) for each added token."""
+        for piece, i in self._cut(text, self._raw_re, self.raw):
+            if i is not None:
+                yield piece, i
+            else:
+                yield from self._cut(self._normalized(piece), self._norm_re, self.norm)
+
+
+class TiktokenBPE:
+    """Byte-level BPE run by tiktoken (see the module docstring for why it is exact).
+
+    enc: an Encoding without special tokens; to_id[rank]: the model's id (None: a byte the vocabulary
+    lacks, dropped as Hugging Face drops it); token_bytes[id]: what each id decodes to;
+    template: (ids before, ids after) the sequence, for add_special_tokens."""
+
+    name = "tiktoken"
+
+    def __init__(self, enc: tiktoken.Encoding, to_id: list[int | None], token_bytes: dict[int, bytes],
+                 added: AddedTokens, template: tuple[list[int], list[int]]):
+        self.enc, self.to_id, self.token_bytes, self.added, self.template = enc, to_id, token_bytes, added, template
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = []
+        for piece, i in self.added.split(text):
+            if i is not None:
+                ids.append(i)
+            else:
+                ids += [t for t in map(self.to_id.__getitem__, self.enc.encode_ordinary(piece)) if t is not None]
+        return [*self.template[0], *ids, *self.template[1]] if add_special_tokens else ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        # ids past the tokenizer (embedding rows padded to a round number) decode to nothing;
+        # bytes that are not UTF-8 become U+FFFD, as in Rust's from_utf8_lossy
+        skip = self.added.special if skip_special_tokens else ()
+        return b"".join(self.token_bytes.get(i, b"") for i in ids if i not in skip).decode("utf-8", "replace")
+
+
+class HFTokenizers:
+    """A tokenizer.json run by Hugging Face `tokenizers` itself; `why` names what sent it here."""
+
+    name = "tokenizers"
+
+    def __init__(self, path: Path, why: str):
+        try:
+            from tokenizers import Tokenizer as HFTokenizer
+        except ImportError:
+            raise UserError(f"{path}: {why}, which only Hugging Face tokenizers runs exactly: "
+                            f"pip install tokenizers") from None
+        try:
+            self.hf = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the library raises plain Exceptions for malformed files
+            raise UserError(f"{path}: Hugging Face tokenizers cannot read it ({str(e).splitlines()[0]})") from None
+        self.hf.no_truncation()  # transformers turns both off unless a call asks for them
+        self.hf.no_padding()
+        self.why = why
+        added = self.hf.get_added_tokens_decoder()
+        self.added = AddedTokens([(t.content, i, t.normalized, t.special) for i, t in added.items()])
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+class Tokenizer:
+    """encode / decode / encode_chat over one engine; bos_id, eos_ids (the ids that end generation).
+    Streaming: decode the growing list of ids and hold back a trailing "\ufffd" (half a character)."""
+
+    def __init__(self, engine: TiktokenBPE | HFTokenizers, bos_id: int | None, eos_ids: set[int],
+                 chat_template: str, bos_token: str = ""):
+        self.engine = engine
+        self.bos_id, self.eos_ids, self.chat_template, self.bos_token = bos_id, eos_ids, chat_template, bos_token
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`; special tokens written in it count as special tokens (as in Hugging
+        Face). add_special_tokens: add what the post-processor adds around a sequence (a BOS...)."""
+        return self.engine.encode(text, add_special_tokens)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.engine.decode(ids, skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         t = self.chat_template
@@ -95,24 +214,38 @@ class Tokenizer:
         raise UserError("this checkpoint has no chat template we know (ChatML or Llama-3)")
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        # the template writes its own BOS: transformers tokenizes its text without special tokens
         return self.encode(self.apply_chat_template(messages, add_generation_prompt))
 
 
 def load_tokenizer(ckpt_dir: str | Path) -> Tokenizer:
-    """The tokenizer of a checkpoint folder, from tokenizer.json or a Llama-3 tokenizer.model."""
+    """The tokenizer of a checkpoint folder, from tokenizer.json or a Llama-3 tokenizer.model.
+
+    Raises UserError (one line) for a missing folder or file, a file that is not valid, or a
+    tokenizer.json that needs Hugging Face tokenizers when the library is not installed."""
     folder = Path(ckpt_dir)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder")
     config, model_config = _json(folder / "tokenizer_config.json"), _json(folder / "config.json")
+    config = _json(folder / "special_tokens_map.json") | config  # where older folders name BOS / EOS
+    eos_token, bos_token = (_token_name(config.get(k)) for k in ("eos_token", "bos_token"))
     if (folder / "tokenizer.json").is_file():
-        enc, to_id, normalize = _from_tokenizer_json(folder / "tokenizer.json")
+        path = folder / "tokenizer.json"
+        spec = _json(path)
+        if not isinstance(spec.get("model"), dict):
+            raise UserError(f"{path}: not a tokenizer.json (no model)")
+        try:
+            why = _tiktoken_obstacle(spec)
+            engine = None if why else _from_tokenizer_json(spec, path)
+        except (KeyError, TypeError, AttributeError, ValueError, IndexError):  # the library says what is wrong
+            why, engine = "a layout our byte-level reader does not know", None
+        engine = engine or HFTokenizers(path, why)
     elif (folder / "tokenizer.model").is_file():
-        enc, normalize = _from_tiktoken_model(folder / "tokenizer.model", config), None
-        to_id = list(range(enc.n_vocab))  # ranks are the ids
+        path = folder / "tokenizer.model"
+        engine = _from_tiktoken_model(path, config)
     else:
         raise UserError(f"{folder}: no tokenizer.json or tokenizer.model")
-    ids = {t: to_id[enc.encode_single_token(t)] for t in enc.special_tokens_set}
-    eos_token, bos_token = (_token_name(config.get(k)) for k in ("eos_token", "bos_token"))
+    ids = engine.added.ids
 
     eos = set()
     for source in (model_config, _json(folder / "generation_config.json")):
@@ -129,7 +262,7 @@ def load_tokenizer(ckpt_dir: str | Path) -> Tokenizer:
     eos |= {ids[t] for t in ends if t in ids}
 
     bos_id = model_config.get("bos_token_id", ids.get(bos_token))
-    return Tokenizer(enc, to_id, bos_id, eos, template, bos_token or "", normalize)
+    return Tokenizer(engine, bos_id, eos, template, bos_token or "")
 
 
 def _token_name(entry: str | dict | None) -> str | None:
@@ -138,50 +271,155 @@ def _token_name(entry: str | dict | None) -> str | None:
 
 def _json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError as e:
+        out = json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(out, dict):
+        raise UserError(f"{path}: not a JSON object")
+    return out
 
 
-def _from_tokenizer_json(path: Path) -> tuple[tiktoken.Encoding, list[int | None], str | None]:
-    spec = _json(path)
-    model = spec.get("model", {})
+def _flag_template(config: dict, ids: dict[str, int], path: Path) -> tuple[list[int], list[int]]:
+    """Without a tokenizer.json, transformers adds BOS / EOS as tokenizer_config.json's add_bos_token
+    / add_eos_token say (with one, it drops both flags and keeps the file's post-processor)."""
+    out = []
+    for flag, key in (("add_bos_token", "bos_token"), ("add_eos_token", "eos_token")):
+        name = _token_name(config.get(key))
+        if config.get(flag) and name is not None:
+            if name not in ids:
+                raise UserError(f"{path}: tokenizer_config.json's {flag} adds {name!r}, which is not a token")
+            out.append([ids[name]])
+        else:
+            out.append([])
+    return out[0], out[1]
+
+
+def _template(proc: dict | None, special: dict) -> tuple[list[int], list[int]] | None:
+    """The ids a post-processor puts before and after a single sequence; None for a kind we do not read."""
+    kind = proc.get("type") if isinstance(proc, dict) else None
+    if proc is None or kind == "ByteLevel":  # ByteLevel only trims offsets
+        return [], []
+    if kind == "Sequence":
+        before, after = [], []
+        for p in proc.get("processors", []):  # each one wraps what the ones before it made
+            t = _template(p, special)
+            if t is None:
+                return None
+            before, after = t[0] + before, after + t[1]
+        return before, after
+    if kind in ("BertProcessing", "RobertaProcessing"):
+        return [proc["cls"][1]], [proc["sep"][1]]
+    if kind == "TemplateProcessing":
+        parts, seen = ([], []), 0
+        for item in proc.get("single", []):
+            if "Sequence" in item:
+                seen += 1
+            elif "SpecialToken" in item:
+                ids = special.get(item["SpecialToken"].get("id"), {}).get("ids")
+                if not isinstance(ids, list):
+                    return None
+                parts[min(seen, 1)].extend(ids)
+        return parts if seen == 1 else None
+    return None
+
+
+def _tiktoken_obstacle(spec: dict) -> str | None:
+    """The first feature of a tokenizer.json that tiktoken cannot run exactly; None if there is none."""
+    model = spec["model"]
     if model.get("type") != "BPE":
-        raise UserError(f"{path}: tokenizer model {model.get('type')!r} is not supported (byte-level BPE only)")
-    pattern = _pattern(spec.get("pre_tokenizer"), path)
+        return f"model {model.get('type')!r}"
+    for key in ("byte_fallback", "dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key):
+            return key
+    norm = spec.get("normalizer")
+    if norm is not None and norm.get("type") not in ("NFC", "NFKC"):
+        return f"normalizer {_describe(norm)}"
+    if _pattern(spec.get("pre_tokenizer")) is None:
+        return f"pre-tokenizer {_describe(spec.get('pre_tokenizer'))}"
+    if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        return f"decoder {_describe(spec.get('decoder'))}"
+    post = spec.get("post_processor")
+    if _template(post, _special_ids(post)) is None:
+        return f"post-processor {_describe(post)}"
+    for t in spec.get("added_tokens") or []:
+        flags = [f for f in ("lstrip", "rstrip", "single_word") if t.get(f)]
+        if flags:
+            return f"added token {t.get('content')!r} with {' and '.join(flags)}"
+    vocab = model.get("vocab") or {}
+    if any(c not in TO_BYTE for s in vocab for c in s if s not in _added(spec)):
+        return "tokens that are not byte-level (SentencePiece-style BPE)"
+    # tokenizers converted from tiktoken (Llama-3) list every split of a token as a merge, side by
+    # side: still one rank per token. Merges of one token apart from each other are not.
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
+    made, last = set(), None
+    for a, b in merges:
+        if a + b in made and a + b != last:
+            return f"merges that make {a + b!r} apart from each other"
+        made.add(a + b)
+        last = a + b
+    if model.get("unk_token") is not None and any(chr_ not in vocab for chr_ in TO_BYTE):
+        return "an unknown token for bytes the vocabulary lacks"
+    if model.get("ignore_merges") and any(len(s) > 1 and s not in made for s in vocab if s not in _added(spec)):
+        return "ignore_merges with vocabulary tokens no merge makes"
+    return None
+
+
+def _added(spec: dict) -> set[str]:
+    return {t.get("content") for t in spec.get("added_tokens") or []}
+
+
+def _describe(step: dict | None) -> str:
+    return json.dumps({k: v for k, v in step.items() if k not in ("pattern", "precompiled_charsmap")}) if step \
+        else "none"
+
+
+def _from_tokenizer_json(spec: dict, path: Path) -> TiktokenBPE:
+    model, added_spec = spec["model"], spec.get("added_tokens") or []
     norm = (spec.get("normalizer") or {}).get("type")
-    if norm not in (None, "NFC", "NFKC"):
-        raise UserError(f"{path}: normalizer {norm!r} is not supported (none, NFC or NFKC)")
-    # Hugging Face cuts every added token out of the text before BPE; tiktoken's special tokens
-    # (with allowed_special="all") do the same
-    added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
-    vocab, to_byte = model["vocab"], _unicode_to_byte()
-    byte_char = {b: c for c, b in to_byte.items()}
+    added = AddedTokens([(t["content"], t["id"], t.get("normalized", False), t.get("special", False))
+                         for t in added_spec], norm)
+    vocab = model["vocab"]
+    byte_char = {b: c for c, b in TO_BYTE.items()}
     merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
-    # ranks: all 256 bytes (tiktoken needs each), then merge results in merge order, then any other
-    # vocabulary token (never reached by a merge, so its rank hardly matters)
+    # ranks: all 256 bytes (tiktoken needs each), then merge results in merge order; with
+    # ignore_merges (a whole word in the vocabulary is taken as is) every other token too
     ranks, to_id = {}, []
-    for s in [byte_char[b] for b in range(256)] + [a + b for a, b in merges] + sorted(vocab, key=vocab.get):
-        if s in added:
+    results = [a + b for a, b in merges]
+    others = sorted(vocab, key=vocab.get) if model.get("ignore_merges") else []
+    for s in [byte_char[b] for b in range(256)] + results + others:
+        if s in added.ids:
             continue
-        if any(c not in to_byte for c in s):
-            raise UserError(f"{path}: token {s!r} is not byte-level BPE (SentencePiece-style BPE is not supported)")
-        key = bytes(to_byte[c] for c in s)
+        key = bytes(TO_BYTE[c] for c in s)
         if key not in ranks:
             if len(key) > 1 and s not in vocab:
                 raise UserError(f"{path}: merge result {s!r} is not in the vocabulary")
             ranks[key] = len(to_id)
             to_id.append(vocab.get(s))  # None: a byte the vocabulary lacks
-    special = {}
-    for s, i in added.items():
-        special[s] = len(to_id)
-        to_id.append(i)
-    enc = tiktoken.Encoding(name=path.parent.name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
-    return enc, to_id, norm
+    # what each id decodes to: Hugging Face's ByteLevel decoder maps a token through the byte table
+    # when every character is in it (an added token too, in its normalized form if it is matched
+    # as one), and keeps its UTF-8 otherwise
+    token_bytes = {}
+    for s, i in [*vocab.items(), *added.raw.items(), *added.norm.items()]:
+        token_bytes[i] = bytes(TO_BYTE[c] for c in s) if all(c in TO_BYTE for c in s) else s.encode()
+    post = spec.get("post_processor")
+    template = _template(post, _special_ids(post))
+    enc = tiktoken.Encoding(name=path.parent.name, pat_str=_pattern(spec.get("pre_tokenizer")),
+                            mergeable_ranks=ranks, special_tokens={})
+    return TiktokenBPE(enc, to_id, token_bytes, added, template)
 
 
-def _pattern(pre: dict | None, path: Path) -> str:
-    """The pre-tokenizer as one tiktoken regex."""
+def _special_ids(proc: dict | None) -> dict:
+    """A post-processor's special_tokens, gathered through a Sequence."""
+    if not isinstance(proc, dict):
+        return {}
+    out = dict(proc.get("special_tokens") or {})
+    for p in proc.get("processors") or []:
+        out |= _special_ids(p)
+    return out
+
+
+def _pattern(pre: dict | None) -> str | None:
+    """The pre-tokenizer as one tiktoken regex; None if it is not one of the byte-level kinds."""
     steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
     kinds = [s["type"] for s in steps]
     last = steps[-1] if steps else {}
@@ -195,11 +433,10 @@ def _pattern(pre: dict | None, path: Path) -> str:
         if (kinds == ["Split", "ByteLevel"] and not regex and "Regex" in split["pattern"]
                 and split.get("behavior") == "Isolated" and not split.get("invert")):
             return split["pattern"]["Regex"]  # Llama-3, Qwen2
-    described = " + ".join(json.dumps({k: v for k, v in s.items() if k != "pattern"}) for s in steps) or "none"
-    raise UserError(f"{path}: pre-tokenizer {described} is not supported")
+    return None
 
 
-def _from_tiktoken_model(path: Path, config: dict) -> tiktoken.Encoding:
+def _from_tiktoken_model(path: Path, config: dict) -> TiktokenBPE:
     # tiktoken.load.load_tiktoken_bpe reads this format too, but caches files by their path string
     # in the temp folder, so a tokenizer.model replaced at the same path would read stale
     try:
@@ -208,7 +445,8 @@ def _from_tiktoken_model(path: Path, config: dict) -> tiktoken.Encoding:
     except ValueError:  # binascii.Error is one too
         ranks = {}
     if not ranks:
-        raise UserError(f"{path}: not a tiktoken (Llama-3) tokenizer.model; SentencePiece ones are not supported")
+        raise UserError(f"{path}: not a tiktoken (Llama-3) tokenizer.model; a SentencePiece one needs its "
+                        f"tokenizer.json (transformers' save_pretrained writes it)")
     added = config.get("added_tokens_decoder", {})
     special = {t["content"]: int(i) for i, t in added.items() if t.get("special")}
     if not special:  # Meta's layout: 256 special tokens after the base vocabulary; these ids are
@@ -217,5 +455,8 @@ def _from_tiktoken_model(path: Path, config: dict) -> tiktoken.Encoding:
                  8: "<|eom_id|>", 9: "<|eot_id|>", 10: "<|python_tag|>"}
         reserved = (f"<|reserved_special_token_{k}|>" for k in range(256))
         special = {named.get(k) or next(reserved): len(ranks) + k for k in range(256)}
-    return tiktoken.Encoding(name=path.parent.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
-                             special_tokens=special)
+    enc = tiktoken.Encoding(name=path.parent.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens={})
+    token_bytes = {r: t for t, r in ranks.items()} | {i: s.encode() for s, i in special.items()}
+    added_tokens = AddedTokens([(s, i, False, True) for s, i in special.items()])
+    return TiktokenBPE(enc, list(range(enc.n_vocab)), token_bytes, added_tokens,
+                       _flag_template(config, special, path))

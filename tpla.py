@@ -213,7 +213,7 @@ def calibration_ids(folder: Path, n_tokens: int = 2048, seq_len: int = 512, text
     embedded calibration split)."""
     from fetch import ensure_texts, read_text
     from tokenizer import load_tokenizer
-    ids = load_tokenizer(folder).encode(read_text(text or ensure_texts()[0]), bos=False)[:n_tokens]
+    ids = load_tokenizer(folder).encode(read_text(text or ensure_texts()[0]))[:n_tokens]
     return torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
 
 

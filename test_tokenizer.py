@@ -1,0 +1,485 @@
+"""Our tokenizers give Hugging Face's ids, token for token, on every kind the supported families ship.
+
+    pytest test_tokenizer.py -s        # -s shows the counts
+
+The oracle is Hugging Face `tokenizers` on the same tokenizer.json (transformers for chat
+templates, the BOS / EOS flags and generation). Kinds: the embedded SmolLM2 (byte-level, tiktoken);
+byte-level BPE trained here with each pre-tokenizer we translate; Llama-3's tiktoken
+tokenizer.model; SentencePiece-style BPE in both forms (Llama-2 / Mistral v0.1 normalizer,
+Mistral v0.3 Metaspace) with byte fallback and a BOS template; byte-level with overlapping added
+tokens and with flagged ones. Then generate.py's prompt and greedy tokens against transformers,
+and a Mistral with a SentencePiece tokenizer converted end to end.
+"""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent
+
+# digits after spaces, whitespace runs, tabs, CRLF, no-break and ideographic spaces, non-ASCII
+# digits (Arabic-Indic, superscript, fraction, Roman numeral), emoji with joiners, combining
+# marks, control codes the vocabulary lacks, contractions, special tokens written in the text
+TRICKY = ("Hello  world 123 4567,  x  1\n\n  22 \t3 ünïcödé 😀 👩‍👩‍👧 \x04ctrl's don't I'LL  \n 9.5% 1,000 "
+          "«quote» 中文字符 ٣٤ x² ½ Ⅻ e\u0301 a\u00a0 1\u3000 2\r\n\r\n3   \n\n\t\t7 <|im_start|>user <|endoftext|>")
+
+
+def _differ(a: list[int], b: list[int]) -> int:
+    return sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
+
+
+
+def test_tiktoken_equals_hf_tokenizers_on_embedded_model():
+    from tokenizers import Tokenizer as HFTokenizer
+    from fetch import CALIB_TEXT, EVAL_TEXT, ensure_default_model, ensure_texts
+    from tokenizer import load_tokenizer
+    folder = ensure_default_model()
+    ensure_texts()
+    ours, theirs = load_tokenizer(folder), HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    for name, text in (("evaluation split", EVAL_TEXT.read_text()), ("calibration split", CALIB_TEXT.read_text()),
+                       ("tricky string", TRICKY)):
+        a, b = ours.encode(text), theirs.encode(text, add_special_tokens=False).ids
+        print(f"tokenizer on the {name}: {len(a)} tokens, {_differ(a, b)} differ from Hugging Face tokenizers")
+        assert a == b
+
+
+def test_decode_encode_round_trip():
+    from fetch import EVAL_TEXT, ensure_default_model, ensure_texts
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(ensure_default_model())
+    ensure_texts()
+    # \x04 is not in SmolLM2's vocabulary: both tokenizers drop it, so it cannot come back
+    for text in (EVAL_TEXT.read_text(), TRICKY.replace("\x04", "")):
+        assert tok.decode(tok.encode(text)) == text
+    ids = tok.encode("Grüße 😀")  # streaming: a prefix of the ids may end inside a character
+    partial = [tok.decode(ids[:k]) for k in range(len(ids) + 1)]
+    print("growing decodes:", partial)
+    assert partial[-1] == "Grüße 😀" and all(p.rstrip("\ufffd") == "Grüße 😀"[:len(p.rstrip("\ufffd"))]
+                                             for p in partial)
+    assert tok.bos_id == 1 and tok.eos_ids == {2}  # <|im_start|>; <|im_end|> (config and chat turns)
+
+
+def test_chat_template_matches_transformers():
+    from transformers import AutoTokenizer
+    from fetch import ensure_default_model
+    from tokenizer import load_tokenizer
+    folder = ensure_default_model()
+    ours, theirs = load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+    for messages in ([{"role": "user", "content": "What is 2 + 2?"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                     [{"role": "user", "content": "Hi  \n"}, {"role": "assistant", "content": "Hello! 😀"},
+                      {"role": "user", "content": "Name 3 colours."}]):
+        for gen in (True, False):
+            text = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+            ids = theirs.apply_chat_template(messages, add_generation_prompt=gen, return_dict=False)
+            mine = ours.apply_chat_template(messages, add_generation_prompt=gen)
+            print(f"chat, {len(messages)} messages, generation prompt {gen}: {len(ids)} tokens, "
+                  f"{_differ(ours.encode_chat(messages, gen), ids)} differ from transformers")
+            assert mine == text and ours.encode_chat(messages, gen) == ids
+
+
+# a Llama-3-style chat template written for this test (the dated system turn of Llama-3.1 and
+# later, without tools), rendered by transformers' jinja as the oracle for our own renderer
+LLAMA31_TEMPLATE = r"""{{- bos_token }}
+{%- if not date_string is defined %}{%- set date_string = "26 Jul 2024" %}{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] | trim %}{%- set messages = messages[1:] %}
+{%- else %}{%- set system_message = "" %}{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{{- "Cutting Knowledge Date: December 2023\n" + "Today Date: " + date_string + "\n\n" }}
+{{- system_message + "<|eot_id|>" }}
+{%- for message in messages %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"""
+LLAMA30_TEMPLATE = ("{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + "
+                    "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+                    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+                    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def test_llama3_chat_format_and_tokenizer_model(tmp_path):
+    """A Llama-3-style folder: tokenizer.model in tiktoken's format (here SmolLM2's byte-level ranks,
+    standing in for Meta's file), no added tokens listed, so the 256 specials come after the base
+    vocabulary as in Meta's layout; the chat renders as transformers renders the template."""
+    import base64
+    from transformers import AutoTokenizer
+    from fetch import ensure_default_model
+    from tokenizer import load_tokenizer
+    folder = ensure_default_model()
+    smol = load_tokenizer(folder).engine.enc
+    ranks = smol._mergeable_ranks
+    (tmp_path / "tokenizer.model").write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % r for t, r in ranks.items()))
+    n = max(ranks.values()) + 1
+    messages = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "What is 2 + 2?\n"},
+                {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3 + 3?"}]
+    for template in (LLAMA30_TEMPLATE, LLAMA31_TEMPLATE):
+        shutil.copy(folder / "tokenizer.json", tmp_path / "tokenizer.json")  # only for transformers
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+             "eos_token": "<|eot_id|>", "chat_template": template}))
+        for msgs in (messages, messages[1:]):
+            theirs = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(msgs, tokenize=False,
+                                                                                add_generation_prompt=True)
+            (tmp_path / "tokenizer.json").unlink()  # so that ours reads tokenizer.model
+            tok = load_tokenizer(tmp_path)
+            shutil.copy(folder / "tokenizer.json", tmp_path / "tokenizer.json")
+            assert tok.apply_chat_template(msgs) == theirs, (tok.apply_chat_template(msgs), theirs)
+        ids = tok.encode_chat(messages)
+        print(f"Llama-3 chat ({'3.1' if 'Cutting' in template else '3.0'} template): {len(ids)} tokens, "
+              f"{sum(i >= n for i in ids)} of them special, base vocabulary {n}")
+        assert ids[0] == n and ids.count(n + 6) == 5 and ids.count(n + 9) == 4  # begin, start_header, eot
+        assert tok.eos_ids == {n + 9} and tok.decode(ids) == tok.apply_chat_template(messages)
+        assert n + 9 in tok.encode("4<|eot_id|>")
+
+
+def test_llama3_style_tokenizer_model(tmp_path):
+    """A tiktoken-format tokenizer.model (Llama-3's) loads and encodes as transformers' own
+    converter of that format does. The vocabulary is SmolLM2's, renumbered from 0."""
+    import base64
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    from fetch import EVAL_TEXT, ensure_default_model, ensure_texts
+    from tokenizer import LLAMA3_PATTERN, load_tokenizer
+    src = load_tokenizer(ensure_default_model())
+    ensure_texts()
+    ranks = src.engine.enc._mergeable_ranks  # tiktoken's own table: token bytes -> rank
+    order = sorted(ranks, key=ranks.get)
+    (tmp_path / "tokenizer.model").write_text(
+        "".join(f"{base64.b64encode(b).decode()} {i}\n" for i, b in enumerate(order)))
+    ours = load_tokenizer(tmp_path)
+    theirs = TikTokenConverter(vocab_file=str(tmp_path / "tokenizer.model"), pattern=LLAMA3_PATTERN).converted()
+    text = EVAL_TEXT.read_text()
+    a, b = ours.encode(text), theirs.encode(text, add_special_tokens=False).ids
+    print(f"tokenizer.model: {len(a)} tokens, {_differ(a, b)} differ")
+    assert a == b and ours.decode(a) == text
+    # the same converted to a tokenizer.json (ignore_merges, every split of a token a merge): tiktoken's
+    (tmp_path / "json").mkdir()
+    theirs.save(str(tmp_path / "json" / "tokenizer.json"))
+    as_json = load_tokenizer(tmp_path / "json")
+    c = as_json.encode(text + TRICKY)
+    print(f"its tokenizer.json ({as_json.engine.name}): {len(c)} tokens, "
+          f"{_differ(c, theirs.encode(text + TRICKY, add_special_tokens=False).ids)} differ")
+    assert as_json.engine.name == "tiktoken" and c == theirs.encode(text + TRICKY, add_special_tokens=False).ids
+    first = ours.decode(ours.encode_chat([{"role": "user", "content": "hi"}])[:1])  # one special token
+    assert first in ("<|begin_of_text|>", "<|start_header_id|>")
+
+
+def _train_bpe(tmp_path, texts: list[str], pre_tokenizer, shuffle_ids: bool = False):
+    """A small byte-level BPE trained with Hugging Face tokenizers, saved as tokenizer.json."""
+    import random
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer, hf.decoder = pre_tokenizer, decoders.ByteLevel()
+    hf.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1200, special_tokens=["<|endoftext|>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path = tmp_path / "tokenizer.json"
+    hf.save(str(path))
+    if shuffle_ids:  # ids no longer grow in merge order: tiktoken's ranks must differ from the ids
+        spec = json.loads(path.read_text())
+        vocab = spec["model"]["vocab"]
+        order = [t for t in vocab if vocab[t] > 0]
+        new = random.Random(0).sample(range(1, len(vocab)), len(order))
+        spec["model"]["vocab"] = {"<|endoftext|>": 0, **dict(zip(order, new))}
+        path.write_text(json.dumps(spec, ensure_ascii=False))
+    return HFTokenizer.from_file(str(path))
+
+
+@pytest.mark.parametrize("kind", ["split-regex", "split-regex, shuffled ids", "gpt2 byte-level", "digits"])
+def test_tiktoken_equals_hf_on_trained_tokenizers(tmp_path, kind):
+    from tokenizers import Regex, pre_tokenizers
+    from fetch import CALIB_TEXT, EVAL_TEXT, ensure_texts
+    from tokenizer import LLAMA3_PATTERN, load_tokenizer
+    ensure_texts()
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=kind in ("gpt2 byte-level", "digits"))
+    pre = {"gpt2 byte-level": byte_level,
+           "digits": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])}.get(
+        kind, pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_PATTERN), "isolated"), byte_level]))
+    theirs = _train_bpe(tmp_path, CALIB_TEXT.read_text().splitlines(), pre, shuffle_ids="shuffled" in kind)
+    ours = load_tokenizer(tmp_path)
+    assert ours.engine.name == "tiktoken"
+    for name, text in (("evaluation split", EVAL_TEXT.read_text()), ("tricky string", TRICKY)):
+        a, b = ours.encode(text), theirs.encode(text, add_special_tokens=False).ids
+        print(f"trained tokenizer ({kind}) on the {name}: {len(a)} tokens, {_differ(a, b)} differ")
+        assert a == b
+        assert ours.decode(a) == theirs.decode(b, skip_special_tokens=False)
+
+
+# ----------------------------------------------------------------------------- every kind the families ship
+
+# what a tokenizer gets wrong first: characters outside the vocabulary (byte fallback), spaces
+# leading, trailing and repeated, newlines and tabs, digits, special-token text inside ordinary text
+ADVERSARIAL = ["", " ", "  ", "x", " x", "   leading", "trailing   ", "a  b   c    d", "\n", "\n\nx\n\n ",
+               "\t\tTab\tbed\t", "line\r\nbreak\r", "1234567890 3.14159 1,000,000 007 ٣٤ x² ½",
+               "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 😀👩‍👩‍👧 中文字符 Ⅻ e\u0301 \u00e9 ﬁ", "\x00\x04\x7f\u200b", "▁ metaspace ▁▁x▁",
+               "<s>", "</s>", "x<s>y", " <s> ", "a</s>b<s>", "<unk>", "<0x41>", "<|endoftext|>x",
+               "<|user|>\nHi<|end|>\n<|assistant|>", " <mask> ", "a<mask>b", "word <mask>", " <|user|> x ",
+               "<|begin_of_text|><|begin_of_text|>", "def f(x):\n    return [\n        x,\n            x]\n",
+               "col1" + " " * 16 + "col2" + " " * 23 + "col3", "e\u0301x éx \u00e9<y> <y>", TRICKY]
+
+
+def _sentencepiece_bpe(folder: Path, form: str):
+    """Llama-2 / Mistral-style BPE trained on our texts: <unk> <s> </s>, then <0x00>..<0xFF> (plain
+    vocabulary, as Llama ships them), byte_fallback, a rare-character-poor alphabet so that byte
+    fallback happens, the Replace / ByteFallback / Fuse / Strip decoder and a "<s> $A" template.
+    form "normalizer": Prepend("▁") + Replace(" ", "▁") and no pre-tokenizer (Llama-2, Mistral
+    v0.1); "metaspace": a Metaspace pre-tokenizer that prepends to the first piece only (v0.3)."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from fetch import CALIB_TEXT
+    specials = ["<unk>", "<s>", "</s>"]
+    hf = HFTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)  # train by word
+    hf.train_from_iterator(CALIB_TEXT.read_text().splitlines(), trainers.BpeTrainer(
+        vocab_size=1500, special_tokens=specials + [f"<0x{b:02X}>" for b in range(256)], limit_alphabet=60,
+        show_progress=False))
+    if form == "normalizer":
+        hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        hf.pre_tokenizer = None
+    else:
+        hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    hf.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                      special_tokens=[("<s>", 1)])
+    spec = json.loads(hf.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in specials]
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer" if form == "metaspace" else "PreTrainedTokenizerFast",
+         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+
+
+def _byte_level_with_added(folder: Path, flags: bool):
+    """A byte-level BPE trained on our texts (Llama-3's split, NFC as Qwen2) plus added tokens.
+    flags False: tokens that overlap (runs of 2 to 24 spaces, as code models add them; "<|im_start|>"
+    inside "<|im_start|>user"), normalized and not, and a "<|begin_of_text|> $A <|end_of_text|>"
+    template after ByteLevel. flags True: Phi-3's chat markers (rstrip), RoBERTa's <mask> (lstrip),
+    a single_word token, and "normalized" ones."""
+    from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers, processors
+    from fetch import CALIB_TEXT
+    from tokenizer import LLAMA3_PATTERN
+    pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_PATTERN), "isolated"),
+                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf = _train_bpe(folder, CALIB_TEXT.read_text().splitlines(), pre)
+    hf.normalizer = normalizers.NFC()
+    if not flags:
+        hf.add_tokens([AddedToken(" " * n, normalized=n % 2 == 0) for n in range(24, 1, -1)])
+        hf.add_tokens([AddedToken("e\u0301x", normalized=True), AddedToken("\u00e9<y>", normalized=False),
+                       AddedToken("<y>", normalized=True)])
+        hf.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in
+                               ("<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_start|>user")])
+        ids = [hf.token_to_id(t) for t in ("<|begin_of_text|>", "<|end_of_text|>")]
+        hf.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), processors.TemplateProcessing(
+            single="<|begin_of_text|> $A <|end_of_text|>", special_tokens=[("<|begin_of_text|>", ids[0]),
+                                                                          ("<|end_of_text|>", ids[1])])])
+    else:
+        hf.add_special_tokens([AddedToken(t, rstrip=True, normalized=False, special=True)
+                               for t in ("<|user|>", "<|assistant|>", "<|end|>")])
+        hf.add_special_tokens([AddedToken("<mask>", lstrip=True, normalized=False, special=True)])
+        hf.add_tokens([AddedToken("word", single_word=True, normalized=False), AddedToken("  x", normalized=True),
+                       AddedToken("col", lstrip=True, rstrip=True, normalized=True)])
+    hf.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+
+
+KINDS = {"sentencepiece, normalizer form": ("tokenizers", lambda f: _sentencepiece_bpe(f, "normalizer")),
+         "sentencepiece, metaspace form": ("tokenizers", lambda f: _sentencepiece_bpe(f, "metaspace")),
+         "byte-level, overlapping added tokens": ("tiktoken", lambda f: _byte_level_with_added(f, False)),
+         "byte-level, added tokens with flags": ("tokenizers", lambda f: _byte_level_with_added(f, True))}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_kind_equals_hf_tokenizers(tmp_path, kind):
+    """Encode with and without special tokens, decode with and without them, on the whole
+    evaluation split and the adversarial list, and decode of random id sequences (half characters,
+    lone byte tokens, added tokens): zero differences from Hugging Face tokenizers."""
+    import random
+    from tokenizers import Tokenizer as HFTokenizer
+    from fetch import EVAL_TEXT, ensure_texts
+    from tokenizer import load_tokenizer
+    ensure_texts()
+    engine, build = KINDS[kind]
+    build(tmp_path)
+    ours, theirs = load_tokenizer(tmp_path), HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert ours.engine.name == engine, ours.engine.name
+    texts = [EVAL_TEXT.read_text(), *ADVERSARIAL]
+    n_tokens = n_differ = n_decode = 0
+    for text in texts:
+        for special in (False, True):
+            a, b = ours.encode(text, add_special_tokens=special), theirs.encode(text, add_special_tokens=special).ids
+            n_tokens, n_differ = n_tokens + len(b), n_differ + _differ(a, b)
+            assert a == b, (text[:80], a[:40], b[:40])
+            for skip in (False, True):
+                n_decode += ours.decode(a, skip) != theirs.decode(b, skip_special_tokens=skip)
+    rng, size = random.Random(0), theirs.get_vocab_size()
+    samples = [[rng.randrange(size + 3) for _ in range(rng.randint(1, 8))] for _ in range(2000)]
+    n_random = sum(ours.decode(ids, skip) != theirs.decode(ids, skip_special_tokens=skip)
+                   for ids in samples for skip in (False, True))
+    print(f"{kind} ({engine}): {len(texts)} texts, {n_tokens} tokens each way, {n_differ} differ; "
+          f"{4 * len(texts)} decodes, {n_decode} differ; {2 * len(samples)} decodes of random ids "
+          f"(some past the vocabulary), {n_random} differ")
+    assert n_decode == 0 and n_random == 0
+
+
+@pytest.mark.parametrize("case", ["bos and eos flags", "bos flag off", "no post-processor, bos flag",
+                                  "tokenizer.model, bos and eos flags", "tokenizer.model, no flags"])
+def test_special_tokens_added_as_transformers(tmp_path, case):
+    """What add_special_tokens adds, against AutoTokenizer: with a tokenizer.json its post-processor
+    (transformers 5 drops tokenizer_config.json's add_bos_token / add_eos_token then), nothing if it
+    has none; with only a tiktoken tokenizer.model, BOS / EOS as those flags say."""
+    import base64
+    from transformers import AutoTokenizer
+    from fetch import ensure_default_model
+    from tokenizer import load_tokenizer
+    flags = {"add_bos_token": "bos flag" in case or "bos and" in case, "add_eos_token": "eos" in case}
+    if "flag off" in case:
+        flags = {"add_bos_token": False}
+    if case.startswith("tokenizer.model"):
+        ranks = load_tokenizer(ensure_default_model()).engine.enc._mergeable_ranks
+        (tmp_path / "tokenizer.model").write_text(
+            "".join(f"{base64.b64encode(b).decode()} {r}\n" for b, r in ranks.items()))
+        config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, **(flags if "no flags" not in case else {})}))
+    else:
+        _sentencepiece_bpe(tmp_path, "normalizer")
+        config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, **flags}))
+        if "no post-processor" in case:
+            spec = json.loads((tmp_path / "tokenizer.json").read_text())
+            (tmp_path / "tokenizer.json").write_text(json.dumps({**spec, "post_processor": None}))
+    ours, theirs = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    for text in ("Hello world", " x <s> y", ""):
+        a, b = ours.encode(text, add_special_tokens=True), theirs(text).input_ids
+        print(f"{case}: {text!r} -> ours {a}, transformers {b}")
+        assert a == b
+
+
+def _tiny_causal_lm(folder: Path, cls_name: str, vocab: int, **extra):
+    """A tiny random transformers model whose output head can only pick tokens that are one ASCII
+    letter (so greedy text is clean and says which tokens came), saved beside its tokenizer."""
+    import transformers as tf
+    from tokenizers import Tokenizer as HFTokenizer
+    hf = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    cfg = getattr(tf, f"{cls_name}Config")(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                           num_key_value_heads=2, intermediate_size=96, vocab_size=vocab,
+                                           max_position_embeddings=512, **extra)
+    torch.manual_seed(0)
+    model = getattr(tf, f"{cls_name}ForCausalLM")(cfg).eval()
+    letters = [i for t, i in hf.get_vocab().items() if len(t) == 1 and t.isascii() and t.isalpha()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        keep = torch.zeros(vocab, dtype=torch.bool)
+        keep[letters] = True
+        model.lm_head.weight[~keep] = 0
+        model.lm_head.weight[keep] *= 5
+    model.save_pretrained(folder)
+    return model
+
+
+def _greedy_both_ways(folder: Path, prompt: str, model=None):
+    """(our prompt ids, transformers' prompt ids, generate.py's text, transformers' text)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tokenizer import load_tokenizer
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = model or AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    enc = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=12, do_sample=False)
+    want = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    res = subprocess.run([sys.executable, "generate.py", "--ckpt", str(folder), "--prompt", prompt, "--temperature",
+                          "0", "--max-new-tokens", "12"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    ours = load_tokenizer(folder).encode(prompt, add_special_tokens=True)  # what generate.py feeds the model
+    return ours, enc["input_ids"][0].tolist(), res.stdout.strip(), want
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece, normalizer form", "byte-level, overlapping added tokens"])
+def test_generate_prompt_and_greedy_match_transformers(tmp_path, kind):
+    """generate.py on a tiny Llama whose tokenizer has a BOS template: the prompt is
+    AutoTokenizer(prompt).input_ids and the greedy continuation is transformers'."""
+    from fetch import ensure_texts
+    ensure_texts()
+    KINDS[kind][1](tmp_path)
+    from tokenizers import Tokenizer as HFTokenizer
+    vocab = HFTokenizer.from_file(str(tmp_path / "tokenizer.json")).get_vocab_size()
+    _tiny_causal_lm(tmp_path, "Llama", vocab)
+    ours, theirs, got, want = _greedy_both_ways(tmp_path, "The capital of  France is")
+    bos = HFTokenizer.from_file(str(tmp_path / "tokenizer.json")).token_to_id(
+        "<s>" if "sentencepiece" in kind else "<|begin_of_text|>")
+    print(f"{kind}: prompt ours {ours}, transformers {theirs}; greedy ours {got!r}, transformers {want!r}")
+    assert ours == theirs and ours[0] == bos and got == want and len(got) == 12
+
+
+def test_mistral_with_sentencepiece_tokenizer_converts_end_to_end(tmp_path):
+    """A tiny Mistral with Mistral's own tokenizer kind (Metaspace, byte fallback, LlamaTokenizer
+    class) converts through our tokenizer (calibration), and the converted folder generates the
+    same greedy text in generate.py and in stock transformers (DeepseekV3ForCausalLM)."""
+    from fetch import CALIB_TEXT, ensure_texts
+    from tokenizers import Tokenizer as HFTokenizer
+    ensure_texts()
+    src, out = tmp_path / "mistral", tmp_path / "mistral-mla"
+    src.mkdir()
+    _sentencepiece_bpe(src, "metaspace")
+    vocab = HFTokenizer.from_file(str(src / "tokenizer.json")).get_vocab_size()
+    _tiny_causal_lm(src, "Mistral", vocab, head_dim=16, sliding_window=None)
+    res = subprocess.run([sys.executable, "convert.py", "--ckpt", str(src), "--out", str(out), "--calib-text",
+                          str(CALIB_TEXT), "--calib-tokens", "2048", "--calib-len", "64", "--eval-text", "none",
+                          "--rope-dim", "8", "--kv-lora-rank", "16"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["model_type"] == "deepseek_v3"
+    ours, theirs, got, want = _greedy_both_ways(out, "The capital of France is")
+    print(f"converted Mistral: prompt ours {ours}, transformers {theirs}; greedy ours {got!r}, transformers {want!r}")
+    assert ours == theirs and got == want and len(got) == 12
+
+
+# ----------------------------------------------------------------------------- what cannot be read
+
+def test_tokenizer_user_errors(tmp_path, monkeypatch):
+    """One line each: no folder, no tokenizer file, invalid JSON, a file tokenizers cannot read, a
+    SentencePiece tokenizer.model without its tokenizer.json, a file that needs tokenizers when it
+    is not installed, an add_bos_token whose BOS is no token."""
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+    from cli import UserError
+    from tokenizer import load_tokenizer
+    errors = []
+
+    def refused(match):
+        with pytest.raises(UserError, match=match) as e:
+            load_tokenizer(tmp_path)
+        assert "\n" not in str(e.value)
+        errors.append(str(e.value))
+
+    hf = HFTokenizer(models.BPE(vocab={"a": 0}, merges=[]))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()  # not byte-level: Hugging Face tokenizers runs it
+    hf.save(str(tmp_path / "tokenizer.json"))
+    assert load_tokenizer(tmp_path).engine.name == "tokenizers"
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if it were not installed
+    refused(r"pre-tokenizer .*Whitespace.*only Hugging Face tokenizers runs exactly: pip install tokenizers")
+    monkeypatch.delitem(sys.modules, "tokenizers")
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [["a", "b"]]}, '
+                                             '"pre_tokenizer": {"type": "Whitespace"}}')
+    refused("tokenizers cannot read it")
+    (tmp_path / "tokenizer.json").write_text("{")
+    refused("not valid JSON")
+    (tmp_path / "tokenizer.json").write_text("[]")
+    refused("not a JSON object")
+    (tmp_path / "tokenizer.json").write_text('{"model": []}')
+    refused("not a tokenizer.json")
+    for bad in ('"merges": 3}', '"merges": [["a"]]}', '"merges": []}, "added_tokens": [{"content": "x"}]'):
+        (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": {"a": 0}, %s, '
+                                                 '"pre_tokenizer": {"type": "ByteLevel"}, "decoder": {"type": '
+                                                 '"ByteLevel"}}' % bad)  # byte-level, but malformed
+        refused("tokenizers cannot read it")
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "tokenizer.model").write_text("YQ== 0\nYg== 1\n")  # tiktoken's format: "a", "b"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "bos_token": "<BOS>"}))
+    refused("add_bos_token adds '<BOS>', which is not a token")
+    (tmp_path / "tokenizer.model").write_bytes(b"\x0a\x11\x0a\x05<unk>\x15\x00\x00\x00\x00\x18\x02")  # SentencePiece
+    refused("not a tiktoken .* needs its tokenizer.json")
+    (tmp_path / "tokenizer.model").unlink()
+    refused("no tokenizer.json or tokenizer.model")
+    print("\n".join(errors))
