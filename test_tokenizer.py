@@ -28,9 +28,20 @@ TRICKY = ("Hello  world 123 4567,  x  1\n\n  22 \t3 ünïcödé 😀 👩‍👩
           "«quote» 中文字符 ٣٤ x² ½ Ⅻ e\u0301 a\u00a0 1\u3000 2\r\n\r\n3   \n\n\t\t7 <|im_start|>user <|endoftext|>")
 
 
+# what a tokenizer gets wrong first: characters outside the vocabulary (byte fallback), spaces
+# leading, trailing and repeated, newlines and tabs, digits, special-token text inside ordinary text
+ADVERSARIAL = ["", " ", "  ", "x", " x", "   leading", "trailing   ", "a  b   c    d", "\n", "\n\nx\n\n ",
+               "\t\tTab\tbed\t", "line\r\nbreak\r", "1234567890 3.14159 1,000,000 007 ٣٤ x² ½",
+               "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 😀👩‍👩‍👧 中文字符 Ⅻ e\u0301 \u00e9 ﬁ", "\x00\x04\x7f\u200b",
+               "!\x04! ..\x06.. ==\x14== a\x1db", "▁ metaspace ▁▁x▁",
+               "<s>", "</s>", "x<s>y", " <s> ", "a</s>b<s>", "<unk>", "<0x41>", "<|endoftext|>x",
+               "<|user|>\nHi<|end|>\n<|assistant|>", " <mask> ", "a<mask>b", "word <mask>", " <|user|> x ",
+               "<|begin_of_text|><|begin_of_text|>", "def f(x):\n    return [\n        x,\n            x]\n",
+               "col1" + " " * 16 + "col2" + " " * 23 + "col3", "e\u0301x éx \u00e9<y> <y>", TRICKY]
+
+
 def _differ(a: list[int], b: list[int]) -> int:
     return sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
-
 
 
 def test_tiktoken_equals_hf_tokenizers_on_embedded_model():
@@ -41,7 +52,7 @@ def test_tiktoken_equals_hf_tokenizers_on_embedded_model():
     ensure_texts()
     ours, theirs = load_tokenizer(folder), HFTokenizer.from_file(str(folder / "tokenizer.json"))
     for name, text in (("evaluation split", EVAL_TEXT.read_text()), ("calibration split", CALIB_TEXT.read_text()),
-                       ("tricky string", TRICKY)):
+                       ("tricky string", TRICKY), ("adversarial list", "\n".join(ADVERSARIAL))):
         a, b = ours.encode(text), theirs.encode(text, add_special_tokens=False).ids
         print(f"tokenizer on the {name}: {len(a)} tokens, {_differ(a, b)} differ from Hugging Face tokenizers")
         assert a == b
@@ -210,17 +221,6 @@ def test_tiktoken_equals_hf_on_trained_tokenizers(tmp_path, kind):
 
 # ----------------------------------------------------------------------------- every kind the families ship
 
-# what a tokenizer gets wrong first: characters outside the vocabulary (byte fallback), spaces
-# leading, trailing and repeated, newlines and tabs, digits, special-token text inside ordinary text
-ADVERSARIAL = ["", " ", "  ", "x", " x", "   leading", "trailing   ", "a  b   c    d", "\n", "\n\nx\n\n ",
-               "\t\tTab\tbed\t", "line\r\nbreak\r", "1234567890 3.14159 1,000,000 007 ٣٤ x² ½",
-               "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 😀👩‍👩‍👧 中文字符 Ⅻ e\u0301 \u00e9 ﬁ", "\x00\x04\x7f\u200b", "▁ metaspace ▁▁x▁",
-               "<s>", "</s>", "x<s>y", " <s> ", "a</s>b<s>", "<unk>", "<0x41>", "<|endoftext|>x",
-               "<|user|>\nHi<|end|>\n<|assistant|>", " <mask> ", "a<mask>b", "word <mask>", " <|user|> x ",
-               "<|begin_of_text|><|begin_of_text|>", "def f(x):\n    return [\n        x,\n            x]\n",
-               "col1" + " " * 16 + "col2" + " " * 23 + "col3", "e\u0301x éx \u00e9<y> <y>", TRICKY]
-
-
 def _sentencepiece_bpe(folder: Path, form: str):
     """Llama-2 / Mistral-style BPE trained on our texts: <unk> <s> </s>, then <0x00>..<0xFF> (plain
     vocabulary, as Llama ships them), byte_fallback, a rare-character-poor alphabet so that byte
@@ -322,6 +322,63 @@ def test_every_kind_equals_hf_tokenizers(tmp_path, kind):
           f"{4 * len(texts)} decodes, {n_decode} differ; {2 * len(samples)} decodes of random ids "
           f"(some past the vocabulary), {n_random} differ")
     assert n_decode == 0 and n_random == 0
+
+
+def _edge(folder: Path, kind: str):
+    """A trained byte-level tokenizer.json (Llama-3's split) changed in one way that tiktoken's rules
+    would get wrong if tokenizer.py did not notice it."""
+    from tokenizers import AddedToken, Regex, pre_tokenizers, processors
+    from fetch import CALIB_TEXT, ensure_wiki_texts
+    from tokenizer import LLAMA3_PATTERN
+    split = pre_tokenizers.Split(Regex(r"\p{N}" if kind == "split regex with gaps" else LLAMA3_PATTERN), "isolated")
+    pre = pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf = _train_bpe(folder, CALIB_TEXT.read_text().splitlines(), pre)
+    if kind == "added tokens equal to vocabulary tokens":  # a single byte-level character, and a word
+        hf.add_tokens([AddedToken("é", normalized=False), AddedToken("à", normalized=True),
+                       AddedToken("ĠThe", normalized=False)])
+    if kind == "sequence of two templates":
+        hf.post_processor = processors.Sequence([
+            processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)]),
+            processors.RobertaProcessing(("<|endoftext|>", 0), ("<|endoftext|>", 0))])
+    hf.save(str(folder / "tokenizer.json"))
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    if kind == "merges appended later":  # a vocabulary extended with merges learned on other text
+        other = _train_bpe(folder, ensure_wiki_texts()[0].read_text().splitlines()[:40], pre)
+        vocab, merges = spec["model"]["vocab"], [tuple(m) for m in spec["model"]["merges"]]
+        for a, b in json.loads(other.to_str())["model"]["merges"]:
+            if a in vocab and b in vocab and a + b not in vocab:
+                vocab[a + b] = len(vocab)
+                merges.append((a, b))
+        spec["model"]["merges"] = merges
+    if kind == "added token ids written otherwise":  # Hugging Face numbers them itself
+        spec["added_tokens"].append({**spec["added_tokens"][0], "content": "<tool>", "id": len(spec["model"]["vocab"]) + 5})
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+
+
+EDGES = {"merges appended later": "tokenizers", "added tokens equal to vocabulary tokens": "tiktoken",
+         "added token ids written otherwise": "tokenizers", "split regex with gaps": "tiktoken",
+         "sequence of two templates": "tokenizers"}
+
+
+@pytest.mark.parametrize("kind", list(EDGES))
+def test_tiktoken_rules_checked(tmp_path, kind):
+    """Where tiktoken's rules differ from Hugging Face's (any pair whose result is a token merges; a
+    piece that is a token is taken whole; only regex matches are encoded), the file is either
+    still exact in tiktoken or goes to tokenizers: zero differences either way."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from fetch import EVAL_TEXT, ensure_texts
+    from tokenizer import load_tokenizer
+    ensure_texts()
+    _edge(tmp_path, kind)
+    ours, theirs = load_tokenizer(tmp_path), HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    n = d = 0
+    for text in [EVAL_TEXT.read_text(), *ADVERSARIAL, "The Theory, café à 驚き room 101 <tool>"]:
+        for special in (False, True):
+            a, b = ours.encode(text, add_special_tokens=special), theirs.encode(text, add_special_tokens=special).ids
+            n, d = n + len(b), d + _differ(a, b)
+            assert ours.decode(a) == theirs.decode(b, skip_special_tokens=False)
+    print(f"{kind}: {ours.engine.name} ({getattr(ours.engine, 'why', 'exact')}), {n} tokens, {d} differ")
+    assert ours.engine.name == EDGES[kind] and d == 0
 
 
 @pytest.mark.parametrize("case", ["bos and eos flags", "bos flag off", "no post-processor, bos flag",
@@ -475,9 +532,20 @@ def test_tokenizer_user_errors(tmp_path, monkeypatch):
                                                  '"ByteLevel"}}' % bad)  # byte-level, but malformed
         refused("tokenizers cannot read it")
     (tmp_path / "tokenizer.json").unlink()
-    (tmp_path / "tokenizer.model").write_text("YQ== 0\nYg== 1\n")  # tiktoken's format: "a", "b"
+    import base64
+    lines = [f"{base64.b64encode(bytes([b])).decode()} {b}" for b in range(256)]  # tiktoken's format
+    for bad, match in ((lines[1:], "lacks some of the 256 single bytes"), (lines + ["YWI= 7"], "ranks repeat")):
+        (tmp_path / "tokenizer.model").write_text("\n".join(bad))
+        refused(match)
+    (tmp_path / "tokenizer.model").write_text("\n".join(lines))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "bos_token": "<BOS>"}))
     refused("add_bos_token adds '<BOS>', which is not a token")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"x": {"content": "<s>", "special": True}}}))
+    refused("added_tokens_decoder is not")
+    (tmp_path / "tokenizer_config.json").unlink()
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [[2]]}))
+    refused("eos_token_id must be a token id")
+    (tmp_path / "config.json").unlink()
     (tmp_path / "tokenizer.model").write_bytes(b"\x0a\x11\x0a\x05<unk>\x15\x00\x00\x00\x00\x18\x02")  # SentencePiece
     refused("not a tiktoken .* needs its tokenizer.json")
     (tmp_path / "tokenizer.model").unlink()

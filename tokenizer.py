@@ -12,30 +12,34 @@ The oracle is Hugging Face `tokenizers` reading the same tokenizer.json (the lib
 runs). One Tokenizer interface, two engines, chosen by what the file contains:
 
 - tiktoken, for byte-level BPE (GPT-2, SmolLM, Qwen2, Llama-3; Llama-3's tiktoken tokenizer.model
-  too). tiktoken merges the adjacent pair whose result has the lowest rank, Hugging Face the pair
-  that comes first in the merge list: the tiktoken ranks are positions in the merge list, and a
-  table turns ranks into the model's ids. These agree when each merge result is made by one merge
-  (checked) and the merges were learned in order, as BPE training makes them (measured: zero
-  differences on SmolLM2 and on trained tokenizers of each kind, test_tokenizer.py). With
-  `ignore_merges: false` a vocabulary token that no merge makes is never produced, so it gets no
-  rank. Added tokens are cut out here, as Hugging Face's added vocabulary cuts them: first those
-  with `normalized: false` from the raw text, then the normalizer (NFC / NFKC) runs on what is
-  left and the `normalized: true` ones are cut from that; at each position the longest token
-  wins (regex alternation, longest first). Each piece in between goes to tiktoken.
-- Hugging Face `tokenizers`, for everything tiktoken cannot express exactly: SentencePiece-style
+  too). tiktoken merges any adjacent pair whose result is a token, lowest rank first, and takes a
+  piece that is a token whole; Hugging Face merges only listed pairs, first listed first. So the
+  tiktoken ranks are positions in the merge list (a table turns ranks into the model's ids), and
+  `_out_of_order` checks that the two rules agree on the file: they do when the merges were
+  learned in order, as BPE training makes them, or list every split of a token (files converted
+  from tiktoken); merges appended later send the file to tokenizers. Added tokens are cut out
+  here, as Hugging Face's added vocabulary cuts them: first those with `normalized: false` from
+  the raw text, then the normalizer (NFC / NFKC) runs on what is left and the `normalized: true`
+  ones are cut from that; at each position the longest wins (regex alternation, longest first).
+  Each piece in between goes to tiktoken, except a piece holding a byte the vocabulary lacks
+  (SmolLM2 lacks 21 control bytes): Hugging Face drops it before merging, so that piece goes
+  through tokenizers' own pre-tokenizer and BPE.
+- Hugging Face `tokenizers`, for everything tiktoken cannot run exactly: SentencePiece-style
   BPE (Llama-2, Mistral, Mixtral, TinyLlama: a Prepend / Replace normalizer or a Metaspace
   pre-tokenizer, `byte_fallback` to the <0x00>..<0xFF> tokens, a ByteFallback / Fuse / Strip
   decoder), added tokens with `lstrip` / `rstrip` / `single_word` (Phi-3's chat markers,
-  `<mask>`), other pre-tokenizers, normalizers, decoders and models. `_tiktoken_obstacle` names
-  the feature that sends a file there; the library is needed only for those files.
+  `<mask>`), added token ids the library would number otherwise, other pre-tokenizers,
+  normalizers, post-processors, decoders and models. `_tiktoken_obstacle` names the feature that
+  sends a file there; the library is needed only for those files.
 
 Special tokens around a sequence (`add_special_tokens=True`) follow transformers 5: the
 tokenizer.json's post-processor (TemplateProcessing, e.g. Llama-3's BOS; none: nothing added).
 tokenizer_config.json's `add_bos_token` / `add_eos_token` count only without a tokenizer.json
-(transformers drops them when there is one). generate.py adds them to a plain prompt, as transformers' tokenizer(prompt) does; perplexity
-(evaluate.py, convert.py, bench.py, finetune.py) encodes without them, its documented protocol.
-transformers' named tokenizer classes (LlamaTokenizer, ...) rebuild the pipeline from the
-vocabulary and merges rather than reading the file's; we read the file, as `tokenizers` does.
+(transformers drops them when there is one). generate.py adds them to a plain prompt, as
+transformers' tokenizer(prompt) does; perplexity (evaluate.py, convert.py, bench.py,
+finetune.py) encodes without them, its documented protocol. transformers' named tokenizer
+classes (LlamaTokenizer, ...) rebuild the pipeline from the vocabulary and merges rather than
+reading the file's; we read the file, as `tokenizers` does.
 
 Chat formats are rendered by our own code, no jinja: ChatML (SmolLM2, Qwen2) and Llama-3. The
 template is read only to recognise the format, its default system prompt and its date line.
@@ -124,17 +128,31 @@ class TiktokenBPE:
     name = "tiktoken"
 
     def __init__(self, enc: tiktoken.Encoding, to_id: list[int | None], token_bytes: dict[int, bytes],
-                 added: AddedTokens, template: tuple[list[int], list[int]]):
+                 added: AddedTokens, template: tuple[list[int], list[int]], path: Path | None = None):
         self.enc, self.to_id, self.token_bytes, self.added, self.template = enc, to_id, token_bytes, added, template
+        # bytes the vocabulary lacks: Hugging Face drops them before merging, so their neighbours
+        # merge across them, which tiktoken cannot do; a piece holding one goes to tokenizers
+        missing = bytes(b for r, b in zip(to_id, range(256)) if r is None)
+        self.missing = re.compile(b"[" + re.escape(missing) + b"]") if missing else None
+        self.path, self._hf = path, None
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         ids = []
         for piece, i in self.added.split(text):
             if i is not None:
                 ids.append(i)
+            elif self.missing and self.missing.search(piece.encode()):
+                ids += self._hf_piece(piece)
             else:
                 ids += [t for t in map(self.to_id.__getitem__, self.enc.encode_ordinary(piece)) if t is not None]
         return [*self.template[0], *ids, *self.template[1]] if add_special_tokens else ids
+
+    def _hf_piece(self, piece: str) -> list[int]:
+        """Hugging Face's pre-tokenizer and BPE on one normalized piece between added tokens."""
+        if self._hf is None:
+            self._hf = HFTokenizers(self.path, "text with bytes the vocabulary lacks").hf
+        words = self._hf.pre_tokenizer.pre_tokenize_str(piece)
+        return [t.id for word, _ in words for t in self._hf.model.tokenize(word)]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         # ids past the tokenizer (embedding rows padded to a round number) decode to nothing;
@@ -248,9 +266,13 @@ def load_tokenizer(ckpt_dir: str | Path) -> Tokenizer:
     ids = engine.added.ids
 
     eos = set()
-    for source in (model_config, _json(folder / "generation_config.json")):
+    for name, source in (("config.json", model_config), ("generation_config.json",
+                                                         _json(folder / "generation_config.json"))):
         e = source.get("eos_token_id")
-        eos |= set(e if isinstance(e, list) else [] if e is None else [e])
+        e = e if isinstance(e, list) else [] if e is None else [e]
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in e):
+            raise UserError(f"{folder / name}: eos_token_id must be a token id or a list of them")
+        eos |= set(e)
     template = config.get("chat_template")
     if template is None and (folder / "chat_template.jinja").is_file():
         template = (folder / "chat_template.jinja").read_text()
@@ -262,11 +284,14 @@ def load_tokenizer(ckpt_dir: str | Path) -> Tokenizer:
     eos |= {ids[t] for t in ends if t in ids}
 
     bos_id = model_config.get("bos_token_id", ids.get(bos_token))
+    if bos_id is not None and (not isinstance(bos_id, int) or isinstance(bos_id, bool)):
+        raise UserError(f"{folder / 'config.json'}: bos_token_id must be a token id")
     return Tokenizer(engine, bos_id, eos, template, bos_token or "")
 
 
-def _token_name(entry: str | dict | None) -> str | None:
-    return entry.get("content") if isinstance(entry, dict) else entry  # {"content": ...} in older files
+def _token_name(entry) -> str | None:
+    entry = entry.get("content") if isinstance(entry, dict) else entry  # {"content": ...} in older files
+    return entry if isinstance(entry, str) else None
 
 
 def _json(path: Path) -> dict:
@@ -299,14 +324,10 @@ def _template(proc: dict | None, special: dict) -> tuple[list[int], list[int]] |
     kind = proc.get("type") if isinstance(proc, dict) else None
     if proc is None or kind == "ByteLevel":  # ByteLevel only trims offsets
         return [], []
-    if kind == "Sequence":
-        before, after = [], []
-        for p in proc.get("processors", []):  # each one wraps what the ones before it made
-            t = _template(p, special)
-            if t is None:
-                return None
-            before, after = t[0] + before, after + t[1]
-        return before, after
+    if kind == "Sequence":  # ByteLevel and one that adds tokens (Llama-3); two that add tokens
+        # interact in ways of their own (the second sees the first's additions as a pair)
+        steps = [p for p in proc.get("processors", []) if not (isinstance(p, dict) and p.get("type") == "ByteLevel")]
+        return _template(steps[0], special) if len(steps) == 1 else ([], []) if not steps else None
     if kind in ("BertProcessing", "RobertaProcessing"):
         return [proc["cls"][1]], [proc["sep"][1]]
     if kind == "TemplateProcessing":
@@ -345,8 +366,8 @@ def _tiktoken_obstacle(spec: dict) -> str | None:
         flags = [f for f in ("lstrip", "rstrip", "single_word") if t.get(f)]
         if flags:
             return f"added token {t.get('content')!r} with {' and '.join(flags)}"
-    vocab = model.get("vocab") or {}
-    if any(c not in TO_BYTE for s in vocab for c in s if s not in _added(spec)):
+    vocab, added = model.get("vocab") or {}, _added(spec)
+    if any(c not in TO_BYTE for s in vocab if s not in added for c in s):
         return "tokens that are not byte-level (SentencePiece-style BPE)"
     # tokenizers converted from tiktoken (Llama-3) list every split of a token as a merge, side by
     # side: still one rank per token. Merges of one token apart from each other are not.
@@ -359,8 +380,46 @@ def _tiktoken_obstacle(spec: dict) -> str | None:
         last = a + b
     if model.get("unk_token") is not None and any(chr_ not in vocab for chr_ in TO_BYTE):
         return "an unknown token for bytes the vocabulary lacks"
-    if model.get("ignore_merges") and any(len(s) > 1 and s not in made for s in vocab if s not in _added(spec)):
+    if model.get("ignore_merges") and any(len(s) > 1 and s not in made for s in vocab if s not in added):
         return "ignore_merges with vocabulary tokens no merge makes"
+    token = _out_of_order(merges, model.get("ignore_merges", False))
+    if token is not None:
+        return f"merges out of learning order (the merges alone do not make {token!r})"
+    ids, expected = {}, {}
+    for t in spec.get("added_tokens") or []:  # Hugging Face assigns the ids itself, as it reads them
+        c = t["content"]
+        if c not in ids:
+            ids[c] = vocab[c] if c in vocab else max([len(vocab) - 1, *ids.values()]) + 1
+        expected[c] = t["id"]
+    if ids != expected:
+        return "added token ids that Hugging Face assigns otherwise"
+    return None
+
+
+def _out_of_order(merges: list[tuple[str, str]], ignore_merges: bool) -> str | None:
+    """A token that tiktoken's rule (merge any adjacent pair whose result has a rank; take a whole
+    piece that is a token) would make where Hugging Face's (merge listed pairs, in list order)
+    would not; None if there is none.
+
+    Within a word, a token s is only ever built from the symbols Hugging Face's merges make of s
+    alone (merges across s's ends never won, or s would not be there). So if those merges, run on
+    s alone, end in two pieces, that unlisted pair can meet in a word and tiktoken would join it;
+    if they end in anything but s, tiktoken's whole-piece lookup differs (unless ignore_merges,
+    where Hugging Face looks the word up too). BPE training learns merges in an order where
+    neither happens; merges appended later can break it."""
+    rank = {}
+    for i, pair in enumerate(merges):
+        rank.setdefault(pair, i)
+    for a, b in rank:
+        parts = [*a, *b]
+        while len(parts) > 1:  # Hugging Face's BPE on the token's own text
+            pairs = [rank.get(pair, len(merges)) for pair in zip(parts, parts[1:])]
+            best = pairs.index(min(pairs))
+            if pairs[best] == len(merges):
+                break
+            parts[best:best + 2] = [parts[best] + parts[best + 1]]
+        if len(parts) == 2 or len(parts) > 2 and not ignore_merges:
+            return a + b
     return None
 
 
@@ -385,10 +444,8 @@ def _from_tokenizer_json(spec: dict, path: Path) -> TiktokenBPE:
     # ignore_merges (a whole word in the vocabulary is taken as is) every other token too
     ranks, to_id = {}, []
     results = [a + b for a, b in merges]
-    others = sorted(vocab, key=vocab.get) if model.get("ignore_merges") else []
+    others = [s for s in sorted(vocab, key=vocab.get) if s not in added.ids] if model.get("ignore_merges") else []
     for s in [byte_char[b] for b in range(256)] + results + others:
-        if s in added.ids:
-            continue
         key = bytes(TO_BYTE[c] for c in s)
         if key not in ranks:
             if len(key) > 1 and s not in vocab:
@@ -405,7 +462,15 @@ def _from_tokenizer_json(spec: dict, path: Path) -> TiktokenBPE:
     template = _template(post, _special_ids(post))
     enc = tiktoken.Encoding(name=path.parent.name, pat_str=_pattern(spec.get("pre_tokenizer")),
                             mergeable_ranks=ranks, special_tokens={})
-    return TiktokenBPE(enc, to_id, token_bytes, added, template)
+    try:  # a pattern that can match nothing panics in tiktoken's Rust (a BaseException)
+        enc.encode_ordinary("a 1, \n\t b")
+    except Exception as e:
+        raise ValueError("tiktoken cannot run this pre-tokenizer") from e
+    except BaseException as e:
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise ValueError("tiktoken cannot run this pre-tokenizer") from None
+    return TiktokenBPE(enc, to_id, token_bytes, added, template, path)
 
 
 def _special_ids(proc: dict | None) -> dict:
@@ -432,7 +497,10 @@ def _pattern(pre: dict | None) -> str | None:
         split = steps[0]
         if (kinds == ["Split", "ByteLevel"] and not regex and "Regex" in split["pattern"]
                 and split.get("behavior") == "Isolated" and not split.get("invert")):
-            return split["pattern"]["Regex"]  # Llama-3, Qwen2
+            # Llama-3, Qwen2. Hugging Face keeps the text between matches as pieces too; tiktoken
+            # only encodes matches: the second branch takes each run no match starts in
+            regex = split["pattern"]["Regex"]
+            return f"(?:{regex})|(?:(?!(?:{regex}))[\\s\\S])+"
     return None
 
 
@@ -447,8 +515,17 @@ def _from_tiktoken_model(path: Path, config: dict) -> TiktokenBPE:
     if not ranks:
         raise UserError(f"{path}: not a tiktoken (Llama-3) tokenizer.model; a SentencePiece one needs its "
                         f"tokenizer.json (transformers' save_pretrained writes it)")
+    if len(set(ranks.values())) < len(ranks) or not all(0 <= r < 1 << 31 for r in ranks.values()):
+        raise UserError(f"{path}: ranks repeat or are out of range (a damaged tokenizer.model)")
+    if not all(bytes([b]) in ranks for b in range(256)):
+        raise UserError(f"{path}: lacks some of the 256 single bytes (a damaged tokenizer.model)")
     added = config.get("added_tokens_decoder", {})
-    special = {t["content"]: int(i) for i, t in added.items() if t.get("special")}
+    try:
+        special = {t["content"]: int(i) for i, t in added.items() if t.get("special")}
+        assert all(isinstance(c, str) for c in special)
+    except (AttributeError, KeyError, TypeError, ValueError, AssertionError):
+        raise UserError(f"{path.parent / 'tokenizer_config.json'}: added_tokens_decoder is not "
+                        f"{{id: {{\"content\": ..., \"special\": ...}}}}") from None
     if not special:  # Meta's layout: 256 special tokens after the base vocabulary; these ids are
         # the same in Llama-3.0 to 3.2 (the reserved names in between differ, and matter little)
         named = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 6: "<|start_header_id|>", 7: "<|end_header_id|>",
