@@ -467,15 +467,17 @@ def ppl(args, device: str, dtype: torch.dtype) -> dict:
         args.ppl = ensure_texts()[1]
     text = read_text(args.ppl)
     rank, mode = 0, None
-    if tpla.launched() or args.tp:
+    parallel = tpla.launched() or args.tp
+    if parallel:
         rank, world, device = tpla.init_distributed(device)
-        folder = tpla.checkpoint_or_default(args.ckpt)
+    folder = tpla.checkpoint_or_default(args.ckpt) if parallel else default_or(args.ckpt)
+    ids = load_tokenizer(folder).encode(text)[: args.max_tokens]  # before the weights are read
+    if parallel:
         mode = args.tp or ("tpla" if CheckpointReader(folder).args.is_mla else "heads")
         model, folder = tpla.load_parallel(folder, mode, rank, world, device, dtype, args.tpla_transform,
                                            args.tpla_rope, args.tpla_rescale)
     else:
-        model, folder = load_model(default_or(args.ckpt), device=device, dtype=dtype)
-    ids = load_tokenizer(folder).encode(text)[: args.max_tokens]
+        model, folder = load_model(folder, device=device, dtype=dtype)
 
     def progress(i, n):
         print(f"\rwindow {i}/{n}", end="", file=sys.stderr, flush=True)

@@ -223,7 +223,9 @@ def attention_pca(layer: LayerMLA, cov: torch.Tensor, rank: int, wo: torch.Tenso
     gk = torch.einsum("hia,hij,hjb->ab", layer.uk, cq, layer.uk)  # (n, n)
     gv = torch.einsum("hia,hij,hjb->ab", layer.uv, wo_h.transpose(1, 2) @ wo_h, layer.uv)
     c = layer.lat @ cov @ layer.lat.T  # (n, n): second moment of the latent
-    g = gk / (gk * c).sum() + gv / (gv * c).sum()
+    # (a term nothing reads, as under an all-zero o_proj, has no share; with neither, plain PCA)
+    terms = [t / share for t in (gk, gv) if (share := (t * c).sum()) > 0]
+    g = sum(terms) if terms else torch.eye(n, dtype=torch.float64)
     e, E = torch.linalg.eigh(g)
     e = e.clamp_min(e.max() * 1e-10)  # directions nothing reads: cheap to keep, free to drop
     g_half, g_inv_half = (E * e.sqrt()) @ E.T, (E / e.sqrt()) @ E.T
@@ -600,6 +602,12 @@ def main():
     check_output(out, [folder, *texts])
     check_source(reader, args.rope_dim, args.kv_lora_rank, args.q_lora_rank)
     dtype = pick_dtype(args.dtype, "cpu") if args.dtype else reader.stored_dtype()
+    if dtype == torch.float16:  # the latent rides at RMS 1e-10 (TINY) under a norm weight ~1e7
+        why = "float16 cannot hold the converted latent (RMS 1e-10 under a norm weight of ~1e7)"
+        if args.dtype:
+            raise UserError(f"--dtype float16: {why}; use bfloat16 or float32")
+        print(f"note: the source is float16, but {why}: writing bfloat16", file=sys.stderr)
+        dtype = torch.bfloat16
     if args.calib_text is None or (args.eval_text is None and args.ckpt is None):
         calib_default, eval_default = ensure_texts()
     calib_text = read_text(args.calib_text or calib_default)
@@ -610,8 +618,10 @@ def main():
     documents = [line for line in calib_text.splitlines() if line.strip()]
     calib = calibration_samples(documents, tok, args.calib_len, max(1, args.calib_tokens // args.calib_len))
     eval_ids = tok.encode(read_text(eval_path)) if eval_path else None
-
     a = reader.args
+    if max(calib.max().item(), *(eval_ids or [])) >= a.vocab_size:
+        raise UserError(f"the tokenizer gives ids past the model's vocab_size {a.vocab_size} on the calibration "
+                        f"or evaluation text: tokens the checkpoint has no embedding for")
     recipe = {k: default if getattr(args, k) is None else getattr(args, k) for k, default in METHODS[args.method].items()}
     settings = {"method": args.method, **recipe, "kv_lora_rank": args.kv_lora_rank, "rope_dim": args.rope_dim,
                 "freqfold": args.freqfold, "q_lora_rank": args.q_lora_rank,

@@ -27,6 +27,9 @@ def perplexity(model, ids: list[int], ctx: int, progress=None, decode_form: bool
     n_windows = len(ids) // ctx
     if n_windows == 0:
         raise UserError(f"the text has {len(ids)} tokens, fewer than one window of --ctx {ctx}")
+    if max(ids) >= model.args.vocab_size:
+        raise UserError(f"token id {max(ids)} is past the model's vocab_size {model.args.vocab_size} (the "
+                        f"tokenizer has tokens the checkpoint has no embedding for)")
     device = model.tok_embeddings.weight.device
     windows = torch.tensor(ids[: n_windows * ctx], device=device).view(n_windows, ctx)
     h = ctx // 2

@@ -100,18 +100,24 @@ def decompose_small_matmuls(max_rows: int = 8):
 
 
 class Streamer:
-    """Writes the decoded continuation as it grows, holding back an incomplete UTF-8 character."""
+    """Writes the decoded continuation as it grows, holding back an incomplete UTF-8 character
+    until the next token completes it; finish() writes what is held back at the end (as
+    transformers' decode of the same ids shows it: U+FFFD for each byte of a cut character)."""
 
     def __init__(self, tokenizer, stop_ids):
-        self.tok, self.stop_ids, self.shown = tokenizer, stop_ids, ""
+        self.tok, self.stop_ids, self.shown, self.ids = tokenizer, stop_ids, "", []
 
-    def __call__(self, ids: list[int]):
+    def __call__(self, ids: list[int], final: bool = False):
+        self.ids = ids
         text = self.tok.decode([t for t in ids if t not in self.stop_ids])
-        if text.endswith("\ufffd"):
+        if text.endswith("\ufffd") and not final:
             return
         sys.stdout.write(text[len(self.shown):])
         sys.stdout.flush()
         self.shown = text
+
+    def finish(self):
+        self(self.ids, final=True)
 
 
 def main():
@@ -147,18 +153,24 @@ def main():
     if parallel:
         rank, world, device = tpla.init_distributed(device)
         folder = tpla.checkpoint_or_default(args.ckpt)
-        mode = args.tp or ("tpla" if CheckpointReader(folder).args.is_mla else "heads")
-        model, folder = tpla.load_parallel(folder, mode, rank, world, device, dtype, args.tpla_transform)
     else:
-        model, folder = load_model(default_or(args.ckpt), device=device, dtype=dtype)
-    log = (lambda *a: print(*a, file=sys.stderr)) if rank == 0 else (lambda *a: None)
-    tok = load_tokenizer(folder)
+        folder = default_or(args.ckpt)
+    tok = load_tokenizer(folder)  # before the weights are read: a wrong prompt fails fast
     if args.chat:
         prompt = tok.encode_chat([{"role": "user", "content": args.prompt}])
     else:
         prompt = tok.encode(args.prompt, add_special_tokens=True)  # a BOS where transformers adds one
     if not prompt:
         raise UserError("--prompt is empty")
+    if parallel:
+        mode = args.tp or ("tpla" if CheckpointReader(folder).args.is_mla else "heads")
+        model, folder = tpla.load_parallel(folder, mode, rank, world, device, dtype, args.tpla_transform)
+    else:
+        model, folder = load_model(folder, device=device, dtype=dtype)
+    if max(prompt) >= model.args.vocab_size:
+        raise UserError(f"--prompt: token id {max(prompt)} is past the model's vocab_size {model.args.vocab_size} "
+                        f"(the tokenizer has tokens the checkpoint has no embedding for)")
+    log = (lambda *a: print(*a, file=sys.stderr)) if rank == 0 else (lambda *a: None)
     model.setup_caches(1, len(prompt) + args.max_new_tokens)
     log(f"loaded {folder.name} ({'MLA' if model.args.is_mla else 'GQA'}"
         f"{f', --tp {mode} on {world} rank' + 's' * (world > 1) if parallel else ''}, "
@@ -176,10 +188,11 @@ def main():
 
     stop = tok.eos_ids
     t0 = time.perf_counter()
-    out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, stop, step,
-                   on_token=Streamer(tok, stop) if rank == 0 else None)
+    streamer = Streamer(tok, stop) if rank == 0 else None
+    out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, stop, step, on_token=streamer)
     dt = time.perf_counter() - t0
     if rank == 0:
+        streamer.finish()
         sys.stdout.write("\n")
     log(f"{len(out)} tokens in {dt:.2f}s: {len(out) / dt:.1f} tokens/s (prompt {len(prompt)} tokens)")
 

@@ -714,3 +714,37 @@ def test_failing_rank_ends_the_job_at_once(llama, tmp_path):
     assert [p.returncode for p in procs] == [1, 1]
     assert errs[1].strip().splitlines() == [errs[1].strip()] and "no such file" in errs[1] and "[rank 1]" in errs[1]
     assert "Traceback" not in errs[0] and "error" not in errs[0]
+
+
+def test_degenerate_weights_and_dtypes(tmp_path):
+    """A layer whose o_proj is all zeros (attention that nothing reads) still converts to finite
+    weights; a float16 source is written as bfloat16 with a one-line notice, since float16 cannot
+    hold the carried latent (see convert.py), and --dtype float16 is refused before any work; a
+    writer never writes NaN or inf."""
+    from safetensors.torch import load_file, save_file
+    calib = _calib(tmp_path / "calib.txt")
+    src, out = tmp_path / "zero_o", tmp_path / "zero_o-mla"
+    _llama(src)
+    state = load_file(src / "model.safetensors")
+    state["model.layers.0.self_attn.o_proj.weight"].zero_()
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    res = _script("convert.py", *_convert_argv(src, out, calib))
+    assert res.returncode == 0, res.stderr[-2000:]
+    bad = [k for k, v in load_file(out / "model.safetensors").items() if not torch.isfinite(v).all()]
+    print("zero o_proj: non-finite tensors written:", bad)
+    assert not bad
+    half = tmp_path / "half"
+    _llama(half, torch_dtype="float16").to(torch.float16).save_pretrained(half)
+    res = _script("convert.py", *_convert_argv(half, tmp_path / "half-mla", calib))
+    notice = [line for line in res.stderr.splitlines() if line.startswith("note:")]
+    print("float16 source:", notice)
+    assert res.returncode == 0 and len(notice) == 1 and "writing bfloat16" in notice[0]
+    assert json.loads((tmp_path / "half-mla" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    res = _script("convert.py", *_convert_argv(half, tmp_path / "half-mla16", calib), "--dtype", "float16")
+    _one_clear_line(res, "--dtype float16: float16 cannot hold")
+    assert "calibrate" not in res.stderr and not (tmp_path / "half-mla16").exists()
+    reader = CheckpointReader(src)
+    with pytest.raises(UserError, match="would hold NaN or infinite values .float16 holds at most 65504"):
+        with CheckpointWriter(tmp_path / "inf", json.loads((src / "config.json").read_text()), reader.args) as w:
+            w.add("norm.weight", torch.full((64,), 1e6).to(torch.float16))
+    assert not (tmp_path / "inf").exists()

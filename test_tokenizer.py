@@ -425,7 +425,7 @@ def _tiny_causal_lm(folder: Path, cls_name: str, vocab: int, **extra):
                                            max_position_embeddings=512, **extra)
     torch.manual_seed(0)
     model = getattr(tf, f"{cls_name}ForCausalLM")(cfg).eval()
-    letters = [i for t, i in hf.get_vocab().items() if len(t) == 1 and t.isascii() and t.isalpha()]
+    letters = [i for t, i in hf.get_vocab().items() if len(t) == 1 and t.isascii() and t.isalpha() and i < vocab]
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -491,6 +491,54 @@ def test_mistral_with_sentencepiece_tokenizer_converts_end_to_end(tmp_path):
     ours, theirs, got, want = _greedy_both_ways(out, "The capital of France is")
     print(f"converted Mistral: prompt ours {ours}, transformers {theirs}; greedy ours {got!r}, transformers {want!r}")
     assert ours == theirs and got == want and len(got) == 12
+
+
+def test_generate_prints_what_transformers_decodes(tmp_path):
+    """A model that only ever emits the byte token <0xE4> (the first third of a CJK character):
+    each step alone is half a character, held back while the stream grows, and what is left when
+    --max-new-tokens runs out is printed as transformers' decode of the same ids prints it."""
+    from transformers import AutoTokenizer
+    from fetch import ensure_texts
+    from tokenizers import Tokenizer as HFTokenizer
+    ensure_texts()
+    _sentencepiece_bpe(tmp_path, "normalizer")
+    vocab = HFTokenizer.from_file(str(tmp_path / "tokenizer.json")).get_vocab_size()
+    model = _tiny_causal_lm(tmp_path, "Llama", vocab)
+    byte = AutoTokenizer.from_pretrained(tmp_path).convert_tokens_to_ids("<0xE4>")
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.bias = None
+        model.lm_head.weight[byte] = 1.0
+        model.model.norm.weight.fill_(1.0)
+    model.save_pretrained(tmp_path)
+    res = subprocess.run([sys.executable, "generate.py", "--ckpt", str(tmp_path), "--prompt", "Hi", "--temperature",
+                          "0", "--max-new-tokens", "3"], cwd=ROOT, capture_output=True, text=True)
+    want = AutoTokenizer.from_pretrained(tmp_path).decode([byte] * 3)
+    print(f"3 x <0xE4>: generate.py printed {res.stdout!r}, transformers decodes {want!r}")
+    assert res.returncode == 0 and res.stdout == want + "\n"
+
+
+def test_generate_user_errors(tmp_path):
+    """One line each, before the weights are read where the prompt alone decides: a prompt that is
+    not UTF-8, --chat where the checkpoint has no chat format we render, a prompt token the model
+    has no embedding for."""
+    from fetch import ensure_texts
+    ensure_texts()
+    _sentencepiece_bpe(tmp_path, "normalizer")
+    _tiny_causal_lm(tmp_path, "Llama", 259)  # embeddings for <unk> <s> </s> and the 256 byte tokens only
+
+    def one_line(*argv, needle):
+        res = subprocess.run([sys.executable, b"generate.py", b"--ckpt", str(tmp_path).encode(), *argv,
+                              b"--temperature", b"0"], cwd=ROOT, capture_output=True, text=True)
+        lines = res.stderr.strip().splitlines()
+        print(lines[-1:])
+        assert res.returncode == 1 and len(lines) == 1 and needle in lines[0], res.stderr[-2000:]
+
+    one_line(b"--prompt", b"ab\xffcd", needle="not valid UTF-8")
+    one_line(b"--prompt", b"Hi", needle="is past the model's vocab_size 259")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # damaged: only a check that reads it would notice
+    one_line(b"--prompt", b"Hi", b"--chat", needle="no chat template we know")
 
 
 # ----------------------------------------------------------------------------- what cannot be read

@@ -200,7 +200,13 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`; special tokens written in it count as special tokens (as in Hugging
-        Face). add_special_tokens: add what the post-processor adds around a sequence (a BOS...)."""
+        Face). add_special_tokens: add what the post-processor adds around a sequence (a BOS...).
+        Raises UserError for text that is not valid Unicode (a lone surrogate, from bytes that were
+        not UTF-8 on a command line)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError("the text is not valid UTF-8 (it holds a lone surrogate)") from None
         return self.engine.encode(text, add_special_tokens)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:

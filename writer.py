@@ -229,6 +229,9 @@ class CheckpointWriter:
         begin = self.offset
         for t in blocks:
             assert t.dtype == dtype, (theirs, t.dtype, dtype)
+            if t.is_floating_point() and not torch.isfinite(t).all():  # never a file that computes NaN
+                hint = " (float16 holds at most 65504: use --dtype bfloat16 or float32)" if dtype == torch.float16 else ""
+                raise UserError(f"{theirs} would hold NaN or infinite values{hint}; nothing is written")
             self.data.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
             self.offset += t.numel() * t.element_size()
         assert self.offset - begin == math.prod(shape) * dtype.itemsize, (theirs, shape)
