@@ -619,7 +619,7 @@ def main():
     calib = calibration_samples(documents, tok, args.calib_len, max(1, args.calib_tokens // args.calib_len))
     eval_ids = tok.encode(read_text(eval_path)) if eval_path else None
     a = reader.args
-    if max(calib.max().item(), *(eval_ids or [])) >= a.vocab_size:
+    if max([calib.max().item(), *(eval_ids or [])]) >= a.vocab_size:
         raise UserError(f"the tokenizer gives ids past the model's vocab_size {a.vocab_size} on the calibration "
                         f"or evaluation text: tokens the checkpoint has no embedding for")
     recipe = {k: default if getattr(args, k) is None else getattr(args, k) for k, default in METHODS[args.method].items()}
