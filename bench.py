@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 import tpla
-from checkpoint import CheckpointReader, load_model
+from checkpoint import args_from_config, load_model, read_config
 from cli import UserError, pick_device, pick_dtype, run
 from evaluate import perplexity
 from fetch import default_or, ensure_default_conversion, read_text
@@ -471,9 +471,12 @@ def ppl(args, device: str, dtype: torch.dtype) -> dict:
     if parallel:
         rank, world, device = tpla.init_distributed(device)
     folder = tpla.checkpoint_or_default(args.ckpt) if parallel else default_or(args.ckpt)
-    ids = load_tokenizer(folder).encode(text)[: args.max_tokens]  # before the weights are read
+    config = args_from_config(read_config(folder))  # what can fail before the weights are read, first
     if parallel:
-        mode = args.tp or ("tpla" if CheckpointReader(folder).args.is_mla else "heads")
+        mode = args.tp or ("tpla" if config.is_mla else "heads")
+        tpla.check_parallel(config, mode, world, args.tpla_transform, args.tpla_rope)
+    ids = load_tokenizer(folder).encode(text)[: args.max_tokens]
+    if parallel:
         model, folder = tpla.load_parallel(folder, mode, rank, world, device, dtype, args.tpla_transform,
                                            args.tpla_rope, args.tpla_rescale)
     else:

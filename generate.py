@@ -24,7 +24,7 @@ import time
 import torch
 
 import tpla
-from checkpoint import CheckpointReader, load_model
+from checkpoint import args_from_config, load_model, read_config
 from cli import UserError, pick_device, pick_dtype, run
 from fetch import default_or
 
@@ -155,7 +155,11 @@ def main():
         folder = tpla.checkpoint_or_default(args.ckpt)
     else:
         folder = default_or(args.ckpt)
-    tok = load_tokenizer(folder)  # before the weights are read: a wrong prompt fails fast
+    config = args_from_config(read_config(folder))  # what can fail before the weights are read, first
+    if parallel:
+        mode = args.tp or ("tpla" if config.is_mla else "heads")
+        tpla.check_parallel(config, mode, world, args.tpla_transform)
+    tok = load_tokenizer(folder)
     if args.chat:
         prompt = tok.encode_chat([{"role": "user", "content": args.prompt}])
     else:
@@ -163,7 +167,6 @@ def main():
     if not prompt:
         raise UserError("--prompt is empty")
     if parallel:
-        mode = args.tp or ("tpla" if CheckpointReader(folder).args.is_mla else "heads")
         model, folder = tpla.load_parallel(folder, mode, rank, world, device, dtype, args.tpla_transform)
     else:
         model, folder = load_model(folder, device=device, dtype=dtype)
