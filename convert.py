@@ -31,7 +31,14 @@ calibration text streams through the original model: peak memory is one layer pl
 Written with stock DeepSeek in mind (transformers, vLLM, SGLang load it without custom code):
 - Stock DeepSeek always applies RMSNorm (eps 1e-6) to the latent. We scale the latent rows of
   kv_a_proj_with_mqa down so the latent's RMS is ~1e-10: there RMSNorm(c) = w * c / sqrt(eps + ~1e-20)
-  is linear to fp32 precision, and w = sqrt(eps) / scale undoes it. Works in fp32 and bf16, not fp16.
+  is linear to fp32 precision, and w = sqrt(eps) / scale undoes it. Works in fp32 and bf16, not
+  fp16: a float16 source is written as bfloat16 (with a notice), --dtype float16 is refused.
+- Engines read that eps differently (transformers fixes 1e-6; vLLM, SGLang and llama.cpp take
+  rms_norm_eps), so the folder's rms_norm_eps is 1e-6 (ENGINE_EPS) and the residual stream is
+  scaled by alpha = sqrt(1e-6 / source eps) (embeddings, o_proj, down_proj): RMSNorm(alpha h;
+  alpha^2 eps) = RMSNorm(h; eps), so every norm computes what it did. lm_head is always written
+  (vLLM never ties DeepSeek's); dense layers are declared with 0 experts and no expert groups,
+  which transformers, vLLM and llama.cpp all read as dense.
 - Stock DeepSeek has no q bias without q_lora_rank. A q bias forces a q_lora path whose latent
   has a constant channel (q_a_proj's bias) that q_b_proj turns into the bias; exact, same cache.
 - Mixtral's router renormalises its top-k softmax weights. Stock DeepSeek-V2 does not renormalise
@@ -61,6 +68,9 @@ from model import Block, ModelArgs, Transformer, rope_frequencies, rope_table
 from writer import CheckpointWriter, check_output
 
 TINY = 1e-10  # RMS of the latent before its (stock, unavoidable) RMSNorm: far below sqrt(eps)
+# the one RMSNorm eps every engine agrees on: transformers builds DeepSeek's latent norms with a
+# fixed 1e-6, vLLM, SGLang and llama.cpp with rms_norm_eps; the written rms_norm_eps is this
+ENGINE_EPS = 1e-6
 
 # --method: a recipe of the choices below; single flags override it. "transmla" is the official
 # method, kept as the reference; "fitted" fits the latent and o_proj to what attention computes.
@@ -459,8 +469,11 @@ def deepseek_config(args: ModelArgs, dtype: torch.dtype) -> dict:
     return {
         "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", **_mla_config(args, dtype),
         "intermediate_size": args.hidden_dim, "moe_intermediate_size": args.hidden_dim,
-        "first_k_dense_replace": args.n_layers,  # every layer dense
-        "n_routed_experts": 1, "n_shared_experts": 1, "num_experts_per_tok": 1, "n_group": 1, "topk_group": 1,
+        # every layer dense, in the form each engine reads as dense: transformers and vLLM by
+        # first_k_dense_replace, llama.cpp by 0 experts (it requires fewer expert groups than
+        # experts, and no groups at all for 0)
+        "first_k_dense_replace": args.n_layers, "moe_layer_freq": 1,
+        "n_routed_experts": 0, "n_shared_experts": 0, "num_experts_per_tok": None, "n_group": None, "topk_group": None,
         "rope_parameters": rope, "num_nextn_predict_layers": 0,
     }
 
@@ -506,13 +519,26 @@ def write_checkpoint(reader: CheckpointReader, out: Path, layers, dtype: torch.d
     place and returns the extra files to add (name -> text): convert.py's report."""
     layers = iter(layers)
     first = next(layers)
-    args = first[3]
+    src = first[3]
+    # what every engine reads alike: rms_norm_eps = ENGINE_EPS, and a lm_head of its own (vLLM
+    # never ties DeepSeek's). The residual stream is scaled by alpha (embeddings, and o_proj and
+    # down_proj, which write into it): RMSNorm(alpha h; alpha^2 eps) = RMSNorm(h; eps) exactly, so
+    # every norm, the final one too, sees what it saw with the source's eps.
+    alpha = math.sqrt(ENGINE_EPS / src.norm_eps)
+    args = replace(src, norm_eps=ENGINE_EPS, tie_embeddings=False)
     config = target_config(args, dtype, settings)
+    config["transmla"] = {**settings, "residual_scale": alpha, "source_rms_norm_eps": src.norm_eps}
     with CheckpointWriter(out, config, args, inputs=[reader.folder, *inputs]) as writer:
-        for name in ("tok_embeddings", "norm") + (() if args.tie_embeddings else ("output",)):
-            writer.add(f"{name}.weight", reader.get(hf_name(f"{name}.weight")).to(dtype))
+        embedding = reader.get(hf_name("tok_embeddings.weight"))
+        writer.add("tok_embeddings.weight", (embedding.double() * alpha).to(dtype))
+        writer.add("norm.weight", reader.get(hf_name("norm.weight")).to(dtype))
+        writer.add("output.weight", (embedding if src.tie_embeddings else reader.get(hf_name("output.weight"))).to(dtype))
         for i, params, rest, *_ in itertools.chain([first], layers):
-            writer.add_layer(i, {**{f"attention.{k}": v for k, v in params.items()}, **rest}, dtype)
+            tensors = {**{f"attention.{k}": v for k, v in params.items()}, **rest}
+            for k in tensors:
+                if k in ("attention.wo.weight", "attention.wo.bias") or k.endswith("w2.weight"):
+                    tensors[k] = tensors[k].double() * alpha
+            writer.add_layer(i, tensors, dtype)
         staged = writer.stage(source=reader.folder)
         writer.commit(extra_files=finish(staged, config) if finish else None)
     return config

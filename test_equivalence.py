@@ -14,6 +14,7 @@ errors end in one clear line.
 transformers is the test oracle only: no script imports it.
 """
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -448,16 +449,32 @@ def test_output_refit(tiny, name):
     assert after < 0.9 * before
 
 
+def _engine_eps(model, eps: float):
+    """The latent norms (kv_a_layernorm, q_a_layernorm) with eps = rms_norm_eps, as vLLM, SGLang and
+    llama.cpp build them (transformers fixes 1e-6)."""
+    for name, m in model.named_modules():
+        if name.endswith(("kv_a_layernorm", "q_a_layernorm")):
+            m.variance_epsilon = eps
+
+
 @pytest.mark.parametrize("name", CONVERTIBLE)
 @torch.no_grad()
 def test_converted_folder_loads_in_stock_transformers(tiny, name, tmp_path):
     """The written folder is a stock checkpoint, DeepSeek-V3 (Mistral4 for Mixtral): transformers' own
     class loads it (no remote code, no missing or unexpected tensor) and agrees with our model on
-    it, and with the in-memory conversion."""
+    it, and with the in-memory conversion. The source has rms_norm_eps 1e-5 and the folder 1e-6
+    (convert.ENGINE_EPS) with its residual stream scaled to match, so the in-memory model (eps
+    1e-5) is the reference; the folder reads the same with the latent norms at transformers' 1e-6
+    and at rms_norm_eps (vLLM, SGLang, llama.cpp), has its own lm_head and the dense fields
+    llama.cpp accepts."""
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM, Mistral4ForCausalLM
     from checkpoint import CheckpointReader
     from convert import METHODS, convert_in_memory, convert_layers, write_checkpoint
-    folder = tiny[name][0]
+    folder = tmp_path / "src"
+    shutil.copytree(tiny[name][0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
     a = CheckpointReader(folder).args
     calib = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(6))
     tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(7))
@@ -472,11 +489,23 @@ def test_converted_folder_loads_in_stock_transformers(tiny, name, tmp_path):
     kind = type(ref).__name__.removesuffix("ForCausalLM")
     assert kind == ("Mistral4" if a.n_experts else "DeepseekV3")
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+    written = json.loads((out / "config.json").read_text())
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" in f.keys() and not written["tie_word_embeddings"]
+    assert written["rms_norm_eps"] == 1e-6 and written["transmla"]["residual_scale"] == math.sqrt(0.1)
+    if not a.n_experts:  # llama.cpp: no experts, no groups; transformers and vLLM: every layer dense
+        assert (written["n_routed_experts"], written["n_group"], written["first_k_dense_replace"]) == (0, None, a.n_layers)
+    else:
+        assert written["n_group"] < written["n_routed_experts"]
     ours, _ = load_model(out)
     in_memory = convert_in_memory(CheckpointReader(folder), calib, **kw)
     theirs = ref(tokens).logits
     assert_close(f"{name} converted: ours vs transformers {kind}", ours(tokens), theirs, 1e-4)
-    assert_close(f"{name} converted: written vs in-memory", ours(tokens), in_memory(tokens), 1e-5)
+    assert_close(f"{name} converted: written (eps 1e-6, residual scaled) vs in-memory (eps 1e-5)", ours(tokens),
+                 in_memory(tokens), 1e-5)
+    _engine_eps(ref, written["rms_norm_eps"])
+    assert_close(f"{name} converted: latent norms at rms_norm_eps vs at transformers' 1e-6", ref(tokens).logits,
+                 theirs, 1e-5)
     assert ours.kv_bytes_per_token() == a.n_layers * (20 + a.head_dim // 2) * 4
 
 
