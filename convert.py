@@ -585,6 +585,19 @@ def check_request(args: ModelArgs, rope_dim: int, kv_lora_rank: int, freqfold: i
         raise UserError(f"--q-lora-rank {q_lora_rank}: must be between 0 (full-rank query) and hidden size {args.dim}")
 
 
+def mla_kernels(kv_lora_rank: int, rope_dim: int) -> str:
+    """Which engines run a latent of R + r = kv_lora_rank + rope_dim with their MLA kernels, as
+    their sources check it (vLLM 0.33: mla_attention.py's supported head sizes, cpu_mla.py,
+    flashattn_mla.py; llama.cpp: ggml-cuda/fattn.cu). transformers runs any size."""
+    size = kv_lora_rank + rope_dim
+    if size == 576:
+        return "R + r = 576 (512 + 64): every MLA kernel of vLLM (GPU and CPU) and llama.cpp's CUDA flash attention"
+    vllm = ("vLLM's GPU MLA backends (FlashMLA, FlashInfer, CUTLASS) but not its CPU one or FlashAttention-MLA"
+            if size in (320, 512) else "vLLM's Triton MLA backend on GPU only; on CPU set VLLM_MLA_DISABLE=1")
+    cpp = "llama.cpp's CUDA flash attention" if size == 320 else "llama.cpp without CUDA flash attention"
+    return f"R + r = {size}: {vllm}; {cpp}; 512 + 64 runs everywhere"
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -683,7 +696,8 @@ def main():
         rows.append(("perplexity (eval text)", f"{report['ppl_before']:.2f} -> {report['ppl_after']:.2f}"))
     rows += [("conversion time", f"{report['convert_seconds']}s (with evaluation {report['total_seconds']}s)"),
              ("peak memory", f"{report['convert_peak_rss_mb']} MB converting, {report['peak_rss_mb']} MB overall"),
-             ("written", f"{out} (stock {config['architectures'][0]})")]
+             ("written", f"{out} (stock {config['architectures'][0]})"),
+             ("serving", mla_kernels(args.kv_lora_rank, args.rope_dim))]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

@@ -571,6 +571,11 @@ def test_convert_embedded_model_loads_in_stock_transformers(smollm, tmp_path):
     assert res.returncode == 0, res.stderr
     report = json.loads((out / "convert_report.json").read_text())
     assert report["kv_values_per_token_per_layer"] == {"before": 384, "after": 96}
+    # which engines' MLA kernels take R + r = 96 (vLLM's: 320, 512, 576 on GPU, 576 only on CPU)
+    assert any(line.startswith("serving") and "R + r = 96: vLLM's Triton MLA backend on GPU only" in line
+               for line in res.stdout.splitlines())
+    from convert import mla_kernels
+    assert "every MLA kernel" in mla_kernels(512, 64) and "not its CPU one" in mla_kernels(256, 64)
     ref = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(ref).__name__ == "DeepseekV3ForCausalLM"
     ours, _ = load_model(out)
