@@ -236,6 +236,28 @@ def load_student(folder: Path, device: str, dtype: torch.dtype, which: str, prob
     return model, unfolded, params
 
 
+RESIDUAL_WRITERS = ("tok_embeddings.weight", "attention.wo.weight", "attention.wo.bias", "w2.weight")
+
+
+def optimizer(model: Transformer, params: list[nn.Parameter], lr: float, weight_decay: float):
+    """AdamW that trains a converted model as if its residual stream were not scaled.
+
+    convert.py writes the residual stream scaled by alpha (config transmla.residual_scale, so that
+    rms_norm_eps can be the 1e-6 every engine reads alike): the embeddings, o_proj and down_proj
+    are alpha times their source's size. The model is the same, but Adam's steps are absolute
+    (lr per step whatever the weight's size), so those weights would move 1/alpha times faster
+    relative to their size. Their group ("scale" alpha) gets lr * alpha, weight decay / alpha
+    and gradients times alpha before clipping: step for step what training the unscaled weights
+    would do, up to Adam's epsilon."""
+    alpha = (model.args.extra.get("transmla") or {}).get("residual_scale", 1.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    scaled = [p for p in params if names[id(p)].endswith(RESIDUAL_WRITERS)] if alpha != 1 else []
+    groups = [{"params": [p for p in params if all(p is not q for q in scaled)], "scale": 1.0},
+              {"params": scaled, "scale": alpha}]
+    groups = [{**g, "weight_decay": weight_decay / g["scale"]} for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+
 def save_state(path: Path, state: dict):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -393,7 +415,7 @@ def main():
     probe = ids[: min(len(ids) // T, 4) * T].view(-1, T).to(device)  # fixed windows: unfold / fold measure the latent here
     student, unfolded, params = load_student(student_dir, device, dtype, args.trainable, probe,
                                              state["unfolded"] if state else None)
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    opt = optimizer(student, params, args.lr, args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed)
     total_steps = max(1, args.tokens // (B * T))
     step, elapsed, report = 0, 0.0, {"before": {}}
@@ -401,7 +423,10 @@ def main():
         with torch.no_grad():
             for p_, saved in zip(params, state["params"]):
                 p_.copy_(saved)
-        opt.load_state_dict(state["optimizer"])
+        try:
+            opt.load_state_dict(state["optimizer"])
+        except ValueError:
+            raise UserError(f"--resume: {state_path} holds an optimizer of another layout (an older finetune.py)") from None
         gen.set_state(state["rng"])
         step, elapsed, report = state["step"], state["elapsed"], state["report"]
         print(f"resuming at step {step} of {total_steps} ({elapsed / 60:.1f} min trained) from {state_path}",
@@ -434,8 +459,11 @@ def main():
             x, y = batch(ids, B, T, gen)
             lr = lr_at(step, max(step / total_steps, elapsed / budget if budget else 0.0), args.lr)
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g["scale"]
             kl, ce = distill_step(student, teacher, x.to(device), y.to(device), args.ce_weight, autocast)
+            for g in opt.param_groups:  # gradients as the unscaled weights would have them (see optimizer)
+                for p_ in g["params"] if g["scale"] != 1 else ():
+                    p_.grad.mul_(g["scale"])
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -1080,6 +1080,56 @@ def _converted(folder: Path, out: Path, R: int = 8, **kw) -> Path:
     return out
 
 
+def test_finetune_trains_as_if_the_residual_were_unscaled(tmp_path):
+    """convert.py writes the residual stream scaled by alpha (rms_norm_eps 1e-6 for every engine):
+    fine-tuning that folder moves its weights as fine-tuning the unscaled twin (the same model
+    with rms_norm_eps 1e-5 and the embeddings, o_proj and down_proj alpha times larger) does, not
+    1/alpha times faster, every weight training (--trainable all)."""
+    import math
+    import transformers as tf
+    from safetensors.torch import load_file, save_file
+    from writer import TOKENIZER_FILES
+    from fetch import CALIB_TEXT, ensure_default_model, ensure_texts
+    ensure_texts()
+    gqa = tmp_path / "gqa"
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=96, vocab_size=49152,
+                                       max_position_embeddings=256, rms_norm_eps=1e-5)).save_pretrained(gqa)
+    for name in TOKENIZER_FILES:
+        if (ensure_default_model() / name).is_file():
+            shutil.copy(ensure_default_model() / name, gqa / name)
+    mla = _converted(gqa, tmp_path / "mla")
+    cfg = json.loads((mla / "config.json").read_text())
+    alpha = cfg["transmla"]["residual_scale"]
+    assert alpha == math.sqrt(0.1)
+    twin = tmp_path / "twin"
+    shutil.copytree(mla, twin)
+    state = load_file(mla / "model.safetensors")
+    for k in state:
+        if k.endswith(("embed_tokens.weight", "o_proj.weight", "down_proj.weight")):
+            state[k] = state[k] / alpha
+    save_file(state, twin / "model.safetensors", metadata={"format": "pt"})
+    (twin / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-5,
+                                                  "transmla": {**cfg["transmla"], "residual_scale": 1.0}}))
+    tokens = torch.randint(0, 49152, (2, 40), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert_close("the unscaled twin vs the written folder, before", load_model(twin)[0](tokens),
+                     load_model(mla)[0](tokens), 1e-5)
+    for folder in (mla, twin):
+        res = _script("finetune.py", "--ckpt", str(folder), "--teacher", str(gqa), "--text", str(CALIB_TEXT),
+                      "--tokens", "512", "--seq-len", "32", "--batch", "2", "--lr", "1e-3", "--minutes", "0",
+                      "--dtype", "float32", "--trainable", "all", "--weight-decay", "0.1", "--eval-text", "none",
+                      "--out", str(tmp_path / f"{folder.name}-ft"))
+        assert res.returncode == 0, res.stderr[-3000:]
+    with torch.no_grad():
+        a, b = load_model(tmp_path / "mla-ft")[0](tokens), load_model(tmp_path / "twin-ft")[0](tokens)
+        moved = (a - load_model(mla)[0](tokens)).abs().max().item()
+    print(f"fine-tuning moved logits by up to {moved:.3g}")
+    assert_close("fine-tuned: the written folder vs its unscaled twin", a, b, 1e-3 * moved)
+    assert moved > 1e-2
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen2_qlora"])
 @torch.no_grad()
 def test_finetune_unfold_fold_exact(tiny, name, tmp_path):
