@@ -25,6 +25,12 @@ with a q_lora path); after training it is *folded* back into the ~1e-10 form. Ne
 the logits (test_equivalence.py checks both). A norm whose input is not tiny is a real RMSNorm
 and is left as it is.
 
+The residual stream. convert.py writes rms_norm_eps 1e-6 (what every engine reads alike) with the
+embeddings, o_proj and down_proj scaled by alpha = sqrt(1e-6 / the source's eps) (config
+transmla.residual_scale). For the same reason, Adam would move those alpha-times-smaller weights
+1/alpha times faster; their optimizer group gets lr * alpha, weight decay / alpha and gradients
+times alpha before clipping (optimizer): the steps training the unscaled weights would take.
+
 Data: random windows of --seq-len tokens (seeded) from the training texts, each file tokenized
 as a whole (one document per line, as the perplexity protocol reads the evaluation text). The
 default texts are the calibration split and the Wikipedia training articles of the setup step
