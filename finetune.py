@@ -257,9 +257,9 @@ def optimizer(model: Transformer, params: list[nn.Parameter], lr: float, weight_
     would do, up to Adam's epsilon."""
     alpha = (model.args.extra.get("transmla") or {}).get("residual_scale", 1.0)
     names = {id(p): n for n, p in model.named_parameters()}
-    scaled = [p for p in params if names[id(p)].endswith(RESIDUAL_WRITERS)] if alpha != 1 else []
-    groups = [{"params": [p for p in params if all(p is not q for q in scaled)], "scale": 1.0},
-              {"params": scaled, "scale": alpha}]
+    scaled = {id(p) for p in params if alpha != 1 and names[id(p)].endswith(RESIDUAL_WRITERS)}
+    groups = [{"params": [p for p in params if id(p) not in scaled], "scale": 1.0},
+              {"params": [p for p in params if id(p) in scaled], "scale": alpha}]
     groups = [{**g, "weight_decay": weight_decay / g["scale"]} for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 

@@ -325,7 +325,7 @@ def _flag_template(config: dict, ids: dict[str, int], path: Path) -> tuple[list[
     return out[0], out[1]
 
 
-def _template(proc: dict | None, special: dict) -> tuple[list[int], list[int]] | None:
+def _template(proc: dict | None) -> tuple[list[int], list[int]] | None:
     """The ids a post-processor puts before and after a single sequence; None for a kind we do not read."""
     kind = proc.get("type") if isinstance(proc, dict) else None
     if proc is None or kind == "ByteLevel":  # ByteLevel only trims offsets
@@ -333,11 +333,11 @@ def _template(proc: dict | None, special: dict) -> tuple[list[int], list[int]] |
     if kind == "Sequence":  # ByteLevel and one that adds tokens (Llama-3); two that add tokens
         # interact in ways of their own (the second sees the first's additions as a pair)
         steps = [p for p in proc.get("processors", []) if not (isinstance(p, dict) and p.get("type") == "ByteLevel")]
-        return _template(steps[0], special) if len(steps) == 1 else ([], []) if not steps else None
+        return _template(steps[0]) if len(steps) == 1 else ([], []) if not steps else None
     if kind in ("BertProcessing", "RobertaProcessing"):
         return [proc["cls"][1]], [proc["sep"][1]]
     if kind == "TemplateProcessing":
-        parts, seen = ([], []), 0
+        special, parts, seen = proc.get("special_tokens") or {}, ([], []), 0
         for item in proc.get("single", []):
             if "Sequence" in item:
                 seen += 1
@@ -366,7 +366,7 @@ def _tiktoken_obstacle(spec: dict) -> str | None:
     if (spec.get("decoder") or {}).get("type") != "ByteLevel":
         return f"decoder {_describe(spec.get('decoder'))}"
     post = spec.get("post_processor")
-    if _template(post, _special_ids(post)) is None:
+    if _template(post) is None:
         return f"post-processor {_describe(post)}"
     for t in spec.get("added_tokens") or []:
         flags = [f for f in ("lstrip", "rstrip", "single_word") if t.get(f)]
@@ -465,28 +465,16 @@ def _from_tokenizer_json(spec: dict, path: Path) -> TiktokenBPE:
     for s, i in [*vocab.items(), *added.raw.items(), *added.norm.items()]:
         token_bytes[i] = bytes(TO_BYTE[c] for c in s) if all(c in TO_BYTE for c in s) else s.encode()
     post = spec.get("post_processor")
-    template = _template(post, _special_ids(post))
+    template = _template(post)
     enc = tiktoken.Encoding(name=path.parent.name, pat_str=_pattern(spec.get("pre_tokenizer")),
                             mergeable_ranks=ranks, special_tokens={})
     try:  # a pattern that can match nothing panics in tiktoken's Rust (a BaseException)
         enc.encode_ordinary("a 1, \n\t b")
-    except Exception as e:
-        raise ValueError("tiktoken cannot run this pre-tokenizer") from e
     except BaseException as e:
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         raise ValueError("tiktoken cannot run this pre-tokenizer") from None
     return TiktokenBPE(enc, to_id, token_bytes, added, template, path)
-
-
-def _special_ids(proc: dict | None) -> dict:
-    """A post-processor's special_tokens, gathered through a Sequence."""
-    if not isinstance(proc, dict):
-        return {}
-    out = dict(proc.get("special_tokens") or {})
-    for p in proc.get("processors") or []:
-        out |= _special_ids(p)
-    return out
 
 
 def _pattern(pre: dict | None) -> str | None:
