@@ -29,10 +29,15 @@ Statistics are float64 second moments of the attention input, gathered layer by 
 calibration text streams through the original model: peak memory is one layer plus activations.
 
 Written with stock DeepSeek in mind (transformers, vLLM, SGLang load it without custom code):
-- Stock DeepSeek always applies RMSNorm (eps 1e-6) to the latent. We scale the latent rows of
-  kv_a_proj_with_mqa down so the latent's RMS is ~1e-10: there RMSNorm(c) = w * c / sqrt(eps + ~1e-20)
-  is linear to fp32 precision, and w = sqrt(eps) / scale undoes it. Works in fp32 and bf16, not
-  fp16: a float16 source is written as bfloat16 (with a notice), --dtype float16 is refused.
+- Stock DeepSeek always applies RMSNorm (eps 1e-6) to the latent. We scale the latent down to an
+  RMS of 3e-5 (--latent-rms): there RMSNorm(c) = w * c / sqrt(eps + mean(c^2)) is linear to
+  0.045% for a token of average size, and w = sqrt(eps) / scale undoes the scaling. The smallness
+  is shared between the attention's input (its norm weight times s1, q_proj and
+  kv_a_proj_with_mqa divided by s1) and kv_a_proj_with_mqa's latent rows, so that neither falls
+  below what float16 and llama.cpp's 8-bit blocks hold (balance_input). The trade, measured in
+  docs/latent_scale.md: smaller is more exact in fp32 (1e-10: to fp32 precision, for fp32 and
+  bf16 only); larger makes the norm less linear; 3e-5 costs fp32 nothing measurable and fp16 and
+  q8_0 no more than they cost the original (test_engines.py).
 - Engines read that eps differently (transformers fixes 1e-6; vLLM, SGLang and llama.cpp take
   rms_norm_eps), so the folder's rms_norm_eps is 1e-6 (ENGINE_EPS) and the residual stream is
   scaled by alpha = sqrt(1e-6 / source eps) (embeddings, o_proj, down_proj): RMSNorm(alpha h;
@@ -67,7 +72,12 @@ from cli import UserError, pick_dtype, run
 from model import Block, ModelArgs, Transformer, rope_frequencies, rope_table
 from writer import CheckpointWriter, check_output
 
-TINY = 1e-10  # RMS of the latent before its (stock, unavoidable) RMSNorm: far below sqrt(eps)
+# RMS of the latent before its (stock, unavoidable) RMSNorm, far enough below sqrt(eps) = 1e-3 that
+# the norm is linear, high enough that float16 and 8-bit blocks hold it (docs/latent_scale.md): the
+# norm then divides by sqrt(eps + s^2) instead of sqrt(eps), off by s^2 / (2 eps) = 0.045% for a token
+# of average size; 1e-10 is linear to fp32 precision but underflows float16 and q8_0 to zeros
+LATENT_RMS = 3e-5
+FP16_LATENT_RMS = 1e-5  # the smallest latent RMS float16 stores without losing the latent
 # the one RMSNorm eps every engine agrees on: transformers builds DeepSeek's latent norms with a
 # fixed 1e-6, vLLM, SGLang and llama.cpp with rms_norm_eps; the written rms_norm_eps is this
 ENGINE_EPS = 1e-6
@@ -246,9 +256,13 @@ def attention_pca(layer: LayerMLA, cov: torch.Tensor, rank: int, wo: torch.Tenso
 
 # ----------------------------------------------------------------------------- step 4
 
-def to_deepseek(layer: LayerMLA, attn, cov: torch.Tensor, q_lora_rank: int, bias: bool, eps: float) -> dict:
+def to_deepseek(layer: LayerMLA, attn, cov: torch.Tensor, q_lora_rank: int, bias: bool, eps: float,
+                latent_rms: float = LATENT_RMS) -> dict:
     """Our MLA module's parameters (float64) for a LayerMLA, in the stock DeepSeek-V3 layout.
-    bias: the source has attention biases (then kv_a_proj_with_mqa, o_proj and the q path get them)."""
+    bias: the source has attention biases (then kv_a_proj_with_mqa, o_proj and the q path get them).
+    The latents (kv, and q where there is a q_lora path) are scaled to RMS latent_rms on the
+    calibration tokens and their RMSNorm weights to sqrt(eps) / scale: RMSNorm(c) = w c / sqrt(eps +
+    mean(c^2)) is then c times 1 - mean(c^2) / (2 eps) + ..., the original latent to that factor."""
     H, d_h, _ = layer.wq.shape
     r = layer.kpe.shape[0]
     D = layer.wq.shape[2] - 1
@@ -264,13 +278,13 @@ def to_deepseek(layer: LayerMLA, attn, cov: torch.Tensor, q_lora_rank: int, bias
             qa, qb = torch.eye(D + 1, dtype=torch.float64), q
         else:
             qa, qb = q, torch.eye(q.shape[0], dtype=torch.float64)
-        s = TINY / _rms(qa, cov)
+        s = latent_rms / _rms(qa, cov)
         p["wq_a.weight"], p["wq_a.bias"] = s * qa[:, :D], s * qa[:, D]
         p["q_norm.weight"] = torch.full((qa.shape[0],), math.sqrt(eps) / s, dtype=torch.float64)
         p["wq_b.weight"] = qb
     else:
         p["wq.weight"] = q[:, :D]
-    s = TINY / _rms(layer.lat, cov)
+    s = latent_rms / _rms(layer.lat, cov)
     kv_a = torch.cat([s * layer.lat, layer.kpe])
     p["wkv_a.weight"] = kv_a[:, :D]
     p["kv_norm.weight"] = torch.full((layer.lat.shape[0],), math.sqrt(eps) / s, dtype=torch.float64)
@@ -346,9 +360,8 @@ def refit_output(block: Block, converted: Block, h: torch.Tensor, rope_gqa: tupl
     n = attn.wo.weight.shape[1]
     own, cross = torch.zeros(n, n, dtype=torch.float64), torch.zeros(attn.wo.weight.shape[0], n, dtype=torch.float64)
     for b in range(0, len(h), 8):
-        x = block.attention_norm(h[b:b + 8])
-        want = block.attention(x, *rope_gqa, mask)  # (B, T, D)
-        attn(x, *rope, mask)
+        want = block.attention(block.attention_norm(h[b:b + 8]), *rope_gqa, mask)  # (B, T, D)
+        attn(converted.attention_norm(h[b:b + 8]), *rope, mask)  # its input scaled (balance_input)
         if attn.wo.bias is not None:  # the bias stays; the weight fits the rest
             want = want - attn.wo.bias
         v = seen.pop().reshape(-1, n).double()  # (B*T, H*d_v)
@@ -359,16 +372,37 @@ def refit_output(block: Block, converted: Block, h: torch.Tensor, rope_gqa: tupl
     return torch.linalg.solve(own + ridge, cross.T).T
 
 
-def mla_block(gqa: ModelArgs, layer: LayerMLA, block: Block, cov: torch.Tensor, q_lora_rank: int):
-    """A float32 Block with MLA attention for `layer` and the rest of `block`; also its params and args."""
+def balance_input(params: dict, rest: dict, cov: torch.Tensor, R: int) -> float:
+    """Share the latent's smallness between the attention's input and the latent rows of
+    kv_a_proj_with_mqa: the input norm's weight times s1, every map reading it (q_proj or q_a_proj,
+    kv_a_proj_with_mqa; their bias columns not) divided by s1, with s1 chosen so the input (over
+    the calibration tokens) and the latent rows have the same RMS. Exact; both then sit far above
+    float16's smallest normal (6e-5) and q8_0's block scales, where latent rows of RMS ~1e-6
+    would not. Edits params and rest in place; returns s1."""
+    D = cov.shape[0] - 1
+    x_rms = math.sqrt(cov.diagonal()[:D].sum().item() / D)
+    w_rms = params["wkv_a.weight"][:R].pow(2).mean().sqrt().item()
+    s1 = math.sqrt(w_rms / x_rms)
+    rest["attention_norm.weight"] = (rest["attention_norm.weight"].double() * s1).float()
+    for k in ("wq.weight", "wq_a.weight", "wkv_a.weight"):
+        if k in params:
+            params[k] = params[k] / s1
+    return s1
+
+
+def mla_block(gqa: ModelArgs, layer: LayerMLA, block: Block, cov: torch.Tensor, q_lora_rank: int,
+              latent_rms: float = LATENT_RMS):
+    """A float32 Block with MLA attention for `layer` and the rest of `block`; also its params, args
+    and the scale balance_input put on the attention's input."""
     params = to_deepseek(layer, block.attention, cov, q_lora_rank, gqa.qkv_bias or gqa.o_bias,
-                         ModelArgs.latent_norm_eps)
+                         ModelArgs.latent_norm_eps, latent_rms)
     args = mla_args(gqa, layer, params)
     rest = {k: v for k, v in block.state_dict().items() if not k.startswith("attention.")}
+    input_scale = balance_input(params, rest, cov, layer.lat.shape[0])
     with torch.device("meta"):
         new = Block(args)
     new.load_state_dict({**{f"attention.{k}": v.float() for k, v in params.items()}, **rest}, assign=True)
-    return new, params, rest, args
+    return new, params, rest, args, input_scale
 
 
 def _run(block: Block, h: torch.Tensor, rope: tuple, mask: torch.Tensor) -> torch.Tensor:
@@ -380,16 +414,18 @@ def _run(block: Block, h: torch.Tensor, rope: tuple, mask: torch.Tensor) -> torc
 @torch.no_grad()
 def convert_layers(reader: CheckpointReader, calib: torch.Tensor, rope_dim: int, kv_lora_rank: int,
                    freqfold: int, q_lora_rank: int = 0, upto: str = "bkv_pca", progress=None,
-                   rope_select: str = "key", latent_fit: str = "bkv", output_fit: bool = False):
+                   rope_select: str = "key", latent_fit: str = "bkv", output_fit: bool = False,
+                   latent_rms: float = LATENT_RMS):
     """Stream the calibration samples through the model one layer at a time and convert each layer;
     yield (i, converted attention params, the layer's other params, converted ModelArgs, the
-    converted float32 Block).
+    attention input's scale (balance_input), the converted float32 Block).
 
     As in the official code, RoRoPE is fitted on the original model's activations and the latent
     on the partial-RoPE model's own (each layer sees what the partial-RoPE layers before it
     produce), so two streams of hidden states run side by side.
     rope_select picks rorope's basis (key or score), latent_fit the latent (bkv_pca or
-    attention_pca); output_fit refits o_proj on the original model's activations (refit_output)."""
+    attention_pca); output_fit refits o_proj on the original model's activations (refit_output);
+    latent_rms is the latent's size under its RMSNorm (to_deepseek)."""
     gqa = reader.args
     with torch.device("meta"):
         emb = torch.nn.Embedding(gqa.vocab_size, gqa.dim)
@@ -418,13 +454,13 @@ def convert_layers(reader: CheckpointReader, calib: torch.Tensor, rope_dim: int,
                 layer = attention_pca(layer, cov, kv_lora_rank, block.attention.wo.weight)
             else:
                 layer = bkv_pca(layer, cov, kv_lora_rank)
-        converted, params, rest, args = mla_block(gqa, layer, block, cov, q_lora_rank)
+        converted, params, rest, args, input_scale = mla_block(gqa, layer, block, cov, q_lora_rank, latent_rms)
         if output_fit:
             w = refit_output(block, converted, h, rope_gqa, rope, mask)
             params["wo.weight"] = w
             converted.attention.wo.weight.data.copy_(w)
         h = _run(block, h, rope_gqa, mask)
-        yield i, params, rest, args, converted
+        yield i, params, rest, args, input_scale, converted
         if progress:
             progress()
 
@@ -533,7 +569,9 @@ def write_checkpoint(reader: CheckpointReader, out: Path, layers, dtype: torch.d
         writer.add("tok_embeddings.weight", (embedding.double() * alpha).to(dtype))
         writer.add("norm.weight", reader.get(hf_name("norm.weight")).to(dtype))
         writer.add("output.weight", (embedding if src.tie_embeddings else reader.get(hf_name("output.weight"))).to(dtype))
-        for i, params, rest, *_ in itertools.chain([first], layers):
+        scales = config["transmla"]["attention_input_scale"] = []  # written with config.json at stage()
+        for i, params, rest, _, input_scale, _ in itertools.chain([first], layers):
+            scales.append(input_scale)
             tensors = {**{f"attention.{k}": v for k, v in params.items()}, **rest}
             for k in tensors:
                 if k in ("attention.wo.weight", "attention.wo.bias") or k.endswith("w2.weight"):
@@ -627,6 +665,9 @@ def main():
     p.add_argument("--eval-text", help="text for perplexity before and after (default: the embedded "
                                        "evaluation split for the default model; 'none' to skip)")
     p.add_argument("--dtype", help="dtype of the written weights (default: the input's)")
+    p.add_argument("--latent-rms", type=float, default=LATENT_RMS,
+                   help="the latent's RMS under its RMSNorm (default %(default)g; 1e-10: linear to fp32 "
+                        "precision, for fp32 and bf16 only; at most 1e-4)")
     args = p.parse_args()
 
     from evaluate import perplexity
@@ -641,10 +682,13 @@ def main():
     check_output(out, [folder, *texts])
     check_source(reader, args.rope_dim, args.kv_lora_rank, args.q_lora_rank)
     dtype = pick_dtype(args.dtype, "cpu") if args.dtype else reader.stored_dtype()
-    if dtype == torch.float16:  # the latent rides at RMS 1e-10 (TINY) under a norm weight ~1e7
-        why = "float16 cannot hold the converted latent (RMS 1e-10 under a norm weight of ~1e7)"
+    if not 0 < args.latent_rms <= 1e-4:  # sqrt(eps) / 10: the norm then is off linear by 0.5%
+        raise UserError(f"--latent-rms {args.latent_rms:g}: must be above 0 and at most 1e-4 (the latent norm's "
+                        f"sqrt(eps) is 1e-3; beyond 1e-4 it stops being linear)")
+    if dtype == torch.float16 and args.latent_rms < FP16_LATENT_RMS:
+        why = f"float16 cannot hold a latent of RMS {args.latent_rms:g} (at least {FP16_LATENT_RMS:g})"
         if args.dtype:
-            raise UserError(f"--dtype float16: {why}; use bfloat16 or float32")
+            raise UserError(f"--dtype float16: {why}; use bfloat16 or float32, or a larger --latent-rms")
         print(f"note: the source is float16, but {why}: writing bfloat16", file=sys.stderr)
         dtype = torch.bfloat16
     if args.calib_text is None or (args.eval_text is None and args.ckpt is None):
@@ -663,7 +707,7 @@ def main():
                         f"or evaluation text: tokens the checkpoint has no embedding for")
     recipe = {k: default if getattr(args, k) is None else getattr(args, k) for k, default in METHODS[args.method].items()}
     settings = {"method": args.method, **recipe, "kv_lora_rank": args.kv_lora_rank, "rope_dim": args.rope_dim,
-                "freqfold": args.freqfold, "q_lora_rank": args.q_lora_rank,
+                "freqfold": args.freqfold, "q_lora_rank": args.q_lora_rank, "latent_rms": args.latent_rms,
                 "calibration": f"{len(calib)} samples x {args.calib_len} tokens"}
     report = {"settings": settings, "source": str(folder), "out": str(out)}
     before, after = 2 * a.n_kv_heads * a.head_dim, args.kv_lora_rank + args.rope_dim
@@ -688,7 +732,7 @@ def main():
         return {"convert_report.json": json.dumps(report, indent=2) + "\n"}
 
     layers = convert_layers(reader, calib, args.rope_dim, args.kv_lora_rank, args.freqfold, args.q_lora_rank,
-                            progress=bar.update, **recipe)
+                            progress=bar.update, latent_rms=args.latent_rms, **recipe)
     config = write_checkpoint(reader, out, layers, dtype, settings, inputs=texts, finish=finish)
 
     rows = [("KV cache values / token / layer", f"{before} -> {after}"), ("compression", f"{before / after:.2f}x")]

@@ -16,14 +16,15 @@ attn`: the part the conversion changed); gradients still flow back through every
 feed-forward, norm and embedding weights get none.
 
 The latent RMSNorm. Stock DeepSeek always normalises the latent (eps 1e-6); convert.py makes that
-norm linear by scaling the latent rows of kv_a_proj_with_mqa down to an RMS of ~1e-10 and
-putting sqrt(eps) / scale ~ 1e7 into the norm weight. Adam moves every weight by about lr per
-step whatever its size, so trained in that form the 1e-10 weights would be wiped out in one
-step. So before training each such norm is *unfolded*: its exact linear gain w / sqrt(eps) goes
-into the latent rows and the norm becomes the identity (the same for q_a_proj / q_a_layernorm
-with a q_lora path); after training it is *folded* back into the ~1e-10 form. Neither changes
-the logits (test_equivalence.py checks both). A norm whose input is not tiny is a real RMSNorm
-and is left as it is.
+norm nearly linear by scaling the latent down to an RMS of 3e-5 and putting sqrt(eps) / scale
+into the norm weight, with the attention's input scaled by s1 (config
+transmla.attention_input_scale) to share the smallness. Adam moves every weight by about lr per
+step whatever its size, so trained in that form the small weights would be wiped out in a few
+steps. So before training each such norm is *unfolded*: its gain w / sqrt(eps) goes into the
+latent rows, an UnfoldedNorm that computes exactly what the norm did takes its place, and the
+input's scale s1 comes off (the same for q_a_proj / q_a_layernorm with a q_lora path); after
+training all of it is *folded* back. Neither changes the logits (test_equivalence.py checks
+both). A norm whose input is not small is a real RMSNorm and is left as it is.
 
 The residual stream. convert.py writes rms_norm_eps 1e-6 (what every engine reads alike) with the
 embeddings, o_proj and down_proj scaled by alpha = sqrt(1e-6 / the source's eps) (config
@@ -67,14 +68,15 @@ import torch.nn.functional as F
 
 from checkpoint import CheckpointReader, find_checkpoint, load_model, read_config
 from cli import UserError, pick_device, run
-from convert import TINY  # the RMS the latent is folded back to, as convert.py writes it
 from evaluate import perplexity
 from fetch import default_or, ensure_default_conversion, read_text
 from model import MLA, RMSNorm, Transformer
 from writer import check_output, check_output_file, write_model
 import tpla
 
-LINEAR = 1e-8  # a latent norm is linear if its input's mean square is below LINEAR * eps (error < LINEAR / 2)
+# a latent norm is convert.py's linear carrier if its input's mean square stays below LINEAR * eps on every
+# probe token (convert.py's: ~1e-3; DeepSeek's own latents: ~1e6)
+LINEAR = 0.1
 WARMUP = (20, 0.05)  # linear LR warm-up for 20 steps or 5% of the run, whichever ends first
 MIN_LR = 0.1  # the cosine ends at this fraction of --lr
 
@@ -109,12 +111,52 @@ def latent_mean_squares(model: Transformer, tokens: torch.Tensor) -> dict[str, t
     return found
 
 
+class UnfoldedNorm(nn.Module):
+    """A latent RMSNorm(c) = w c / sqrt(mean(c^2) + eps) whose gain w / sqrt(eps) has moved into the
+    rows of the down-projection feeding it: on their output u = c w / sqrt(eps) it computes
+    u / sqrt(1 + mean(c^2) / eps), what the norm computed, exactly. (For convert.py's latent,
+    mean(c^2) / eps ~ 1e-3: nearly the identity.) w stays, to fold back."""
+
+    def __init__(self, norm: RMSNorm):
+        super().__init__()
+        self.eps = norm.eps
+        self.register_buffer("w", norm.weight.detach().clone(), persistent=False)
+
+    def forward(self, u):
+        c = u.float() * (math.sqrt(self.eps) / self.w.float())
+        return u * torch.rsqrt(1 + c.pow(2).mean(-1, keepdim=True) / self.eps).to(u.dtype)
+
+
+def input_scales(model: Transformer) -> list[float]:
+    """The scale convert.py put on each layer's attention input (convert.balance_input), 1 where none."""
+    scales = (model.args.extra.get("transmla") or {}).get("attention_input_scale")
+    return scales if scales else [1.0] * len(model.layers)
+
+
+def _scale_input(layer, s: float):
+    """Multiply the attention's input by s (its norm's weight) and divide the maps reading it: exact."""
+    attn = layer.attention
+    layer.attention_norm.weight.mul_(s)
+    for lin in (attn.wq_a if attn.q_lora_rank else attn.wq, attn.wkv_a):
+        lin.weight.div_(s)
+
+
+def _scale_rows(lin: nn.Linear, gain: torch.Tensor):
+    n = len(gain)
+    lin.weight[:n] = (lin.weight[:n].double() * gain[:, None]).to(lin.weight.dtype)
+    if lin.bias is not None:
+        lin.bias[:n] = (lin.bias[:n].double() * gain).to(lin.bias.dtype)
+
+
 @torch.no_grad()
 def unfold(model: Transformer, tokens: torch.Tensor | None = None, names: list[str] | None = None) -> list[str]:
-    """Replace each linear latent norm (input mean square < LINEAR * eps on `tokens`; or exactly
-    the norms in `names`) by the identity, its gain w / sqrt(eps) moved into the rows of the
-    down-projection that feed it. Returns the names of the norms unfolded."""
+    """Unfold each of convert.py's latent norms (input mean square < LINEAR * eps on `tokens`; or
+    exactly the norms in `names`): its gain w / sqrt(eps) moves into the rows of the
+    down-projection that feed it, and an UnfoldedNorm takes its place; where the kv latent's norm
+    goes, the layer's attention input loses convert.py's scale too (input_scales). Exact. Returns
+    the names of the norms unfolded."""
     ms = latent_mean_squares(model, tokens) if names is None else None
+    scales = input_scales(model)
     done = []
     for i, layer in enumerate(model.layers):
         attn = layer.attention
@@ -124,36 +166,30 @@ def unfold(model: Transformer, tokens: torch.Tensor | None = None, names: list[s
             name, m = f"layers.{i}.attention.{norm}", getattr(attn, norm)
             if (name not in names) if names is not None else (ms[name].max().item() >= LINEAR * m.eps):
                 continue  # a real RMSNorm (DeepSeek's own weights): train it as it is
-            # RMSNorm(c) = w c / sqrt(mean(c^2) + eps) = (w / sqrt(eps)) c up to mean(c^2) / (2 eps) relative
-            gain = m.weight.double() / math.sqrt(m.eps)  # (n,)
-            lin, n = getattr(attn, down), len(gain)
-            lin.weight[:n] = (lin.weight[:n].double() * gain[:, None]).to(lin.weight.dtype)
-            if lin.bias is not None:
-                lin.bias[:n] = (lin.bias[:n].double() * gain).to(lin.bias.dtype)
-            setattr(attn, norm, nn.Identity())
+            _scale_rows(getattr(attn, down), m.weight.double() / math.sqrt(m.eps))
+            setattr(attn, norm, UnfoldedNorm(m))
             done.append(name)
+            if norm == "kv_norm":
+                _scale_input(layer, 1 / scales[i])
     return done
 
 
 @torch.no_grad()
-def fold(model: Transformer, tokens: torch.Tensor, names: list[str]):
-    """Undo unfold: scale the latent rows so the latent's RMS over `tokens` is TINY and put the
-    norm back with weight sqrt(eps) / scale: stock DeepSeek's norm, linear again (convert.py's form)."""
-    ms = latent_mean_squares(model, tokens)
-    eps = model.args.latent_norm_eps
+def fold(model: Transformer, names: list[str]):
+    """Undo unfold exactly: the gain back out of the rows into a stock RMSNorm, the attention input's
+    scale back on (convert.py's form)."""
+    scales = input_scales(model)
     for name in names:
         _, i, _, norm = name.split(".")
-        attn = model.layers[int(i)].attention
+        layer = model.layers[int(i)]
+        attn, m = layer.attention, getattr(layer.attention, norm)
         down = dict((b, a) for a, b in latent_norms(attn))[norm]
-        lin = getattr(attn, down)
-        n = lin.out_features - (attn.r if down == "wkv_a" else 0)  # the latent rows (k_pe rows stay)
-        s = TINY / max(ms[name].mean().sqrt().item(), 1e-30)
-        lin.weight[:n] = (lin.weight[:n].double() * s).to(lin.weight.dtype)
-        if lin.bias is not None:
-            lin.bias[:n] = (lin.bias[:n].double() * s).to(lin.bias.dtype)
-        new = RMSNorm(n, eps).to(device=lin.weight.device, dtype=lin.weight.dtype)
-        new.weight.fill_(math.sqrt(eps) / s)
+        _scale_rows(getattr(attn, down), math.sqrt(m.eps) / m.w.double())
+        new = RMSNorm(len(m.w), m.eps).to(device=m.w.device, dtype=getattr(attn, down).weight.dtype)
+        new.weight.copy_(m.w)
         setattr(attn, norm, new)
+        if norm == "kv_norm":
+            _scale_input(layer, scales[int(i)])
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -497,7 +533,7 @@ def main():
     save_state(state_path, snapshot())
 
     student.eval()
-    fold(student, probe, unfolded)
+    fold(student, unfolded)
     losses = report.get("loss", [])
     record = {"teacher": str(teacher_dir), "texts": [str(t) for t in texts], "tokens": step * B * T,
               "steps": step, "seq_len": T, "batch": B, "lr": args.lr, "schedule": "warm-up + cosine",

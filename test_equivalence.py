@@ -371,7 +371,8 @@ CONVERTIBLE = ["llama", "qwen2", "mistral", "llama_tied_headdim", "mixtral"]
 def test_conversion_steps_exact(tiny, name):
     """Step 1 (GQA as MLA) and step 2 (RoRoPE with RoPE kept on every dim) reproduce the original
     logits; step 3 (BKV-PCA) at full rank reproduces the partial-RoPE model it starts from; so does
-    a full-rank low-rank query. Each in MLA's naive and absorbed forms."""
+    a full-rank low-rank query. Each in MLA's naive and absorbed forms, with the latent at RMS 1e-10,
+    where its RMSNorm is linear to fp32 precision (the default's bound: test_default_latent_rms_bound)."""
     from checkpoint import CheckpointReader
     from convert import convert_in_memory
     folder = tiny[name][0]
@@ -386,7 +387,7 @@ def test_conversion_steps_exact(tiny, name):
         return model(tokens)
 
     def convert(**kw):
-        return convert_in_memory(CheckpointReader(folder), calib, **kw)
+        return convert_in_memory(CheckpointReader(folder), calib, latent_rms=1e-10, **kw)
 
     original = load_model(folder, sliding_window=None)[0](tokens)  # DeepSeek has no sliding window
     step1 = convert(upto="gqa", rope_dim=L, kv_lora_rank=L, freqfold=1)
@@ -430,7 +431,7 @@ def test_output_refit(tiny, name):
     inv_freq = rope_frequencies(a.head_dim, a.rope_theta, a.rope_scaling)
     cov = second_moments(block.attention_norm, h)
     exact = gqa_as_mla(block.attention, a.n_kv_heads, a.head_dim)
-    mla, *_ = mla_block(a, exact, block, cov, 0)
+    mla, *_ = mla_block(a, exact, block, cov, 0, latent_rms=1e-10)  # its latent norm linear to fp32 precision
     rope = rope_table(inv_freq[torch.tensor(exact.pairs)], T)
     w = refit_output(block, mla, h, rope_table(inv_freq, T), rope, mask, damp=0.0)
     assert_close(f"{name}: o_proj refitted on an exact conversion vs the original", w, block.attention.wo.weight, 1e-4)
@@ -440,8 +441,8 @@ def test_output_refit(tiny, name):
     layer = attention_pca(layer, cov, L // 4, block.attention.wo.weight)
     mla, *_ = mla_block(a, layer, block, cov, 0)
     rope = rope_table(inv_freq[torch.tensor(layer.pairs)], T)
-    x = block.attention_norm(h)
-    want = block.attention(x, *rope_table(inv_freq, T), mask)
+    x = mla.attention_norm(h)  # its input is scaled (convert.balance_input)
+    want = block.attention(block.attention_norm(h), *rope_table(inv_freq, T), mask)
     before = (mla.attention(x, *rope, mask) - want).pow(2).mean().item()
     mla.attention.wo.weight.copy_(refit_output(block, mla, h, rope_table(inv_freq, T), rope, mask))
     after = (mla.attention(x, *rope, mask) - want).pow(2).mean().item()
@@ -1133,10 +1134,10 @@ def test_finetune_trains_as_if_the_residual_were_unscaled(tmp_path):
 @pytest.mark.parametrize("name", ["llama", "qwen2_qlora"])
 @torch.no_grad()
 def test_finetune_unfold_fold_exact(tiny, name, tmp_path):
-    """The student finetune.py trains equals the loaded checkpoint at step 0 (its linear latent norms
-    unfolded into the down-projections), and folding them back gives the same logits again, with
-    the latent back at RMS ~1e-10 under stock DeepSeek's norm. A real RMSNorm (a DeepSeek
-    checkpoint's own) is left alone."""
+    """The student finetune.py trains equals the loaded checkpoint at step 0 (its latent norms'
+    gains unfolded into the down-projections, the attention input's scale undone), and folding
+    them back gives the same logits and weights again, the latent at convert.py's RMS under stock
+    DeepSeek's norm. A real RMSNorm (a DeepSeek checkpoint's own) is left alone."""
     from finetune import LINEAR, fold, latent_mean_squares, load_student, unfold
     folder = tiny[name.removesuffix("_qlora")][0]
     student = _converted(folder, tmp_path / "mla", q_lora_rank=24 if "qlora" in name else 0)
@@ -1153,8 +1154,15 @@ def test_finetune_unfold_fold_exact(tiny, name, tmp_path):
     assert w.abs().max() > 1e-2
     assert all(p.dtype == torch.float32 and p.requires_grad for p in params)
     assert_close(f"{name}: step-0 student (unfolded) vs loaded checkpoint", model(tokens), loaded(tokens), 1e-5)
-    fold(model, probe, unfolded)
+    x = model.layers[0].attention_norm.weight
+    print(f"{name}: attention input norm weight RMS {loaded.layers[0].attention_norm.weight.pow(2).mean().sqrt():.3g} "
+          f"folded, {x.pow(2).mean().sqrt():.3g} unfolded (the source's)")
+    fold(model, unfolded)
     assert_close(f"{name}: unfolded then folded vs loaded checkpoint", model(tokens), loaded(tokens), 1e-5)
+    worst = max((v - w).abs().max().item() / max(w.abs().max().item(), 1e-30)
+                for v, w in zip(model.state_dict().values(), loaded.state_dict().values()))
+    print(f"{name}: every weight unfolded then folded vs loaded: largest |diff| / max |weight| {worst:.3g}")
+    assert worst < 1e-6
     ms = latent_mean_squares(model, tokens)
     assert len(ms) == len(unfolded) and max(m.max().item() for m in ms.values()) < LINEAR * a.latent_norm_eps
     real, _ = load_model(tiny["deepseek_v3"][0])

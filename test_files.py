@@ -718,9 +718,9 @@ def test_failing_rank_ends_the_job_at_once(llama, tmp_path):
 
 def test_degenerate_weights_and_dtypes(tmp_path):
     """A layer whose o_proj is all zeros (attention that nothing reads) still converts to finite
-    weights; a float16 source is written as bfloat16 with a one-line notice, since float16 cannot
-    hold the carried latent (see convert.py), and --dtype float16 is refused before any work; a
-    writer never writes NaN or inf."""
+    weights; a float16 source is written as float16 and runs in float16; with a latent float16
+    cannot hold (--latent-rms 1e-10) it is written as bfloat16 with a one-line notice and --dtype
+    float16 is refused before any work, as is a latent RMS past 1e-4; a writer never writes NaN or inf."""
     from safetensors.torch import load_file, save_file
     calib = _calib(tmp_path / "calib.txt")
     src, out = tmp_path / "zero_o", tmp_path / "zero_o-mla"
@@ -736,13 +736,27 @@ def test_degenerate_weights_and_dtypes(tmp_path):
     half = tmp_path / "half"
     _llama(half, torch_dtype="float16").to(torch.float16).save_pretrained(half)
     res = _script("convert.py", *_convert_argv(half, tmp_path / "half-mla", calib))
+    assert res.returncode == 0 and "note:" not in res.stderr, res.stderr[-2000:]
+    assert json.loads((tmp_path / "half-mla" / "config.json").read_text())["torch_dtype"] == "float16"
+    tokens = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        f16 = load_model(tmp_path / "half-mla", dtype=torch.float16)[0](tokens).float()
+        f32 = load_model(tmp_path / "half-mla")[0](tokens)
+    print(f"float16 source written as float16, run in float16 vs float32: max |diff| {(f16 - f32).abs().max():.3g}")
+    assert torch.isfinite(f16).all() and (f16 - f32).abs().max() < 1e-2 * f32.abs().max()
+    # a latent float16 cannot hold (--latent-rms 1e-10): bfloat16 with a notice, or refused when asked for
+    res = _script("convert.py", *_convert_argv(half, tmp_path / "half-mla-tiny", calib), "--latent-rms", "1e-10")
     notice = [line for line in res.stderr.splitlines() if line.startswith("note:")]
-    print("float16 source:", notice)
+    print("float16 source, --latent-rms 1e-10:", notice)
     assert res.returncode == 0 and len(notice) == 1 and "writing bfloat16" in notice[0]
-    assert json.loads((tmp_path / "half-mla" / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    res = _script("convert.py", *_convert_argv(half, tmp_path / "half-mla16", calib), "--dtype", "float16")
-    _one_clear_line(res, "--dtype float16: float16 cannot hold")
+    assert json.loads((tmp_path / "half-mla-tiny" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    res = _script("convert.py", *_convert_argv(half, tmp_path / "half-mla16", calib), "--dtype", "float16",
+                  "--latent-rms", "1e-10")
+    _one_clear_line(res, "--dtype float16: float16 cannot hold a latent of RMS 1e-10")
     assert "calibrate" not in res.stderr and not (tmp_path / "half-mla16").exists()
+    res = _script("convert.py", *_convert_argv(half, tmp_path / "half-mla-big", calib), "--latent-rms", "1e-3")
+    _one_clear_line(res, "--latent-rms 0.001: must be above 0 and at most 1e-4")
+    assert not (tmp_path / "half-mla-big").exists()
     reader = CheckpointReader(src)
     with pytest.raises(UserError, match="would hold NaN or infinite values .float16 holds at most 65504"):
         with CheckpointWriter(tmp_path / "inf", json.loads((src / "config.json").read_text()), reader.args) as w:

@@ -1,9 +1,9 @@
-"""The trade behind convert.TINY: how small the latent rides under DeepSeek's latent RMSNorm.
+"""The trade behind convert.LATENT_RMS: how small the latent rides under DeepSeek's latent RMSNorm.
 
     python docs/latent_scale.py          # ~15 minutes on 2 CPU cores; prints the table in latent_scale.md
 
 Stock DeepSeek applies RMSNorm(c) = w c / sqrt(mean(c^2) + eps) to the latent c (eps 1e-6). We
-make it linear by scaling c down to RMS s (TINY) and w up by 1 / s: the norm then divides by
+make it linear by scaling c down to RMS s (--latent-rms) and w up by 1 / s: the norm then divides by
 sqrt(eps + ~s^2), a per-token factor off 1 by about s^2 / (2 eps). Small s is exact in fp32 but
 leaves the latent rows of kv_a_proj_with_mqa below what float16 (smallest subnormal 6e-8) and
 8-bit blocks with a float16 scale can hold, and puts w past float16's 65504.
@@ -27,18 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import convert  # noqa: E402
 from checkpoint import CheckpointReader, load_model  # noqa: E402
-from evaluate import perplexity  # noqa: E402
+from evaluate import perplexity, q8_0  # noqa: E402
 from fetch import ensure_default_model, ensure_texts, read_text  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
-
-
-def q8_0(w: torch.Tensor) -> torch.Tensor:
-    """llama.cpp's q8_0 round trip of a (out, in) matrix: blocks of 32 along the input dimension."""
-    out, n = w.shape
-    blocks = w.float().reshape(out, n // 32, 32)
-    scale = (blocks.abs().amax(-1, keepdim=True) / 127).half().float()  # the block scale is stored in fp16
-    q = torch.where(scale > 0, (blocks / scale).round().clamp(-127, 127), torch.zeros_like(blocks))
-    return (q * scale).reshape(out, n)
 
 
 def readings(model, ids: list[int]) -> dict:
@@ -69,9 +60,8 @@ def main():
     rows = {"original GQA": readings(load_model(folder)[0], ids)}
     print("original GQA", rows["original GQA"], flush=True)
     for s in (1e-10, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4):
-        convert.TINY = s
         model = convert.convert_in_memory(CheckpointReader(folder), calib, rope_dim=32, kv_lora_rank=64, freqfold=4,
-                                          latent_fit="attention", output_fit=True)
+                                          latent_fit="attention", output_fit=True, latent_rms=s)
         rows[f"latent RMS {s:g}"] = readings(model, ids)
         print(f"latent RMS {s:g}", rows[f"latent RMS {s:g}"], flush=True)
     print("\n| model | " + " | ".join(rows["original GQA"]) + " |\n|---|" + "---:|" * len(rows["original GQA"]))

