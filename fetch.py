@@ -32,7 +32,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from checkpoint import find_checkpoint
+from checkpoint import find_checkpoint, read_config
 from cli import UserError, run
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -196,8 +196,10 @@ def ensure_default_conversion() -> Path:
     """The embedded model's default MLA conversion (python convert.py), made on first use."""
     gqa = ensure_default_model()
     out = gqa.parent / f"{gqa.name}-mla"
-    if not (out / "config.json").exists():
-        print(f"converting {gqa.name} at the default setting (first use) ...", file=sys.stderr)
+    stale = (out / "config.json").exists() and "attention_input_scale" not in read_config(out).get("transmla", {})
+    if stale or not (out / "config.json").exists():  # stale: written before the latent was made float16-safe
+        why = "written by an older convert.py" if stale else "first use"
+        print(f"converting {gqa.name} at the default setting ({why}) ...", file=sys.stderr)
         cmd = [sys.executable, str(Path(__file__).with_name("convert.py")), "--ckpt", str(gqa),
                "--out", str(out), "--eval-text", "none"]
         if subprocess.run(cmd, stdout=sys.stderr).returncode:

@@ -5,8 +5,10 @@
 Stock DeepSeek applies RMSNorm(c) = w c / sqrt(mean(c^2) + eps) to the latent c (eps 1e-6). We
 make it linear by scaling c down to RMS s (--latent-rms) and w up by 1 / s: the norm then divides by
 sqrt(eps + ~s^2), a per-token factor off 1 by about s^2 / (2 eps). Small s is exact in fp32 but
-leaves the latent rows of kv_a_proj_with_mqa below what float16 (smallest subnormal 6e-8) and
-8-bit blocks with a float16 scale can hold, and puts w past float16's 65504.
+leaves c (a float16 activation), and the weights that make it, below what float16 (smallest
+normal 6e-5, subnormal 6e-8) and 8-bit blocks with a float16 scale hold, and puts w past
+float16's 65504. convert.balance_input shares the smallness between the attention's input and
+the latent rows (both ~sqrt(s) where either alone would carry s).
 
 For each s: the embedded SmolLM2's default conversion (R 64, r 32, F 4, fitted, 16 x 256
 calibration tokens), mean NLL on the first 2 x 1024 evaluation tokens, read as
