@@ -134,9 +134,20 @@ def input_scales(model: Transformer) -> list[float]:
 
 
 def _scale_input(layer, s: float):
-    """Multiply the attention's input by s (its norm's weight) and divide the maps reading it: exact."""
-    attn = layer.attention
-    layer.attention_norm.weight.mul_(s)
+    """Multiply the attention's input by s (its norm's weight) and divide the maps reading it: exact.
+    A frozen norm weight (not float32: bf16 training) gets its own weight back when the scale comes
+    back on, not a second rounding of it."""
+    attn, norm = layer.attention, layer.attention_norm
+    if norm.weight.dtype != torch.float32:
+        kept = getattr(norm, "frozen_weight", None)
+        if kept is None:
+            norm.frozen_weight = norm.weight.detach().clone()
+            norm.weight.mul_(s)
+        else:
+            norm.weight.copy_(kept)
+            del norm.frozen_weight
+    else:
+        norm.weight.mul_(s)
     for lin in (attn.wq_a if attn.q_lora_rank else attn.wq, attn.wkv_a):
         lin.weight.div_(s)
 

@@ -171,8 +171,8 @@ def _embedded_ids(n: int = 256):
 
 
 @pytest.mark.skipif(not (shutil.which(os.environ.get("LLAMA_QUANTIZE", "llama-quantize")) and os.environ.get("LLAMA_CPP_DIR")),
-                    reason="llama.cpp not given: set LLAMA_CPP_DIR (its source tree) and LLAMA_QUANTIZE, "
-                           "pip install llama-cpp-python")
+                    reason="llama.cpp not given: set LLAMA_CPP_DIR (its source tree), LLAMA_QUANTIZE and "
+                           "LLAMA_CPP_PYTHON (a Python with sentencepiece), pip install llama-cpp-python")
 def test_llama_cpp_reads_the_conversion(tmp_path):
     """The embedded model's default conversion through the documented llama.cpp sequence
     (docs/engines.py): f32, f16 and q8_0 GGUF files within 1% of transformers fp32 in mean NLL."""
@@ -182,7 +182,8 @@ def test_llama_cpp_reads_the_conversion(tmp_path):
     engines, ids, folder = _engines(), _embedded_ids(), ensure_default_conversion()
     want = engines.transformers_nll(folder, torch.float32, ids)
     files = engines.gguf_files(folder, tmp_path, Path(os.environ["LLAMA_CPP_DIR"]),
-                               os.environ.get("LLAMA_QUANTIZE", "llama-quantize"), sys.executable)
+                               os.environ.get("LLAMA_QUANTIZE", "llama-quantize"),
+                               os.environ.get("LLAMA_CPP_PYTHON", sys.executable))
     for kind, path in files.items():
         got = engines.llama_cpp_nll(str(path), ids)
         print(f"llama.cpp {kind}: mean NLL {got:.4f}, transformers fp32 {want:.4f} ({(got / want - 1) * 100:+.2f}%)")

@@ -1167,6 +1167,12 @@ def test_finetune_unfold_fold_exact(tiny, name, tmp_path):
     assert len(ms) == len(unfolded) and max(m.max().item() for m in ms.values()) < LINEAR * a.latent_norm_eps
     real, _ = load_model(tiny["deepseek_v3"][0])
     assert unfold(real, tokens) == []
+    # bf16 training: the frozen attention norm comes back as it was written, not rounded twice
+    model, unfolded, _ = load_student(student, "cpu", torch.bfloat16, "attn", probe)
+    fold(model, unfolded)
+    bf16, _ = load_model(student, dtype=torch.bfloat16)
+    for i, layer in enumerate(model.layers):
+        assert torch.equal(layer.attention_norm.weight, bf16.layers[i].attention_norm.weight), i
 
 
 def test_finetune_lowers_distillation_loss(tiny, tmp_path):
