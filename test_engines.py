@@ -24,8 +24,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoint import CheckpointReader, load_model
-from test_equivalence import CONVERTIBLE, VOCAB, _script, tiny  # noqa: F401 (tiny: the fixture)
+from checkpoint import load_model
+from test_equivalence import CONVERTIBLE, VOCAB, _converted_at_eps_1e5, _engine_eps, _script, tiny  # noqa: F401 (tiny: the fixture)
 
 READINGS = ("engine eps", "fp16", "q8_0")
 
@@ -35,9 +35,7 @@ def read(model, how: str):
     from evaluate import q8_0
     model = copy.deepcopy(model)
     if how == "engine eps":
-        for name, m in model.named_modules():
-            if name.endswith(("kv_a_layernorm", "q_a_layernorm")):
-                m.variance_epsilon = model.config.rms_norm_eps
+        _engine_eps(model, model.config.rms_norm_eps)
     elif how == "fp16":
         model.half()
     elif how == "q8_0":
@@ -55,22 +53,6 @@ def _transformers(folder):
     return cls.from_pretrained(folder, dtype=torch.float32).eval()
 
 
-def _convert_tiny(tiny, name, tmp_path):
-    """The tiny source with rms_norm_eps 1e-5 (Llama's, SmolLM2's), converted at R = 20 as users do."""
-    from convert import METHODS, convert_layers, write_checkpoint
-    src = tmp_path / "src"
-    shutil.copytree(tiny[name][0], src)
-    config = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
-    a = CheckpointReader(src).args
-    calib = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(6))
-    out = tmp_path / "mla"
-    layers = convert_layers(CheckpointReader(src), calib, rope_dim=a.head_dim // 2, kv_lora_rank=20, freqfold=2,
-                            **METHODS["fitted"])
-    write_checkpoint(CheckpointReader(src), out, layers, torch.float32, {"method": "fitted"})
-    return src, out
-
-
 # how much more a reading may move the converted model's logits than it moves the original's
 TINY_BOUND = {"engine eps": 0.0, "fp16": 3.0, "q8_0": 2.0}
 
@@ -81,7 +63,7 @@ def test_tiny_conversion_reads_alike(tiny, name, tmp_path):
     """Each tiny architecture, converted: every reading moves its logits by at most TINY_BOUND times
     what the same reading does to the original's (the engine eps by at most 1e-5); ours in float16
     (load_model dtype float16, what --dtype float16 runs) as much as transformers' float16."""
-    src, out = _convert_tiny(tiny, name, tmp_path)
+    src, out, *_ = _converted_at_eps_1e5(tiny, name, tmp_path)  # R = 20, source eps 1e-5
     tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(7))
     original, converted = _transformers(src), _transformers(out)
     base = {"original": original(tokens).logits, "converted": converted(tokens).logits}
@@ -105,7 +87,7 @@ def test_folder_has_what_engines_need(tiny, tmp_path):
     ties DeepSeek's), dense layers as 0 routed experts, no expert groups and every layer before
     first_k_dense_replace (llama.cpp asserts fewer groups than experts), rms_norm_eps 1e-6."""
     from safetensors import safe_open
-    _, out = _convert_tiny(tiny, "llama_tied_headdim", tmp_path)
+    _, out, *_ = _converted_at_eps_1e5(tiny, "llama_tied_headdim", tmp_path)
     config = json.loads((out / "config.json").read_text())
     with safe_open(out / "model.safetensors", "pt") as f:
         assert "lm_head.weight" in f.keys()

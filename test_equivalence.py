@@ -458,6 +458,24 @@ def _engine_eps(model, eps: float):
             m.variance_epsilon = eps
 
 
+def _converted_at_eps_1e5(tiny, name, tmp_path):
+    """The tiny source with rms_norm_eps 1e-5 (Llama's, SmolLM2's) at tmp_path / "src", converted at
+    R = 20 (fitted) into the stock folder tmp_path / "mla"; returns (src, out, calib, conversion kw)."""
+    from checkpoint import CheckpointReader
+    from convert import METHODS, convert_layers, write_checkpoint
+    src = tmp_path / "src"
+    shutil.copytree(tiny[name][0], src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
+    a = CheckpointReader(src).args
+    calib = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(6))
+    kw = dict(rope_dim=a.head_dim // 2, kv_lora_rank=20, freqfold=2, **METHODS["fitted"])
+    out = tmp_path / "mla"
+    write_checkpoint(CheckpointReader(src), out, convert_layers(CheckpointReader(src), calib, **kw),
+                     torch.float32, {"method": "fitted"})
+    return src, out, calib, kw
+
+
 @pytest.mark.parametrize("name", CONVERTIBLE)
 @torch.no_grad()
 def test_converted_folder_loads_in_stock_transformers(tiny, name, tmp_path):
@@ -471,18 +489,10 @@ def test_converted_folder_loads_in_stock_transformers(tiny, name, tmp_path):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, Mistral4ForCausalLM
     from checkpoint import CheckpointReader
-    from convert import METHODS, convert_in_memory, convert_layers, write_checkpoint
-    folder = tmp_path / "src"
-    shutil.copytree(tiny[name][0], folder)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
+    from convert import convert_in_memory
+    folder, out, calib, kw = _converted_at_eps_1e5(tiny, name, tmp_path)
     a = CheckpointReader(folder).args
-    calib = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(6))
     tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(7))
-    kw = dict(rope_dim=a.head_dim // 2, kv_lora_rank=20, freqfold=2, **METHODS["fitted"])
-    out = tmp_path / "mla"
-    write_checkpoint(CheckpointReader(folder), out, convert_layers(CheckpointReader(folder), calib, **kw),
-                     torch.float32, {"method": "fitted"})
     # transformers 5.23 does not list mistral4 under AutoModelForCausalLM: its own class, then
     cls = Mistral4ForCausalLM if a.n_experts else AutoModelForCausalLM
     ref, info = cls.from_pretrained(out, output_loading_info=True)
