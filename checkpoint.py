@@ -91,7 +91,11 @@ def _field(cfg: dict, key: str, kind: type = int, default=_MISSING, minimum: int
 
 
 ROPE_FIELDS = {"linear": ("factor",),  # what each RoPE scaling needs, every one a positive number
-               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+               "yarn": ("factor",)}
+YARN_OPTIONAL = ("original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                 "attention_factor")  # non-negative numbers where present (0 or null: not used)
+MLA_KINDS = ("deepseek_v2", "deepseek_v3", "mistral4")
 
 
 def _rope_config(cfg: dict) -> tuple[float, dict | None]:
@@ -99,15 +103,28 @@ def _rope_config(cfg: dict) -> tuple[float, dict | None]:
     params = _field(cfg, "rope_parameters", dict, {})
     theta = _field(params, "rope_theta", float, None, where="rope_parameters") or _field(cfg, "rope_theta", float, 10000.0)
     scaling = _field(cfg, "rope_scaling", dict, {}) or params
+    where = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return theta, None
     if kind not in ROPE_FIELDS:
         raise UserError(f"rope type {kind!r} is not supported (supported: default, {', '.join(ROPE_FIELDS)})")
+    if kind == "yarn" and cfg.get("model_type") not in MLA_KINDS[:2]:
+        raise UserError(f"rope type 'yarn' is supported on DeepSeek's MLA checkpoints ({', '.join(MLA_KINDS[:2])}), "
+                        f"not on {cfg.get('model_type')!r}")
     for key in ROPE_FIELDS[kind]:
-        _field(scaling, key, float, where="rope_scaling" if cfg.get("rope_scaling") else "rope_parameters")
+        _field(scaling, key, float, where=where)
     if kind == "llama3" and scaling["low_freq_factor"] >= scaling["high_freq_factor"]:
         raise UserError("config.json: llama3 rope scaling needs low_freq_factor < high_freq_factor")
+    if kind == "yarn":
+        for key in YARN_OPTIONAL:
+            v = scaling.get(key)
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf):
+                raise UserError(f"config.json: {where} {key} is {v!r}, expected a non-negative number")
+        # as transformers: the pretraining context defaults to max_position_embeddings
+        scaling = {"original_max_position_embeddings": _field(cfg, "max_position_embeddings", int, 4096), **scaling}
+        scaling["original_max_position_embeddings"] = scaling["original_max_position_embeddings"] or \
+            _field(cfg, "max_position_embeddings", int, 4096)
     return theta, {**scaling, "rope_type": kind}
 
 
@@ -121,7 +138,8 @@ def args_from_config(cfg: dict, **overrides) -> ModelArgs:
         raise UserError(f"hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
     theta, scaling = _rope_config(cfg)
     dim, n_heads = _field(cfg, "hidden_size"), _field(cfg, "num_attention_heads")
-    n_kv_heads = _field(cfg, "num_key_value_heads", int, n_heads)
+    # MLA has no KV heads (DeepSeek-V3's config says 128 whatever the heads)
+    n_kv_heads = n_heads if kind in MLA_KINDS else _field(cfg, "num_key_value_heads", int, n_heads)
     if n_heads % n_kv_heads:
         raise UserError(f"config.json: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv_heads}")
     quant = cfg.get("quantization_config")
@@ -150,20 +168,57 @@ def args_from_config(cfg: dict, **overrides) -> ModelArgs:
         a.update(sliding_window=_field(cfg, "sliding_window", int, None))
         if kind == "mixtral":
             a.update(n_experts=_field(cfg, "num_local_experts"), n_experts_per_tok=_field(cfg, "num_experts_per_tok"))
-    else:  # MLA: deepseek_v2 / v3 with dense layers, mistral4 with Mixtral's routing
+    else:  # MLA: deepseek_v2 / v3, dense or mixture of experts; mistral4 with Mixtral's routing
         if kind == "mistral4":
             _check_mistral4(cfg)
             a.update(n_experts=_field(cfg, "n_routed_experts"), n_experts_per_tok=_field(cfg, "num_experts_per_tok"),
                      hidden_dim=_field(cfg, "moe_intermediate_size"))
         elif cfg.get("n_routed_experts") and _field(cfg, "first_k_dense_replace", int, 0, 0) < a["n_layers"]:
-            raise UserError(f"{kind} with MoE layers is not supported: only all-dense layers "
-                            "(first_k_dense_replace >= num_hidden_layers), as convert.py writes")
+            a.update(_deepseek_moe(cfg, kind))
         bias = _field(cfg, "attention_bias", bool, False)
         a.update(kv_lora_rank=_field(cfg, "kv_lora_rank"), q_lora_rank=_field(cfg, "q_lora_rank", int, 0, 0),
                  qk_nope_head_dim=_field(cfg, "qk_nope_head_dim"), qk_rope_head_dim=_field(cfg, "qk_rope_head_dim"),
                  v_head_dim=_field(cfg, "v_head_dim"), qkv_bias=bias, o_bias=bias, head_dim=cfg["qk_rope_head_dim"])
     a.update(overrides)
     return ModelArgs(**a)
+
+
+def _deepseek_moe(cfg: dict, kind: str) -> dict:
+    """The ModelArgs of DeepSeek-V2's or V3's mixture of experts (Kimi-K2 and Moonlight are V3), or
+    UserError naming the routing we do not compute. V2: softmax scores, top-k `greedy` or
+    `group_limited_greedy` (a group ranks by its best expert), times routed_scaling_factor, never
+    renormalised (transformers ignores norm_topk_prob there, DeepSeek's code renormalises instead
+    of scaling: refused). V3: sigmoid scores, the choice biased by e_score_correction_bias among
+    the best topk_group of n_group groups (a group ranks by its best two), `noaux_tc`."""
+    n_experts, k = _field(cfg, "n_routed_experts"), _field(cfg, "num_experts_per_tok")
+    n_group, topk_group = _field(cfg, "n_group", int, 1), _field(cfg, "topk_group", int, 1)
+    if kind == "deepseek_v2":
+        method, score, want_method, group_score = cfg.get("topk_method", "greedy"), "softmax", ("greedy", "group_limited_greedy"), "max"
+        if method == "greedy":
+            n_group = topk_group = 1
+        if _field(cfg, "norm_topk_prob", bool, False):
+            raise UserError("deepseek_v2 with norm_topk_prob true is not supported: transformers ignores it and "
+                            "DeepSeek's own code renormalises instead of scaling, so the model is ambiguous")
+    else:
+        method, score, want_method, group_score = cfg.get("topk_method", "noaux_tc"), "sigmoid", ("noaux_tc",), "top2"
+    if method not in want_method:
+        raise UserError(f"{kind} with topk_method {method!r} is not supported (supported: {', '.join(want_method)})")
+    if cfg.get("scoring_func", score) != score:
+        raise UserError(f"{kind} with scoring_func {cfg['scoring_func']!r} is not supported ({kind} routes by {score})")
+    if n_experts % n_group or topk_group > n_group or k > n_experts or (group_score == "top2" and n_experts // n_group < 2):
+        raise UserError(f"config.json: {n_experts} routed experts in n_group {n_group} groups, topk_group "
+                        f"{topk_group}, num_experts_per_tok {k}: not a routing (groups must divide the experts, "
+                        "keep at most all groups, and hold enough experts)")
+    if k > topk_group * (n_experts // n_group):
+        raise UserError(f"config.json: num_experts_per_tok {k} exceeds the {topk_group * (n_experts // n_group)} "
+                        f"experts in the topk_group {topk_group} groups kept")
+    return dict(n_experts=n_experts, n_experts_per_tok=k, moe_hidden_dim=_field(cfg, "moe_intermediate_size"),
+                n_shared_experts=_field(cfg, "n_shared_experts", int, 0, 0),
+                first_dense_layers=_field(cfg, "first_k_dense_replace", int, 0, 0),
+                moe_layer_freq=_field(cfg, "moe_layer_freq", int, 1), router_score=score,
+                router_bias=kind == "deepseek_v3", n_group=n_group, topk_group=topk_group, group_score=group_score,
+                norm_topk_prob=kind == "deepseek_v3" and _field(cfg, "norm_topk_prob", bool, True),
+                routed_scaling_factor=_field(cfg, "routed_scaling_factor", float, 1.0))
 
 
 def _check_mistral4(cfg: dict):
@@ -219,6 +274,12 @@ MISTRAL4_NAMES = {**HF_NAMES, "feed_forward.gate": "mlp.gate", "feed_forward.exp
 # The names mlp.experts.{e}.w1.weight that hf_name gives are therefore not on disk: CheckpointReader
 # presents each expert's block of the stacked tensor under it, CheckpointWriter.add_layer stacks.
 STACKED_EXPERTS = {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)}
+# DeepSeek-V2/V3: the router mlp.gate (weight, and V3's e_score_correction_bias), the shared experts
+# as one SwiGLU, and each routed expert under Llama's names: mlp.experts.{e}.gate_proj / up_proj / down_proj
+DEEPSEEK_NAMES = {**HF_NAMES, "feed_forward.gate": "mlp.gate", "feed_forward.experts": "mlp.experts",
+                  **{f"feed_forward.shared.{w}": f"mlp.shared_experts.{p}"
+                     for w, p in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))}}
+SWIGLU_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
 def hf_name(ours: str, kind: str | None = None) -> str:
@@ -227,7 +288,11 @@ def hf_name(ours: str, kind: str | None = None) -> str:
         module, param = ours.rsplit(".", 1)
         return f"{TOP_NAMES[module]}.{param}"
     _, i, rest = ours.split(".", 2)
-    for mine, theirs in (MISTRAL4_NAMES if kind == "mistral4" else HF_NAMES).items():
+    names = {"mistral4": MISTRAL4_NAMES, "deepseek_v2": DEEPSEEK_NAMES, "deepseek_v3": DEEPSEEK_NAMES}.get(kind, HF_NAMES)
+    if names is DEEPSEEK_NAMES and rest.startswith("feed_forward.experts."):
+        _, _, e, w, param = rest.split(".")  # feed_forward.experts.{e}.w1.weight
+        return f"model.layers.{i}.mlp.experts.{e}.{SWIGLU_NAMES[w]}.{param}"
+    for mine, theirs in names.items():
         if rest.startswith(mine + "."):
             return f"model.layers.{i}.{theirs}{rest[len(mine):]}"
     raise KeyError(ours)
@@ -537,7 +602,8 @@ class CheckpointReader:
             self._expect(theirs, tuple(meta.shape))
             t = self.get(theirs)
             perm = rope_rows(self.args, prefix + ours)
-            state[ours] = (t if perm is None else t[perm]).to(device=device, dtype=dtype)
+            keep = torch.float32 if ours.endswith("e_score_correction_bias") else dtype  # as transformers keeps it
+            state[ours] = (t if perm is None else t[perm]).to(device=device, dtype=keep)
         module.load_state_dict(state, strict=True, assign=True)
 
 
@@ -558,8 +624,8 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch
 def _ignorable(name: str, args: ModelArgs) -> bool:
     if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and args.tie_embeddings):
         return True
-    if ".mlp.shared_experts." in name and args.extra.get("model_type") == "mistral4":
-        return True  # n_shared_experts 0 (args_from_config checked): stock Mistral4 still lists them, empty
+    if ".mlp.shared_experts." in name and args.extra.get("model_type") in MLA_KINDS and not args.n_shared_experts:
+        return True  # n_shared_experts 0: transformers still writes them, of 0 rows
     # DeepSeek-V3 ships its multi-token-prediction layers after the last layer: not used for generation
     parts = name.split(".")
     mtp = args.extra.get("num_nextn_predict_layers") or 0

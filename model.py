@@ -5,7 +5,8 @@ writes), with preallocated KV caches.
 What is in here, top to bottom:
 - ModelArgs: every shape, grouped by what it configures. `kv_lora_rank > 0` means MLA.
 - RMSNorm, RoPE helpers (one internal layout: rotate_half, converted at the checkpoint boundary
-  in checkpoint.py), FeedForward (SwiGLU), MoEFeedForward (Mixtral's softmax top-k router).
+  in checkpoint.py; linear, Llama-3 and YaRN scaling), FeedForward (SwiGLU), Router and MoE
+  (Mixtral's and DeepSeek-V2/V3's mixtures of experts, dispatched grouped by expert).
 - KVCache (GQA: per-KV-head keys and values) and LatentCache (MLA: the latent c and the shared
   rope key k_pe, nothing per head).
 - Attention (GQA) and MLA with its two paths: naive (expand the latent into per-head K/V,
@@ -33,11 +34,24 @@ class ModelArgs:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     max_seq_len: int = 8192  # the longest context the checkpoint was trained for (RoPE table size)
-    # feed-forward (SwiGLU); n_experts > 0 makes it a Mixtral mixture of experts
-    hidden_dim: int = 1536
+    # feed-forward (SwiGLU); n_experts > 0 makes layers a mixture of experts (Mixtral, DeepSeek, MoE)
+    hidden_dim: int = 1536  # a dense layer's hidden size
     mlp_bias: bool = False
-    n_experts: int = 0
-    n_experts_per_tok: int = 0
+    n_experts: int = 0  # routed experts
+    n_experts_per_tok: int = 0  # k: the experts each token is routed to
+    moe_hidden_dim: int = 0  # one routed expert's hidden size (0: hidden_dim)
+    n_shared_experts: int = 0  # DeepSeek: experts every token passes through, one SwiGLU n x moe_hidden_dim wide
+    first_dense_layers: int = 0  # DeepSeek first_k_dense_replace: the layers before it are dense ...
+    moe_layer_freq: int = 1  # ... and after it every moe_layer_freq-th layer (by index) is MoE
+    # the router (see Router): Mixtral's is the defaults; DeepSeek-V2 adds groups and a scaling
+    # factor; DeepSeek-V3 (Kimi-K2, Moonlight) scores with a sigmoid and biases the choice
+    router_score: str = "softmax"  # or "sigmoid"
+    router_bias: bool = False  # DeepSeek-V3's e_score_correction_bias
+    n_group: int = 1  # experts in n_group groups; a token picks among the best topk_group groups' ...
+    topk_group: int = 1
+    group_score: str = "max"  # ... ranked by their best score (V2) or "top2", their best two summed (V3)
+    norm_topk_prob: bool = True  # the k weights renormalised to sum 1
+    routed_scaling_factor: float = 1.0  # then multiplied by this
     # attention, Llama names (GQA)
     n_heads: int = 9
     n_kv_heads: int = 3
@@ -47,7 +61,7 @@ class ModelArgs:
     sliding_window: int | None = None  # Mistral: attend to at most this many past tokens
     # rotary embedding
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", ...} or None
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear" | "yarn", ...} or None
     # MLA, DeepSeek names; kv_lora_rank > 0 switches every layer to MLA
     kv_lora_rank: int = 0  # R: latent values cached per token
     q_lora_rank: int = 0  # 0: full-rank query
@@ -65,6 +79,10 @@ class ModelArgs:
     @property
     def is_mla(self) -> bool:
         return self.kv_lora_rank > 0
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether layer `layer` has a mixture of experts (DeepSeek's rule; Mixtral's: every layer)."""
+        return self.n_experts > 0 and layer >= self.first_dense_layers and layer % self.moe_layer_freq == 0
 
     @property
     def rope_dim(self) -> int:
@@ -102,9 +120,56 @@ def rope_frequencies(dim: int, theta: float, scaling: dict | None) -> torch.Tens
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
         inv_freq = torch.where(medium, blended, scaled)
+    elif kind == "yarn":
+        inv_freq = yarn_frequencies(inv_freq, dim, theta, scaling)
     elif kind != "default":
         raise ValueError(f"unsupported rope_type {kind!r}")
     return inv_freq
+
+
+def yarn_frequencies(inv_freq: torch.Tensor, dim: int, theta: float, scaling: dict) -> torch.Tensor:
+    """YaRN (Peng et al. 2023, arXiv 2309.00071, section 3.2, "NTK-by-parts"), as DeepSeek-V2/V3
+    and transformers compute it: a pair that turns fewer than beta_slow times over the original
+    context is interpolated (divided by `factor`), one that turns more than beta_fast times is
+    left alone, and the pairs in between blend linearly, by pair index. Pair i turns
+    L / (2 pi theta^(2i/dim)) times over L = original_max_position_embeddings, so the pair that
+    turns b times is i(b) = dim ln(L / (2 pi b)) / (2 ln theta), rounded outward (`truncate`)."""
+    factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def pair_turning(turns):
+        return dim * math.log(old_len / (turns * 2 * math.pi)) / (2 * math.log(theta))
+    lo, hi = pair_turning(beta_fast), pair_turning(beta_slow)
+    if scaling.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - lo) / max(hi - lo, 1e-3)).clamp(0, 1)  # 0: kept, 1: interpolated
+    return inv_freq / factor * ramp + inv_freq * (1 - ramp)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature: 0.1 mscale ln(factor) + 1 (1 for factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_attention_factor(scaling: dict | None) -> float:
+    """The gain YaRN puts on cos and sin (so on the rope part of every score, squared):
+    `attention_factor` if given, else mscale(factor, mscale) / mscale(factor, mscale_all_dim) when
+    both are set (DeepSeek: 1 when they are equal), else mscale(factor). 1 for other RoPEs."""
+    if (scaling or {}).get("rope_type") != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor, m, m_all = scaling["factor"], scaling.get("mscale"), scaling.get("mscale_all_dim")
+    return yarn_mscale(factor, m) / yarn_mscale(factor, m_all) if m and m_all else yarn_mscale(factor)
+
+
+def softmax_scale_factor(scaling: dict | None) -> float:
+    """DeepSeek's correction of the softmax scale under YaRN: x mscale(factor, mscale_all_dim)^2 on
+    every score (the nope part too), when mscale_all_dim is set. 1 otherwise."""
+    if (scaling or {}).get("rope_type", "default") == "default" or not scaling.get("mscale_all_dim"):
+        return 1.0
+    return yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
 
 
 def rope_table(inv_freq: torch.Tensor, n_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,26 +196,78 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-class MoEFeedForward(nn.Module):
-    """Mixtral: softmax over all experts, keep the top k, renormalise their weights to sum 1."""
+class Router(nn.Module):
+    """Which k experts each token goes to, and with what weights (float32, whatever the model dtype).
+
+    scores = softmax(W x) (Mixtral, DeepSeek-V2) or sigmoid(W x) (DeepSeek-V3). The choice: the
+    top k of scores + e_score_correction_bias (V3: a bias balancing the experts' load, for the
+    choice only), among the experts of the best topk_group of n_group groups (V2: a group ranks
+    by its best expert; V3: by its best two summed). The weights: the chosen experts' unbiased
+    scores, renormalised to sum 1 if norm_topk_prob, times routed_scaling_factor."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.top_k = args.n_experts_per_tok
-        self.gate = nn.Linear(args.dim, args.n_experts, bias=False)
-        self.experts = nn.ModuleList(FeedForward(args.dim, args.hidden_dim) for _ in range(args.n_experts))
+        self.k, self.score, self.norm, self.gain = (args.n_experts_per_tok, args.router_score, args.norm_topk_prob,
+                                                    args.routed_scaling_factor)
+        self.n_group, self.topk_group, self.group_score = args.n_group, args.topk_group, args.group_score
+        self.weight = nn.Linear(args.dim, args.n_experts, bias=False).weight  # (n_experts, D)
+        if args.router_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(args.n_experts))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, D) -> weights (N, k) float32, experts (N, k) int64."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.softmax(-1) if self.score == "softmax" else logits.sigmoid()
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
+        if self.n_group > 1:
+            groups = choice.view(len(x), self.n_group, -1)
+            rank = groups.amax(-1) if self.group_score == "max" else groups.topk(2, -1).values.sum(-1)  # (N, n_group)
+            kept = torch.zeros_like(rank, dtype=torch.bool).scatter_(1, rank.topk(self.topk_group, -1).indices, True)
+            choice = choice.masked_fill(~kept.repeat_interleave(groups.shape[-1], 1), float("-inf"))
+        experts = choice.topk(self.k, -1).indices
+        weights = scores.gather(1, experts)
+        if self.norm:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.gain, experts
+
+
+class MoE(nn.Module):
+    """A mixture of experts: each token through its k routed experts (SwiGLUs), weighted by the
+    Router, plus DeepSeek's shared experts, which every token passes through.
+
+    experts: the routed experts this module holds (default: all). Under expert parallelism each
+    rank holds a range of them and its forward returns only their part of the sum; tpla.py adds
+    the ranks' parts. The names stay global (experts.{e}.w1...), so loading is unchanged."""
+
+    def __init__(self, args: ModelArgs, experts: range | None = None):
+        super().__init__()
+        self.n_experts = args.n_experts
+        hidden = args.moe_hidden_dim or args.hidden_dim
+        self.gate = Router(args)
+        self.experts = nn.ModuleDict({str(e): FeedForward(args.dim, hidden)
+                                      for e in (experts if experts is not None else range(args.n_experts))})
+        self.shared = FeedForward(args.dim, args.n_shared_experts * hidden) if args.n_shared_experts else None
 
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, D)
-        probs = F.softmax(self.gate(x).float(), dim=-1)
-        weight, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
-        weight = (weight / weight.sum(-1, keepdim=True)).to(x.dtype)
+        weights, experts = self.gate(x)  # (N, k)
+        # dispatch grouped by expert: sort the N k (token, expert) pairs by expert, then each expert
+        # runs once, on its contiguous run of pairs
+        pairs = experts.flatten().argsort(stable=True)
+        ends = experts.flatten().bincount(minlength=self.n_experts).cumsum(0).tolist()
         out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(chosen == e)
-            if token.numel():
-                out.index_add_(0, token, expert(x[token]) * weight[token, slot, None])
+        for e, expert in self.experts.items():
+            e = int(e)
+            run = pairs[(ends[e - 1] if e else 0): ends[e]]
+            if len(run):
+                token = run // experts.shape[1]
+                y = expert(x[token]) * weights.flatten()[run, None]
+                out.index_add_(0, token, y.to(x.dtype))
+        if self.shared is not None:
+            out = out + self.shared(x)
         return out.view(shape)
 
 
@@ -272,7 +389,7 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(self.R, args.latent_norm_eps)
         self.wkv_b = nn.Linear(self.R, args.n_heads * (self.d_nope + self.d_v), bias=False)
         self.wo = nn.Linear(args.n_heads * self.d_v, args.dim, bias=args.o_bias)
-        self.scale = (self.d_nope + self.r) ** -0.5
+        self.scale = (self.d_nope + self.r) ** -0.5 * softmax_scale_factor(args.rope_scaling)  # YaRN: DeepSeek's
         self.cache: LatentCache | None = None
 
     def kv_values_per_token(self) -> int:
@@ -328,12 +445,15 @@ class MLA(nn.Module):
 # ----------------------------------------------------------------------------- the model
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs):
+    """Layer `layer` of the model. experts: the routed experts it holds if it is a MoE layer (all by default)."""
+
+    def __init__(self, args: ModelArgs, layer: int = 0, experts: range | None = None):
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.attention = MLA(args) if args.is_mla else Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = MoEFeedForward(args) if args.n_experts else FeedForward(args.dim, args.hidden_dim, args.mlp_bias)
+        self.feed_forward = (MoE(args, experts) if args.is_moe(layer)
+                             else FeedForward(args.dim, args.hidden_dim, args.mlp_bias))
 
     def forward(self, x, cos, sin, mask, input_pos=None):
         x = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
@@ -345,7 +465,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.cache_len = 0  # 0: no cache, every forward sees the whole sequence
@@ -362,6 +482,8 @@ class Transformer(nn.Module):
         else:
             inv_freq = rope_frequencies(a.head_dim, a.rope_theta, a.rope_scaling)[torch.tensor(a.rope_pairs)]
         cos, sin = rope_table(inv_freq, n_pos)
+        gain = rope_attention_factor(a.rope_scaling)  # YaRN's temperature, on cos and sin
+        cos, sin = cos * gain, sin * gain
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
 

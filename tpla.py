@@ -32,7 +32,10 @@ later chunk of a chunked prefill) runs in TPLA form. Every rank computes the ful
 heads, and o_proj over all heads.
 
 The rest is ordinary Megatron tensor parallelism: the feed-forward's w1 / w3 split by output
-rows and w2 by input columns; embeddings, norms and the output head are replicated. Each layer
+rows and w2 by input columns; embeddings, norms and the output head are replicated. A mixture
+of experts (DeepSeek-V2/V3, Kimi-K2) is expert-parallel: each rank holds and reads only its
+contiguous share of the routed experts (ParallelMoE), so a checkpoint whose experts exceed one
+rank's memory still runs. Each layer
 does two all-reduces (after attention, after the feed-forward). They cannot be merged: the
 feed-forward's RMSNorm needs the complete attention output, the next layer's needs the complete
 feed-forward output. Biases of row-parallel outputs (o_proj, w2) are added on rank 0 only.
@@ -75,7 +78,7 @@ import torch.nn.functional as F
 from checkpoint import CheckpointReader, find_checkpoint, load_model
 from cli import UserError, run
 from fetch import ensure_default_conversion
-from model import MLA, Attention, Block, FeedForward, LatentCache, ModelArgs, Transformer, latent_attention
+from model import MLA, Attention, Block, FeedForward, LatentCache, ModelArgs, MoE, Transformer, latent_attention
 from writer import check_output, write_model
 
 MODES = ("tpla", "heads")
@@ -240,6 +243,19 @@ class HeadParallelAttention(Attention):
 
 class ParallelFeedForward(FeedForward):
     """Megatron's MLP: this rank's hidden units (w1, w3 rows; w2 columns) give a partial sum."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        dist.all_reduce(y)
+        return y
+
+
+class ParallelMoE(MoE):
+    """Expert parallelism: this rank's routed experts and its share of the shared experts' hidden
+    units (built so by load_parallel and shard_feed_forward) give a partial sum of the layer's output.
+    Every rank routes every token (the router is replicated and deterministic, so all agree), runs
+    the tokens routed to its own experts, and the all-reduce the layer makes anyway adds the parts:
+    no all-to-all, since tensor-parallel attention leaves every rank with every token."""
 
     def forward(self, x):
         y = super().forward(x)
@@ -499,16 +515,29 @@ def shard_attention(attn, args: ModelArgs, mode: str, rank: int, world: int, rop
     return _build(lambda: HeadParallelAttention(local), s, rank)
 
 
-def shard_feed_forward(ffn, rank: int, world: int):
-    if not isinstance(ffn, FeedForward):
-        return ffn  # a mixture of experts stays whole on every rank (no all-reduce)
+def _swiglu_share(ffn: FeedForward, rank: int, world: int, cls=FeedForward) -> FeedForward:
+    """Megatron's split of a SwiGLU: this rank's hidden units (w1, w3 rows; w2 columns)."""
     s = ffn.state_dict()
     a, b = split(s["w1.weight"].shape[0], rank, world)
     for k in ("w1.weight", "w1.bias", "w3.weight", "w3.bias"):
         if k in s:
             s[k] = _rows(s[k], a, b, 1)
     s["w2.weight"] = s["w2.weight"][:, a:b].contiguous()
-    return _build(lambda: ParallelFeedForward(ffn.w1.in_features, b - a, ffn.w1.bias is not None), s, rank)
+    return _build(lambda: cls(ffn.w1.in_features, b - a, ffn.w1.bias is not None), s, rank)
+
+
+def shard_feed_forward(ffn, rank: int, world: int):
+    """A dense feed-forward split by hidden units; a mixture of experts built with this rank's
+    experts only (load_parallel) keeps them whole, and its shared experts are split by hidden units.
+    Why whole experts (expert parallel) and not each expert's hidden units: a rank then reads
+    and multiplies E / g experts, not a g-th of all E (E small matmuls per rank), and a reader sees
+    one idea, each expert on one rank. The cost: a rank whose experts draw more tokens works more."""
+    if isinstance(ffn, MoE):
+        if ffn.shared is not None:
+            ffn.shared = _swiglu_share(ffn.shared, rank, world)
+        ffn.__class__ = ParallelMoE
+        return ffn
+    return _swiglu_share(ffn, rank, world, ParallelFeedForward)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -517,8 +546,8 @@ def shard_feed_forward(ffn, rank: int, world: int):
 def load_parallel(path: str | Path, mode: str, rank: int, world: int, device: str = "cpu",
                   dtype: torch.dtype = torch.float32, transform: str = DEFAULT_TRANSFORM, rope: str = "full",
                   rescale: bool = False, calib: torch.Tensor | None = None) -> tuple[Transformer, Path]:
-    """This rank's part of one unsharded checkpoint, read layer by layer (memory: one whole layer
-    plus this rank's shards). For tpla with pca, calibration ids (N, T) stream through the
+    """This rank's part of one unsharded checkpoint, read layer by layer (memory: one layer, of its
+    routed experts only this rank's, plus this rank's shards). For tpla with pca, calibration ids (N, T) stream through the
     whole model alongside, one layer at a time, to measure each layer's latents."""
     reader = CheckpointReader(path)
     args = reader.args
@@ -536,9 +565,11 @@ def load_parallel(path: str | Path, mode: str, rank: int, world: int, device: st
         model.set_rope(max(T, model.rope_cos.shape[0]), device)
         rope_cs, mask = (model.rope_cos[:T], model.rope_sin[:T]), torch.ones(T, T, dtype=torch.bool, device=device).tril()
     for i in range(args.n_layers):
+        experts = range(*split(args.n_experts, rank, world)) if args.is_moe(i) else None
         with torch.device("meta"):
-            block = Block(args)
+            block = Block(args, i, experts)  # a MoE layer with this rank's experts only: the others are never read
         reader.fill(block, f"layers.{i}.", device, dtype)
+        block.feed_forward = shard_feed_forward(block.feed_forward, rank, world)
         if mode == "tpla" and transform != "none":
             if pca:
                 fold_transform(block.attention, torch.eye(args.kv_lora_rank))  # a uniform norm weight first
@@ -551,7 +582,6 @@ def load_parallel(path: str | Path, mode: str, rank: int, world: int, device: st
                 Q = hadamard(args.kv_lora_rank)
             fold_transform(block.attention, Q)
         block.attention = shard_attention(block.attention, args, mode, rank, world, rope, rescale)
-        block.feed_forward = shard_feed_forward(block.feed_forward, rank, world)
         model.layers[i] = block
     return model.eval(), reader.folder
 

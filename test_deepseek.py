@@ -1,0 +1,278 @@
+"""Native MLA checkpoints, the models TPLA was published on: DeepSeek-V2 (and V2-Lite), DeepSeek-V3,
+Kimi-K2 and Moonlight (shipped as deepseek_v3). Mixture-of-experts layers with shared experts and
+each release's routing, YaRN RoPE with DeepSeek's softmax-scale correction, q_lora, interleaved
+rope rows, dense first layers.
+
+    pytest test_deepseek.py -s        # -s shows the differences
+
+Rungs: our forward == transformers' DeepseekV2ForCausalLM / DeepseekV3ForCausalLM on tiny random
+checkpoints of each shape (written by transformers' save_pretrained), naive and absorbed; greedy
+tokens equal; cached decode == one full forward. Then split over ranks: head-parallel and TPLA
+with 1 rank exact; with 2 gloo ranks head-parallel exact (logits and greedy tokens), TPLA's
+prefill exact and its decode equal to test_equivalence's reference (written from the
+definition); each rank holds only its share of the routed experts. Routing we do not compute is
+refused in one line.
+"""
+import json
+import shutil
+
+import pytest
+import torch
+
+import test_equivalence as te
+from checkpoint import load_model
+from cli import UserError
+
+VOCAB = te.VOCAB
+SHAPE = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
+             moe_intermediate_size=32, vocab_size=VOCAB, max_position_embeddings=256, kv_lora_rank=16,
+             qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10)
+
+
+def yarn(factor: float, original: int, **kw) -> dict:
+    return {"rope_type": "yarn", "rope_theta": 10000.0, "factor": factor, "original_max_position_embeddings": original,
+            "beta_fast": 32, "beta_slow": 1, **kw}
+
+
+def _configs():
+    import transformers as tf
+    v2, v3 = (tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM), (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM)
+    return {
+        # V2-Lite's routing: softmax, greedy top-k, 2 shared experts, a dense first layer; its YaRN
+        "v2_lite": (*v2, dict(q_lora_rank=None, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2,
+                              first_k_dense_replace=1, topk_method="greedy",
+                              rope_parameters=yarn(4.0, 64, mscale=0.707, mscale_all_dim=0.707))),
+        # V2's: group-limited greedy (the best 2 of 4 groups, a group ranked by its best expert), scaled x16
+        "v2_grouped": (*v2, dict(q_lora_rank=24, n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1,
+                                 first_k_dense_replace=0, topk_method="group_limited_greedy", n_group=4,
+                                 topk_group=2, routed_scaling_factor=16.0)),
+        # V3's: sigmoid, a bias on the choice, groups ranked by their best two, renormalised, x2.5;
+        # YaRN with mscale != mscale_all_dim, so cos and sin carry a gain too
+        "v3": (*v3, dict(q_lora_rank=24, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                         first_k_dense_replace=1, n_group=4, topk_group=2, norm_topk_prob=True,
+                         routed_scaling_factor=2.5, rope_parameters=yarn(8.0, 32, mscale=1.0, mscale_all_dim=0.8))),
+        # Kimi-K2's: one group, YaRN x32 with beta_fast = beta_slow = 1
+        "kimi_k2": (*v3, dict(q_lora_rank=24, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                              first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=2.827,
+                              rope_parameters=yarn(32.0, 16, beta_fast=1, beta_slow=1, mscale=1.0,
+                                                   mscale_all_dim=1.0))),
+        # rope rows in halves (rope_interleave false), no YaRN, no shared experts
+        "v3_halves": (*v3, dict(q_lora_rank=None, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=0,
+                                first_k_dense_replace=0, n_group=2, topk_group=1, rope_interleave=False)),
+    }
+
+
+def _save(cfg_cls, model_cls, kw: dict, folder, shape=SHAPE):
+    """A transformers checkpoint of random weights, every parameter and the router's correction
+    bias moved off its initial value (a bias of 0 or a norm of 1 would hide a missing term)."""
+    torch.manual_seed(0)
+    ref = model_cls(cfg_cls(**{**shape, **kw})).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        for name, b in ref.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn_like(b) * 0.1)
+    ref.save_pretrained(folder)
+    return ref
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    """name -> (folder, transformers model)."""
+    out = {}
+    for name, (cfg_cls, model_cls, kw) in _configs().items():
+        folder = tmp_path_factory.mktemp(name)
+        out[name] = folder, _save(cfg_cls, model_cls, kw, folder)
+    return out
+
+
+def _tokens():
+    return torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", list(_configs()))
+@torch.no_grad()
+def test_forward_matches_transformers(native, name):
+    folder, ref = native[name]
+    tokens = _tokens()
+    expected = ref(tokens).logits
+    for impl in ("naive", "absorb"):
+        model, _ = load_model(folder, mla_impl=impl)
+        te.assert_close(f"{name} ({impl}) vs transformers", model(tokens), expected, 1e-4)
+
+
+@torch.no_grad()
+def test_layers_are_what_the_config_says(native):
+    """first_k_dense_replace dense layers, then MoE layers with the config's experts; the router's
+    bias kept in float32 when the model is bfloat16, as transformers keeps it."""
+    from model import MoE, FeedForward
+    model, _ = load_model(native["v3"][0], dtype=torch.bfloat16)
+    kinds = [type(layer.feed_forward) for layer in model.layers]
+    assert kinds == [FeedForward, MoE, MoE]
+    moe = model.layers[1].feed_forward
+    assert len(moe.experts) == 8 and moe.shared.w1.out_features == 32
+    assert moe.gate.e_score_correction_bias.dtype == torch.float32
+    assert model.layers[1].feed_forward.gate.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", ["v2_lite", "v3", "kimi_k2"])
+@torch.no_grad()
+def test_greedy_tokens_match_transformers(native, name):
+    from generate import generate
+    folder, ref = native[name]
+    model, _ = load_model(folder)
+    prompt = list(range(3, 15))
+    model.setup_caches(1, len(prompt) + 16)
+    ours = generate(model, prompt, 16, temperature=0.0)
+    theirs = ref.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, len(prompt):].tolist()
+    print(f"{name} greedy: ours {ours}, transformers {theirs}")
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("impl", ["naive", "absorb"])
+@torch.no_grad()
+def test_cached_decode_equals_full_forward(native, impl):
+    """A MoE + YaRN model: a prefill then one token at a time through the latent cache == one forward."""
+    model, _ = load_model(native["v3"][0], mla_impl=impl)
+    tokens = _tokens()
+    full = model(tokens)
+    model.setup_caches(2, 48)
+    steps = [model(tokens[:, :10], torch.arange(10))]
+    steps += [model(tokens[:, i:i + 1], torch.tensor([i])) for i in range(10, 40)]
+    te.assert_close(f"v3 MoE + YaRN ({impl}): prefill + decode vs one forward", torch.cat(steps, 1), full, 1e-5)
+
+
+def test_yarn_is_in_force(native):
+    """The YaRN model is not the same model without YaRN (so the equalities above test it)."""
+    folder = native["v3"][0]
+    model, _ = load_model(folder)
+    plain, _ = load_model(folder, rope_scaling=None)
+    diff = (model(_tokens()) - plain(_tokens())).abs().max().item()
+    print(f"v3 with vs without its YaRN: max |diff| {diff:.3g}")
+    assert diff > 1e-2
+
+
+def test_unsupported_routing_is_refused(native, tmp_path):
+    """Routing and RoPE we do not compute: one line naming the field, exit non-zero, from a script."""
+    base = json.loads((native["v2_lite"][0] / "config.json").read_text())
+    base3 = json.loads((native["v3"][0] / "config.json").read_text())
+    for name, src, change, needle in (
+            ("v2_method", "v2_lite", {"topk_method": "noaux_tc"}, "topk_method 'noaux_tc'"),
+            ("v2_norm", "v2_lite", {"norm_topk_prob": True}, "norm_topk_prob true"),
+            ("v3_softmax", "v3", {"scoring_func": "softmax"}, "scoring_func 'softmax'"),
+            ("v3_method", "v3", {"topk_method": "group_limited_greedy"}, "topk_method 'group_limited_greedy'"),
+            ("v3_groups", "v3", {"n_group": 3}, "n_group 3"),
+            ("v3_too_many", "v3", {"num_experts_per_tok": 6, "topk_group": 1}, "num_experts_per_tok 6")):
+        bad = tmp_path / name
+        shutil.copytree(native[src][0], bad)
+        (bad / "config.json").write_text(json.dumps({**(base if src == "v2_lite" else base3), **change}))
+        te._one_clear_line(te._script("generate.py", "--ckpt", str(bad), "--prompt", "hi"), needle)
+    with pytest.raises(UserError, match="'yarn' is supported on DeepSeek"):
+        from checkpoint import args_from_config
+        args_from_config({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1,
+                          "vocab_size": 8, "intermediate_size": 8,
+                          "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+# ----------------------------------------------------------------------------- split over ranks
+
+# 3 heads (2 ranks: 1 + 2) and 5 routed experts (2 ranks: 2 + 3), a dense first layer, a shared expert
+TP_SHAPE = {**SHAPE, "hidden_size": 48, "num_attention_heads": 3}
+TP_KW = dict(q_lora_rank=None, n_routed_experts=5, num_experts_per_tok=2, n_shared_experts=1,
+             first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=1.5)
+TP_JOBS = [("heads", "none"), ("tpla", "none"), ("tpla", "pca"), ("tpla", "hadamard")]
+
+
+@pytest.fixture(scope="module")
+def tp_moe(tmp_path_factory):
+    import transformers as tf
+    folder = tmp_path_factory.mktemp("tp_moe")
+    _save(tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM, TP_KW, folder, TP_SHAPE)
+    return folder
+
+
+def _held(model) -> dict:
+    """What a rank holds: its parameter count, and the routed experts of each MoE layer."""
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "experts": [sorted(int(e) for e in layer.feed_forward.experts) for layer in model.layers
+                        if hasattr(layer.feed_forward, "experts")]}
+
+
+@torch.no_grad()
+def test_tp_one_rank_equals_single_device(tp_moe, one_rank):
+    import tpla
+    tokens = te._tp_tokens()
+    ref = load_model(tp_moe)[0]
+    want = ref(tokens)
+    for mode, transform in TP_JOBS:
+        model = tpla.load_parallel(tp_moe, mode, 0, 1, transform=transform, calib=te._calib())[0]
+        label = f"MoE --tp {mode} ({transform}), 1 rank"
+        te.assert_close(f"{label}: full forward vs single device", model(tokens), want, 1e-5)
+        te.assert_close(f"{label}: prefill + decode vs single device", te._prefill_then_decode(model, tokens), want, 1e-5)
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    import torch.distributed as dist
+    import tpla
+    tpla.init_distributed("cpu")
+    yield
+    dist.destroy_process_group()
+
+
+def _worker(rank: int, world: int, port: int, folder, out: str):
+    import os
+    os.environ.update(te._rank_env(rank, world, port))
+    import tpla
+    from cli import leave_process_group
+    tpla.init_distributed("cpu")
+    results = {}
+    with torch.no_grad():
+        for mode, transform in TP_JOBS:
+            model = tpla.load_parallel(folder, mode, rank, world, transform=transform, calib=te._calib())[0]
+            attention = {k: v for k, v in model.state_dict().items() if ".attention." in k}
+            results[mode, transform] = (model(te._tp_tokens()), te._prefill_then_decode(model, te._tp_tokens()),
+                                        te._greedy(model), _held(model), attention)
+    torch.save(results, f"{out}.{rank}")
+    leave_process_group()
+
+
+@torch.no_grad()
+def test_tp_two_ranks(tp_moe, tmp_path):
+    """2 gloo processes on a MoE checkpoint. Head-parallel == the single-device model (logits,
+    greedy tokens). TPLA: prefill exact; decode equal to the reference from the definition on the
+    checkpoint as rank 0 holds it (test_equivalence._tpla_reference, whose feed-forward is the whole
+    MoE). Each rank holds only its contiguous share of every MoE layer's routed experts, so less
+    than the whole model; the expert split itself is exact (the head-parallel logits are)."""
+    import torch.multiprocessing as mp
+    out = tmp_path / "rank"
+    mp.spawn(_worker, args=(2, te._free_port(), tp_moe, str(out)), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    tokens = te._tp_tokens()
+    ref = load_model(tp_moe)[0]
+    want = ref(tokens)
+    whole = _held(ref)
+    for (mode, transform), (full, steps, greedy, held, attention) in ranks[0].items():
+        label = f"MoE --tp {mode} ({transform}), 2 ranks"
+        te.assert_close(f"{label}: full forward vs single device", full, want, 1e-5)
+        for rank, r in enumerate(ranks):
+            held = r[mode, transform][3]
+            print(f"{label}: rank {rank} holds experts {held['experts'][0]} of each MoE layer, "
+                  f"{held['params']} of the whole model's {whole['params']} parameters")
+            assert held["experts"] == [[0, 1] if rank == 0 else [2, 3, 4]] * 2
+            assert held["params"] < whole["params"]
+        if mode == "heads":
+            te.assert_close(f"{label}: prefill + decode vs single device", steps, want, 1e-5)
+            assert greedy == te._greedy(ref)
+            continue
+        te.assert_close(f"{label}: prefill (MLA form) vs single device", steps[:, :12], want[:, :12], 1e-5)
+        held_model = load_model(tp_moe)[0]
+        held_model.load_state_dict({**held_model.state_dict(), **attention})
+        te.assert_close(f"{label}: prefill + TPLA decode vs the reference", steps,
+                        te._tpla_reference(held_model, tokens, 2, 12), 1e-5)
+        diff = (steps[:, 12:] - want[:, 12:]).abs().max().item()
+        agree = (steps[:, 12:].argmax(-1) == want[:, 12:].argmax(-1)).float().mean().item()
+        print(f"{label}: decode (TPLA form) vs MLA: max |diff| {diff:.3g}, top-1 agreement {agree:.0%}")
+        assert diff > 1e-3  # the split is active
