@@ -4,6 +4,7 @@
     python bench.py --compile --plot bench.png        # eager and compiled, and a plot
     python bench.py --ckpt MLA_DIR --baseline GQA_DIR --contexts 1024,8192 --batch 1
     python bench.py --ppl                             # perplexity on the embedded evaluation split
+    torchrun --nproc_per_node=2 bench.py --synthetic deepseek-v2-lite --contexts 32768 --batch 4 --dtype bfloat16
 
 Speed. For each model, batch and context: the KV-cache bytes per token, prefill tokens/s (a real
 prefill of --prefill tokens), and decode ms/token (warm-up, then the median of --new-tokens steps).
@@ -20,6 +21,12 @@ Perplexity protocol (the same everywhere in this project, and the one the publis
 comparison used): tokenize the text without BOS, cut it into non-overlapping windows of
 --ctx tokens, drop a shorter tail, and average the next-token NLL over every predicted token
 (ctx - 1 per window).
+
+TPLA at the paper's setting (--synthetic deepseek-v2-lite, under torchrun): the first --layers
+layers of DeepSeek-V2-Lite's shape (R = 512, r = 64, 16 heads, 64 routed experts of which 6 per
+token, 2 shared, a dense first layer) with random weights, written once under assets/synthetic/
+(nothing can be downloaded here; decode time does not depend on the values). Each rank's
+weights and peak memory after loading are reported against the whole checkpoint's size.
 
 The last stdout line is one JSON object (also written to --json).
 """
@@ -40,8 +47,23 @@ from checkpoint import args_from_config, load_model, read_config
 from cli import UserError, pick_device, pick_dtype, run
 from evaluate import perplexity
 from fetch import default_or, ensure_default_conversion, read_text
-from model import MLA
-from writer import check_output_file
+from model import MLA, MoE, Router
+from writer import check_output_file, write_random_checkpoint
+
+# real models' shapes, from their published config.json, for --synthetic (random weights)
+SYNTHETIC = {
+    "deepseek-v2-lite": {
+        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "vocab_size": 102400,
+        "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "n_shared_experts": 2, "n_routed_experts": 64,
+        "num_experts_per_tok": 6, "first_k_dense_replace": 1, "moe_layer_freq": 1, "topk_method": "greedy",
+        "n_group": 1, "topk_group": 1, "norm_topk_prob": False, "routed_scaling_factor": 1.0,
+        "scoring_func": "softmax", "kv_lora_rank": 512, "q_lora_rank": None, "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64, "v_head_dim": 128, "hidden_act": "silu", "max_position_embeddings": 163840,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000, "attention_bias": False, "tie_word_embeddings": False,
+        "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                         "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}},
+}
 
 
 def sig(x: float, digits: int = 4) -> float:
@@ -90,25 +112,44 @@ def latent_score_throughput(attn: MLA, device: str, dtype: torch.dtype, tokens: 
 
 # ----------------------------------------------------------------------------- what one decode step must do
 
-def weight_bytes(model) -> int:
+def _routed(model):
+    """Per MoE layer: (experts held, experts in all, k per token, parameters of one expert)."""
+    for layer in model.layers:
+        ffn = layer.feed_forward
+        if isinstance(ffn, MoE) and len(ffn.experts):
+            one = sum(p.numel() for p in next(iter(ffn.experts.values())).parameters())
+            yield len(ffn.experts), ffn.n_experts, ffn.gate.k, one
+
+
+def weight_bytes(model, batch: int | None = None) -> int:
     """Bytes of weights one decode step reads: all of them, except that an untied embedding
-    table is only indexed (one row per token) while a tied one is read whole by the output."""
+    table is only indexed (one row per token) while a tied one is read whole by the output. With
+    `batch`, a mixture of experts' routed experts count as many as the batch's tokens reach: k of E
+    per token, so E (1 - (1 - k/E)^batch) distinct ones if routing is uniform (of them, this
+    rank's share of the experts); without, every expert held."""
     n = sum(p.numel() * p.element_size() for p in model.parameters())
     if model.output is not None:
         e = model.tok_embeddings.weight
         n -= e.numel() * e.element_size()
+    size = model.tok_embeddings.weight.element_size()
+    for held, n_experts, k, one in _routed(model) if batch else ():
+        reached = n_experts * (1 - (1 - k / n_experts) ** batch)
+        n -= round(held * (1 - reached / n_experts) * one * size)
     return n
 
 
 def step_bytes(model, context: int, batch: int) -> int:
-    """The least a decode step must read: every weight once and every cached token once."""
-    return weight_bytes(model) + batch * context * model.kv_bytes_per_token()
+    """The least a decode step must read: every weight it uses once and every cached token once."""
+    return weight_bytes(model, batch) + batch * context * model.kv_bytes_per_token()
 
 
 def step_flops(model, context: int, batch: int) -> int:
-    """Multiply-adds x 2 of one decode step: the matmuls of the weights, then attention over
-    `context` cached tokens (per layer, per cached token, per sequence)."""
-    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    """Multiply-adds x 2 of one decode step: the matmuls of the weights (of a mixture of experts,
+    the router and per token k / E of the routed experts held), then attention over `context`
+    cached tokens (per layer, per cached token, per sequence)."""
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, Router)))
+    for held, n_experts, k, one in _routed(model):
+        matmul -= round(held * (1 - k / n_experts) * one)
     if model.output is None:
         matmul += model.tok_embeddings.weight.numel()
     attn = 0
@@ -289,14 +330,23 @@ def speed(args, device: str, dtype: torch.dtype) -> dict:
     return result
 
 
+def spread(xs: list[float]) -> dict:
+    """Median and range of repeated measurements."""
+    return {"median": sig(statistics.median(xs)), "min": sig(min(xs)), "max": sig(max(xs))}
+
+
 def tp_speed(args, device: str, dtype: torch.dtype) -> dict:
     """Under torchrun: decode ms/token of head-parallel MLA and of TPLA, same checkpoint, same ranks,
-    one run. Times are rank 0's (the all-reduces keep the ranks in step); bytes are per rank."""
+    one run. Both models are loaded first; then --rounds rounds, each timing every point of both,
+    the two modes in alternating order, so neither always runs second (after the other's caches)
+    and a slow spell of the machine falls on both. Each point: median and range over the rounds;
+    the speed-up is computed per round, then its median and range. Times are rank 0's (the
+    all-reduces keep the ranks in step); bytes are per rank."""
     import torch.distributed as dist
     from generate import decode_one_token
     rank, world, device = tpla.init_distributed(device)
     say = print if rank == 0 else (lambda *a, **k: None)
-    folder = tpla.checkpoint_or_default(args.ckpt)
+    folder = synthetic_checkpoint(args.synthetic, args.layers, dtype) if args.synthetic else tpla.checkpoint_or_default(args.ckpt)
     contexts = [int(c) for c in args.contexts.split(",")]
     batches = [int(b) for b in args.batch.split(",")]
     dist.barrier()
@@ -308,41 +358,98 @@ def tp_speed(args, device: str, dtype: torch.dtype) -> dict:
     result = {"bandwidth_gbs": round(bw, 2), "matmul_gflops": round(flops, 1), "device": device,
               "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(), "world_size": world,
               "synthetic_cache": True, "tpla_transform": args.tpla_transform, "tpla_rope": args.tpla_rope,
-              "kv_bytes_per_token": {}, "weight_bytes": {}, "prefill": [], "decode": []}
-    rows, raw = [], {}
-    for mode in [args.tp] if args.tp else ["heads", "tpla"]:
-        model, _ = tpla.load_parallel(folder, mode, rank, world, device, dtype, args.tpla_transform,
-                                      args.tpla_rope, args.tpla_rescale)
-        result["kv_bytes_per_token"][mode] = model.kv_bytes_per_token()
-        result["weight_bytes"][mode] = weight_bytes(model)
+              "rounds": args.rounds, "kv_bytes_per_token": {}, "weight_bytes": {}, "prefill": [], "decode": []}
+    modes = [args.tp] if args.tp else ["heads", "tpla"]
+    models = {}
+    for mode in modes:
+        models[mode], _ = tpla.load_parallel(folder, mode, rank, world, device, dtype, args.tpla_transform,
+                                             args.tpla_rope, args.tpla_rescale)
+        result["kv_bytes_per_token"][mode] = models[mode].kv_bytes_per_token()
+        result["weight_bytes"][mode] = weight_bytes(models[mode])
+        if "ranks" not in result:  # what each rank holds, against the whole checkpoint, after the first load
+            held = [None] * world
+            dist.all_gather_object(held, {"rank": rank, "param_bytes": sum(p.numel() * p.element_size()
+                                                                          for p in models[mode].parameters()),
+                                          "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
+            whole = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+            result.update(checkpoint_bytes=whole, ranks=held)
+            for h in held:
+                say(f"rank {h['rank']}: weights {h['param_bytes'] / 1e9:.2f} GB ({h['param_bytes'] / whole:.0%} of the "
+                    f"checkpoint's {whole / 1e9:.2f} GB), peak memory after loading {h['peak_rss_mb'] / 1e3:.2f} GB")
+    times = {(mode, b, c): [] for mode in modes for b in batches for c in contexts}
+    for rnd in range(args.rounds):
         for batch in batches:
             for context in contexts:
-                # no time budget: every rank must run the same number of steps
-                ms = time_decode(decode_one_token, model, context, batch, args.new_tokens, device, math.inf)
-                mem_ms = step_bytes(model, context, batch) / bw / 1e6
-                comp_ms = step_flops(model, context, batch) / flops / 1e6
-                roof = max(mem_ms, comp_ms)
-                cache_mb = batch * context * model.kv_bytes_per_token() / 1e6
-                raw[mode, batch, context] = ms, mem_ms, comp_ms
-                result["decode"].append({
-                    "model": mode, "context": context, "batch": batch, "compiled": False,
-                    "ms_per_token": sig(ms), "roofline_ms": sig(roof), "memory_ms": sig(mem_ms),
-                    "compute_ms": sig(comp_ms), "cache_mb": sig(cache_mb), "world_size": world})
-                rows.append(f"{mode:<13}{batch:>6}{context:>9}{'eager':>10}{ms:>10.1f}{mem_ms:>11.1f}"
-                            f"{comp_ms:>12.1f}{ms / roof:>12.2f}{cache_mb:>10.0f}")
-                say(rows[-1], file=sys.stderr)
-        del model
-    say(f"{'model':<13}{'batch':>6}{'context':>9}{'mode':>10}{'ms/token':>10}{'memory_ms':>11}"
-        f"{'compute_ms':>12}{'x roofline':>12}{'cache MB':>10}   (per rank, {world} ranks)")
+                for mode in modes if rnd % 2 == 0 else modes[::-1]:
+                    # no time budget: every rank must run the same number of steps
+                    ms = time_decode(decode_one_token, models[mode], context, batch, args.new_tokens, device, math.inf)
+                    times[mode, batch, context].append(ms)
+                    say(f"round {rnd + 1}/{args.rounds}: {mode:<6} batch {batch} context {context}: {ms:.1f} ms/token",
+                        file=sys.stderr)
+    dist.barrier()
+    bw_end = memory_bandwidth(device)
+    result["bandwidth_end_gbs"] = round(bw_end, 2)
+    rows = []
+    for (mode, batch, context), ms in times.items():
+        model = models[mode]
+        mem_ms = step_bytes(model, context, batch) / bw / 1e6
+        comp_ms = step_flops(model, context, batch) / flops / 1e6
+        cache_mb = batch * context * model.kv_bytes_per_token() / 1e6
+        s_ = spread(ms)
+        result["decode"].append({
+            "model": mode, "context": context, "batch": batch, "compiled": False,
+            "ms_per_token": s_["median"], "ms_min": s_["min"], "ms_max": s_["max"], "roofline_ms": sig(max(mem_ms, comp_ms)),
+            "memory_ms": sig(mem_ms), "compute_ms": sig(comp_ms), "cache_mb": sig(cache_mb), "world_size": world})
+        rows.append(f"{mode:<8}{batch:>6}{context:>9}{s_['median']:>10.1f}{s_['min']:>8.1f}-{s_['max']:<8.1f}"
+                    f"{mem_ms:>10.1f}{comp_ms:>12.1f}{cache_mb:>10.0f}")
+    say(f"{'model':<8}{'batch':>6}{'context':>9}{'ms/token':>10}{'range':>17}{'memory_ms':>10}"
+        f"{'compute_ms':>12}{'cache MB':>10}   (per rank, {world} ranks, {args.rounds} rounds)")
     say("\n".join(rows))
-    for (mode, batch, context), heads in raw.items():
-        if mode == "heads" and ("tpla", batch, context) in raw:
-            ratio = [h / t for h, t in zip(heads, raw["tpla", batch, context])]
-            result.setdefault("tpla_speedup", []).append({"batch": batch, "context": context,
-                                                          "measured": round(ratio[0], 3)})
-            say(f"tpla over heads, batch {batch} context {context}: {ratio[0]:.2f}x measured, "
-                f"{ratio[1]:.2f}x in bytes, {ratio[2]:.2f}x in flops")
+    warnings = []
+    if abs(bw_end / bw - 1) > 0.15:
+        warnings.append(f"memory bandwidth moved from {bw:.1f} to {bw_end:.1f} GB/s during the run: a busy machine?")
+    for batch in batches:
+        for context in contexts:
+            if len(modes) < 2:
+                continue
+            ratios = [h / t for h, t in zip(times["heads", batch, context], times["tpla", batch, context])]
+            s_ = spread(ratios)
+            m = step_bytes(models["heads"], context, batch) / step_bytes(models["tpla"], context, batch)
+            f = step_flops(models["heads"], context, batch) / step_flops(models["tpla"], context, batch)
+            result.setdefault("tpla_speedup", []).append({"batch": batch, "context": context, "measured": s_["median"],
+                                                          "min": s_["min"], "max": s_["max"], "in_bytes": sig(m, 3),
+                                                          "in_flops": sig(f, 3)})
+            say(f"tpla over heads, batch {batch} context {context}: {s_['median']:.2f}x measured "
+                f"({s_['min']:.2f}-{s_['max']:.2f} over {args.rounds} rounds), {m:.2f}x in bytes, {f:.2f}x in flops")
+            if args.rounds > 1 and s_["max"] - s_["min"] > abs(s_["median"] - 1):
+                warnings.append(f"batch {batch} context {context}: the speed-up's range over the rounds "
+                                f"({s_['min']:.2f}-{s_['max']:.2f}) is wider than its distance from 1")
+    for w in warnings:
+        say(f"warning: {w}", file=sys.stderr)
+    result["warnings"] = warnings
     return result
+
+
+def synthetic_checkpoint(name: str, layers: int, dtype: torch.dtype) -> Path:
+    """assets/synthetic/NAME-Ll-DTYPE: the first `layers` layers of SYNTHETIC[name] with random weights,
+    written by rank 0 the first time (the others wait) and reused after."""
+    import torch.distributed as dist
+    from fetch import ASSETS
+    config = {**SYNTHETIC[name], "num_hidden_layers": layers}
+    folder = ASSETS / "synthetic" / f"{name}-{layers}l-{str(dtype).removeprefix('torch.')}"
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            saved = read_config(folder) if (folder / "config.json").is_file() else {}
+            if any(saved.get(k) != v for k, v in config.items()):
+                print(f"writing {folder} (random weights, once)", file=sys.stderr)
+                write_random_checkpoint(folder, config, dtype)
+        except UserError as e:
+            box = [e]
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], UserError):
+        raise box[0]
+    return folder
 
 
 def speedup_table(result: dict) -> str:
@@ -402,6 +509,7 @@ def main():
     p.add_argument("--contexts", default="1024,4096,16384,32768", help="comma-separated context lengths")
     p.add_argument("--batch", default="1,4", help="comma-separated batch sizes")
     p.add_argument("--new-tokens", type=int, default=8, help="timed decode steps per point (after 2 warm-up)")
+    p.add_argument("--rounds", type=int, default=3, help="under torchrun: rounds over every point, both modes interleaved")
     p.add_argument("--prefill", type=int, default=1024, help="tokens of the real prefill that is timed")
     p.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
     p.add_argument("--no-transformers", dest="transformers", action="store_false",
@@ -421,6 +529,10 @@ def main():
                         "python tpla.py has its fitted one already: use none)")
     p.add_argument("--tpla-rope", choices=("full", "split"), default=tpla.ROPE,
                    help="TPLA: every rank keeps the whole rope key (full) or its share of the rotary pairs (split)")
+    p.add_argument("--synthetic", choices=sorted(SYNTHETIC),
+                   help="time TPLA against head-parallel on this real model's shape with random weights "
+                        "(written once under assets/synthetic/), instead of --ckpt")
+    p.add_argument("--layers", type=int, default=4, help="--synthetic: how many of the model's layers")
     p.add_argument("--tpla-rescale", action=argparse.BooleanOptionalAction, default=tpla.RESCALE,
                    help="TPLA: scale each shard's partial scores by the world size")
     args = p.parse_args()
@@ -437,8 +549,10 @@ def main():
             batches = [int(b) for b in args.batch.split(",")]
         except ValueError:
             raise UserError("--contexts and --batch take comma-separated integers, e.g. 1024,4096") from None
-        if min(contexts + batches) < 1 or args.new_tokens < 1 or args.prefill < 1:
-            raise UserError("contexts, batch sizes, --new-tokens and --prefill must be positive")
+        if min(contexts + batches) < 1 or min(args.new_tokens, args.prefill, args.layers, args.rounds) < 1:
+            raise UserError("contexts, batch sizes, --new-tokens, --prefill, --layers and --rounds must be positive")
+        if args.synthetic and args.ckpt:
+            raise UserError("--synthetic and --ckpt: give one of them")
         if args.plot:
             pyplot()  # fail now, not after the benchmark
         if args.transformers:
@@ -446,7 +560,8 @@ def main():
                 import transformers  # noqa: F401
             except ImportError:
                 args.transformers = False
-        result = tp_speed(args, device, dtype) if tpla.launched() or args.tp else speed(args, device, dtype)
+        parallel = tpla.launched() or args.tp or args.synthetic
+        result = tp_speed(args, device, dtype) if parallel else speed(args, device, dtype)
     else:
         result = ppl(args, device, dtype)
     if tpla.launched() and int(os.environ["RANK"]):

@@ -276,3 +276,80 @@ def test_tp_two_ranks(tp_moe, tmp_path):
         agree = (steps[:, 12:].argmax(-1) == want[:, 12:].argmax(-1)).float().mean().item()
         print(f"{label}: decode (TPLA form) vs MLA: max |diff| {diff:.3g}, top-1 agreement {agree:.0%}")
         assert diff > 1e-3  # the split is active
+
+
+def test_synthetic_shape_is_the_published_model():
+    """bench.py's DeepSeek-V2-Lite shape reads as 15.7B parameters and 2.4B active per token (the input
+    embedding table aside: a token reads one row of it), as published."""
+    import math
+    from bench import SYNTHETIC
+    from checkpoint import args_from_config, checkpoint_tensors
+    a = args_from_config(SYNTHETIC["deepseek-v2-lite"])
+    total = sum(math.prod(shape) for _, shape in checkpoint_tensors(a).values())
+    per_expert = 3 * a.dim * a.moe_hidden_dim
+    active = (total - (a.n_layers - a.first_dense_layers) * (a.n_experts - a.n_experts_per_tok) * per_expert
+              - a.vocab_size * a.dim)
+    print(f"DeepSeek-V2-Lite: {total / 1e9:.2f}B parameters, {active / 1e9:.2f}B active per token")
+    assert abs(total / 1e9 - 15.7) < 0.05 and abs(active / 1e9 - 2.4) < 0.1  # published: 15.7B, 2.4B
+    assert (a.kv_lora_rank, a.qk_rope_head_dim, a.n_heads) == (512, 64, 16)
+
+
+def test_bench_tp_on_a_random_moe_checkpoint(tmp_path):
+    """write_random_checkpoint writes a loadable folder of a config's shape (here a tiny DeepSeek-V2-Lite);
+    bench.py under 2 ranks times head-parallel and TPLA on it and reports each rank's share of the
+    weights against the whole checkpoint, and the per-rank cache (R + r against R / 2 + r)."""
+    from bench import SYNTHETIC
+    from writer import write_random_checkpoint
+    cfg = {**SYNTHETIC["deepseek-v2-lite"], "vocab_size": VOCAB, "hidden_size": 48, "intermediate_size": 64,
+           "moe_intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 3, "n_routed_experts": 8,
+           "num_experts_per_tok": 2, "kv_lora_rank": 16, "qk_nope_head_dim": 12, "qk_rope_head_dim": 8,
+           "v_head_dim": 10}
+    folder = tmp_path / "random"
+    write_random_checkpoint(folder, cfg, torch.float32)
+    model, _ = load_model(folder)
+    assert torch.isfinite(model(_tokens())).all()
+    ranks = te._launch(2, "bench.py", "--ckpt", str(folder), "--contexts", "16,32", "--batch", "2",
+                       "--new-tokens", "2", timeout=300)
+    assert all(r.returncode == 0 for r in ranks), ranks[0].stderr[-2000:] + ranks[1].stderr[-2000:]
+    result = json.loads(ranks[0].stdout.strip().splitlines()[-1])
+    print(ranks[0].stdout)
+    assert {(r["model"], r["context"]) for r in result["decode"]} == {(m, c) for m in ("heads", "tpla") for c in (16, 32)}
+    assert result["kv_bytes_per_token"] == {"heads": 2 * (16 + 8) * 4, "tpla": 2 * (8 + 8) * 4}
+    assert [r["rank"] for r in result["ranks"]] == [0, 1]
+    assert all(0 < r["param_bytes"] < result["checkpoint_bytes"] for r in result["ranks"])
+
+
+@torch.no_grad()
+def test_fitted_rotation_on_a_moe_checkpoint(tp_moe, tmp_path):
+    """python tpla.py's fitted rotation on a native MoE checkpoint: the rotated folder (experts
+    written back under DeepSeek's names) is the same model on one device, and its TPLA error falls."""
+    import tpla
+    with torch.enable_grad():
+        record = tpla.rotate_for_tpla(tp_moe, tmp_path / "rotated", 2, te._calib(), queries=64, steps=10, log=print)
+    rotated, _ = load_model(tmp_path / "rotated")
+    original, _ = load_model(tp_moe)
+    te.assert_close("MoE checkpoint rotated for TPLA vs the original (one device)", rotated(te._tp_tokens()),
+                    original(te._tp_tokens()), 1e-5)
+    print("TPLA x2 attention error per layer, before -> after:", record["error_before"], record["error_after"])
+    assert all(a < b for a, b in zip(record["error_after"], record["error_before"]))
+
+
+def test_bench_bytes_and_flops_of_experts_by_hand(native):
+    """bench.py's roofline on a mixture of experts, counted by hand. The tiny V2-Lite: hidden 64, 3
+    layers (the first dense, MLP 96), 8 routed experts of 3 x 64 x 32 = 6144 parameters, 2 per token,
+    2 shared (one SwiGLU of 64 rows: 12288), router 8 x 64. A step of batch 1 reads exactly the 2
+    experts its token reaches; of batch 2, 8 (1 - (6/8)^2) = 3.5 of them expected. fp32."""
+    from bench import step_bytes, step_flops, weight_bytes
+    model = load_model(native["v2_lite"][0])[0]
+    one, routed = 6144, 2 * 8 * 6144  # one expert; all routed experts of the 2 MoE layers
+    held = weight_bytes(model)
+    assert held == 4 * (sum(p.numel() for p in model.parameters()) - VOCAB * 64)  # the embedding is indexed
+    assert weight_bytes(model, 1) == held - 4 * 2 * 6 * one
+    assert weight_bytes(model, 2) == held - 4 * 2 * round(4.5 * one)
+    assert step_bytes(model, 48, 1) == weight_bytes(model, 1) + 48 * 3 * (16 + 8) * 4
+    for layer in model.layers:
+        layer.attention.impl = "absorb"
+    linears = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    router = 2 * 8 * 64
+    per_token = linears - routed + 2 * 2 * one + router  # every weight but the routed experts, 2 of them per layer
+    assert step_flops(model, 48, 2) == 2 * 2 * (per_token + 48 * 3 * 4 * (2 * 16 + 8))

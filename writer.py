@@ -13,6 +13,8 @@
   RENAME_EXCHANGE), so a crash or kill -9 at any moment leaves the old folder or the new one.
 - write_model: a model loaded from a checkpoint and then changed (fine-tuned, rotated), written
   as a folder like its source.
+- write_random_checkpoint: a folder of a real model's shape with random weights, for measuring
+  speed and memory at sizes nothing here can download.
 """
 import ctypes
 import errno
@@ -30,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import (INDEX, SAFETENSORS_DTYPES, STACKED_EXPERTS, CheckpointReader, hf_name, read_config,
-                        rope_rows)
+from checkpoint import (INDEX, SAFETENSORS_DTYPES, STACKED_EXPERTS, CheckpointReader, args_from_config,
+                        checkpoint_tensors, hf_name, read_config, rope_rows)
 from cli import UserError
 from model import ModelArgs
 
@@ -325,3 +327,22 @@ def write_model(model, source: Path, out: Path, dtype: torch.dtype, record: dict
             writer.add_layer(i, {k[len(p):]: v for k, v in state.items() if k.startswith(p)}, dtype)
         staged = writer.stage(source=source)
         writer.commit(extra_files=finish(staged) if finish else None)
+
+
+def write_random_checkpoint(out: Path, config: dict, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                            std: float = 0.02):
+    """A checkpoint of `config` (a config.json as a dict) with random weights: matrices N(0, std^2),
+    norm weights 1, biases and the router's correction bias 0. Written tensor by tensor (memory: one
+    tensor), with no tokenizer. For timing and memory at a real model's shape; its outputs mean nothing."""
+    args = args_from_config(config)
+    g = torch.Generator().manual_seed(seed)
+    with CheckpointWriter(out, {**config, "torch_dtype": str(dtype).removeprefix("torch.")}, args) as writer:
+        for ours, (_, shape) in checkpoint_tensors(args).items():
+            if ours.endswith("norm.weight"):
+                t = torch.ones(shape)
+            elif len(shape) == 1:
+                t = torch.zeros(shape)
+            else:
+                t = torch.empty(shape).normal_(0, std, generator=g)
+            writer.add(ours, t.to(dtype))
+        writer.commit()
