@@ -145,7 +145,9 @@ def test_bfloat16_decode_tracks_float32(kind):
 def test_bfloat16_long_cache_tracks_float32(impl):
     """bf16 MLA (weights and cache) decoding 12 tokens after a 2048-token prefill, against the fp32
     model's one forward: relative error of the logits (norm of the difference over norm of the
-    fp32 logits) measured 0.0121 (absorbed) and 0.0123 (naive), bound 0.03; top-1 the same. Over
+    fp32 logits) measured 0.0121 (absorbed) and 0.0123 (naive), bound 0.03; top-1 the same wherever
+    fp32's best two logits differ by more than 0.1 (one token here has a gap of 0.011, and on a CPU
+    with AVX-512 bf16 the naive path flips it; max |diff| of the logits is 0.047). Over
     2K keys a softmax or latent norm that lost its small terms would drift well past that. (On this
     CPU torch sums bf16 in fp32 inside softmax and mean, so computing either in bf16 is not such a
     fault here; the fp32 casts in model.py are for kernels that do not.)"""
@@ -158,9 +160,12 @@ def test_bfloat16_long_cache_tracks_float32(impl):
     bf16(tokens[:, :2048], torch.arange(2048))
     steps = torch.cat([bf16(tokens[:, i:i + 1], torch.tensor([i])) for i in range(2048, 2060)], 1).float()
     rel = ((steps - full).norm() / full.norm()).item()
-    top1 = (steps.argmax(-1) == full.argmax(-1)).float().mean().item()
-    print(f"mla {impl}: bf16 decode after a 2048-token cache vs fp32: relative error {rel:.4f}, top-1 agreement {top1:.0%}")
-    assert rel < 0.03 and top1 == 1.0
+    top2 = full.topk(2, -1).values
+    clear = top2[..., 0] - top2[..., 1] > 0.1  # a near-tie in fp32 (gap under bf16's ~0.05 error) may go either way
+    top1 = (steps.argmax(-1) == full.argmax(-1))[clear].float().mean().item()
+    print(f"mla {impl}: bf16 decode after a 2048-token cache vs fp32: relative error {rel:.4f}, top-1 agreement "
+          f"{top1:.0%} on the {clear.sum().item()} of {clear.numel()} tokens whose fp32 top-2 gap exceeds 0.1")
+    assert rel < 0.03 and top1 == 1.0 and clear.float().mean() > 0.75
 
 
 @pytest.mark.parametrize("kind", ["gqa", "mla_naive", "mla_absorb", "mla_auto"])
