@@ -5,11 +5,16 @@
   out of memory or a closed standard output is one line on stderr and exit 1; SIGTERM unwinds like Ctrl-C (so
   temporary folders go), exit 143; anything else is a bug and keeps its traceback. Under torchrun
   a rank that fails leaves at once, and the job ends within seconds with one line from it.
+- temporary_folder, remove_temporary: a scratch folder that goes however the process ends, short
+  of kill -9 (a signal between its making and the code that would remove it included).
 - pick_device, pick_dtype: --device and --dtype, with defaults that suit the hardware.
 """
+import atexit
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +23,36 @@ import torch
 class UserError(Exception):
     """A mistake in what the user asked for, or a file we cannot use: run() prints it as one line
     and exits 1."""
+
+
+_TEMPORARY: set[Path] = set()  # scratch folders this process made and has not removed yet
+
+
+def temporary_folder(prefix: str, parent: Path) -> Path:
+    """A new private folder parent/PREFIXxxxxxxxx (tempfile.mkdtemp), removed at exit if still there
+    (Ctrl-C, SIGTERM, an error), or by remove_temporary. Ctrl-C and SIGTERM are held back while it is
+    made and recorded: one arriving just after mkdtemp would otherwise leave a folder that nothing
+    knows to remove. Raises OSError when parent cannot hold it."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        _TEMPORARY.add(folder)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+    return folder
+
+
+def remove_temporary(folder: Path) -> None:
+    """Remove a folder from temporary_folder (gone already, as after a rename: nothing to do)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    _TEMPORARY.discard(folder)
+
+
+@atexit.register
+def _remove_temporaries() -> None:
+    for folder in list(_TEMPORARY):
+        remove_temporary(folder)
 
 
 def pick_device(name: str | None) -> str:
@@ -101,6 +136,7 @@ def run(main) -> None:
                 sys.stdout.flush()
             except OSError:
                 pass
+            _remove_temporaries()  # os._exit skips atexit
             os._exit(code)
         leave_process_group()
     if code:

