@@ -14,8 +14,15 @@ per-head keys and values every step) and absorbed (attend over the latent itself
 The same run measures the machine: memory read bandwidth and matmul throughput. Every decode
 point gets its roofline bound: a step must read every weight once and the whole cache once
 (memory_ms = bytes / bandwidth) and do its multiply-adds (compute_ms = flops / matmul
-throughput); roofline_ms is the larger. With transformers installed, its Llama (GQA at 8K) and
+throughput); roofline_ms is the larger. With --transformers, its Llama (GQA at 8K) and
 DeepSeek-V3 (MLA at 16K) code run the same weights in the same run, the baseline users have today.
+
+Repeatable ratios: both models are loaded, then --rounds rounds (3) time every point of both,
+in alternating order; each point gets a warm-up to steady state; a point's figure is the median
+over the rounds with its range, and each speed-up is computed per round (median and range).
+Naive MLA and the prefills run after the rounds. The memory bandwidth is measured at the start
+and the end; a warning says when they differ by more than 15%, or when a speed-up's range over
+the rounds is wider than its distance from 1 (the machine was too busy to tell).
 
 Perplexity protocol (the same everywhere in this project, and the one the published
 comparison used): tokenize the text without BOS, cut it into non-overlapping windows of
@@ -31,6 +38,7 @@ weights and peak memory after loading are reported against the whole checkpoint'
 The last stdout line is one JSON object (also written to --json).
 """
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -170,30 +178,48 @@ def step_flops(model, context: int, batch: int) -> int:
 
 def fill_cache(model, context: int):
     """Stand-in for a prefill of `context` tokens: random cache entries (decode time does not
-    depend on them); the later steps write at positions context, context + 1, ..."""
+    depend on them), one random block of 256 tokens repeated, so filling 6 GB costs a copy, not a
+    random number per value; the later steps write at positions context, context + 1, ..."""
     g = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(0)
     for layer in model.layers:
         for buf in layer.attention.cache.buffers():  # tokens are the second-last dim of every cache
-            buf.narrow(-2, 0, context).normal_(generator=g)
+            block = torch.empty_like(buf.narrow(-2, 0, min(256, context))).normal_(generator=g)
+            for a in range(0, context, block.shape[-2]):
+                n = min(block.shape[-2], context - a)
+                buf.narrow(-2, a, n).copy_(block.narrow(-2, 0, n))
 
 
 @torch.no_grad()
-def time_decode(step, model, context: int, batch: int, steps: int, device: str, budget_s: float = 20.0) -> float:
-    """Median ms of one decode step with `context` tokens already cached."""
-    model.setup_caches(batch, context + steps + 2)
+def time_decode(step, model, context: int, batch: int, steps: int, device: str, budget_s: float = 20.0,
+                lockstep: bool = False) -> float:
+    """Median ms of one decode step with `context` tokens already cached, after a warm-up that
+    reaches steady state: at least 2 steps (the first compiles, when compiling) and until two in a
+    row agree within 10% (at most 8), so what ran before (another model's caches, a compile)
+    is not timed. lockstep (ranks of one model under torchrun, whose collectives must match):
+    exactly 3 warm-up steps and all `steps`, whatever the clock says."""
+    model.setup_caches(batch, context + steps + 10)
     fill_cache(model, context)
     token = torch.zeros(batch, 1, dtype=torch.long, device=device)
-    times = []
-    for i in range(steps + 2):
-        pos = torch.tensor([context + i], device=device)
+    times, warm, pos = [], [], context
+
+    def one():
+        nonlocal token, pos
         sync(device)
         t0 = time.perf_counter()
-        token = step(model, token, pos, 0.0, None).clone()
+        token = step(model, token, torch.tensor([pos], device=device), 0.0, None).clone()
         sync(device)
-        if i >= 2:  # two warm-up steps (the first compiles, when compiling)
-            times.append(time.perf_counter() - t0)
-            if len(times) >= 3 and sum(times) > budget_s:  # slow points (naive MLA at long context)
-                break
+        pos += 1
+        return time.perf_counter() - t0
+    if lockstep:
+        warm, budget_s = [one() for _ in range(3)], math.inf
+    while not lockstep and (len(warm) < 2 or (len(warm) < 8 and abs(warm[-1] / warm[-2] - 1) > 0.1)):
+        warm.append(one())
+        if sum(warm) > budget_s and len(warm) >= 2:  # slow points (naive MLA at long context)
+            break
+    for _ in range(steps):
+        times.append(one())
+        if len(times) >= 3 and sum(times) > budget_s:
+            break
     model.clear_caches()
     return 1e3 * statistics.median(times)
 
@@ -245,6 +271,12 @@ def transformers_decode_ms(folder: Path, context: int, batch: int, steps: int, d
 # ----------------------------------------------------------------------------- the speed benchmark
 
 def speed(args, device: str, dtype: torch.dtype) -> dict:
+    """GQA against its MLA conversion, decode ms/token at every (batch, context): both models
+    loaded first, then --rounds rounds over every point, GQA and MLA absorbed (eager, and
+    compiled with --compile) in alternating order, so neither always runs after the other. Each
+    point: median and range over the rounds; each speed-up computed per round, then its median
+    and range. Naive MLA, the slow reference, runs once per point after the rounds, and the
+    prefills last, so their multi-gigabyte expansions cannot slow what is compared."""
     from generate import compile_decode_step, decode_one_token
     gqa_folder = default_or(args.baseline)
     mla_folder = Path(args.ckpt) if args.ckpt else ensure_default_conversion()
@@ -256,55 +288,83 @@ def speed(args, device: str, dtype: torch.dtype) -> dict:
           f"{dtype} matmul {flops:.0f} GFLOP/s")
     print(f"contexts above {args.prefill} tokens are reached by filling the cache with random entries")
     result = {"bandwidth_gbs": round(bw, 2), "matmul_gflops": round(flops, 1), "device": device,
-              "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+              "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(), "rounds": args.rounds,
               "synthetic_cache": True, "kv_bytes_per_token": {}, "weight_bytes": {}, "prefill": [], "decode": []}
+    models = {}
+    for name, folder in (("gqa", gqa_folder), ("mla", mla_folder)):
+        models[name], _ = load_model(folder, device=device, dtype=dtype)
+        result["kv_bytes_per_token"][name] = models[name].kv_bytes_per_token()
+        result["weight_bytes"][name] = weight_bytes(models[name])
+    if not models["mla"].args.is_mla or models["gqa"].args.is_mla:
+        raise UserError("bench.py compares a GQA --baseline with an MLA --ckpt")
+    rate = latent_score_throughput(models["mla"].layers[0].attention, device, dtype)
+    result["latent_score_gflops"] = round(rate, 1)
+    print(f"absorbed MLA's score matmul ({models['mla'].layers[0].attention.n_heads} rows per sequence) "
+          f"runs at {rate:.0f} GFLOP/s here, {rate / flops:.0%} of the square rate")
+    set_mla_impl(models["mla"], "absorb")
 
     steps = {"eager": decode_one_token}
     if args.compile:
         torch._dynamo.config.cache_size_limit = 256  # one graph per cache shape, by design
         steps["compiled"] = compile_decode_step(device)
-
-    header = f"{'model':<13}{'batch':>6}{'context':>9}{'mode':>10}{'ms/token':>10}{'memory_ms':>11}" \
-             f"{'compute_ms':>12}{'x roofline':>12}{'cache MB':>10}"
-    rows = []
-    for folder in (gqa_folder, mla_folder):
-        model, _ = load_model(folder, device=device, dtype=dtype)
-        is_mla = model.args.is_mla
-        name = "mla" if is_mla else "gqa"
-        result["kv_bytes_per_token"][name] = model.kv_bytes_per_token()
-        result["weight_bytes"][name] = weight_bytes(model)
-        if is_mla:
-            rate = latent_score_throughput(model.layers[0].attention, device, dtype)
-            result["latent_score_gflops"] = round(rate, 1)
-            print(f"absorbed MLA's score matmul ({model.layers[0].attention.n_heads} rows per sequence) "
-                  f"runs at {rate:.0f} GFLOP/s here, {rate / flops:.0%} of the square rate")
+    compared = [(label, mode) for mode in steps for label in ("gqa", "mla_absorbed")]
+    times = {}
+    for rnd in range(args.rounds):
+        for batch in batches:
+            for context in contexts:
+                for label, mode in compared if rnd % 2 == 0 else compared[::-1]:
+                    model = models["gqa" if label == "gqa" else "mla"]
+                    ms = time_decode(steps[mode], model, context, batch, args.new_tokens, device)
+                    times.setdefault((label, batch, context, mode), []).append(ms)
+                    print(f"round {rnd + 1}/{args.rounds}: {label} {mode} batch {batch} context {context}: "
+                          f"{ms:.1f} ms/token", file=sys.stderr)
+    bw_end = memory_bandwidth(device)
+    result["bandwidth_end_gbs"] = round(bw_end, 2)
+    set_mla_impl(models["mla"], "naive")  # the reference, once per point, after the rounds
+    for batch in batches:
+        for context in contexts:
+            ms = time_decode(decode_one_token, models["mla"], context, batch, args.new_tokens, device)
+            times["mla_naive", batch, context, "eager"] = [ms]
+            print(f"mla_naive eager batch {batch} context {context}: {ms:.1f} ms/token", file=sys.stderr)
+    for name, model in models.items():
         for batch in batches:
             tps = prefill_tokens_per_s(model, batch, args.prefill, device)
             result["prefill"].append({"model": name, "batch": batch, "tokens": args.prefill,
                                       "tokens_per_s": round(tps, 1)})
             print(f"{name}: prefill {args.prefill} tokens x batch {batch}: {tps:.0f} tokens/s", file=sys.stderr)
-        for impl in (("naive", "absorb") if is_mla else ("gqa",)):
-            if is_mla:
-                set_mla_impl(model, impl)
-            label = {"naive": "mla_naive", "absorb": "mla_absorbed"}.get(impl, "gqa")
-            for batch in batches:
-                for context in contexts:
-                    for mode, step in steps.items():
-                        if mode == "compiled" and impl == "naive":
-                            continue  # the naive form is the reference, not a fast path
-                        ms = time_decode(step, model, context, batch, args.new_tokens, device)
-                        mem_ms = step_bytes(model, context, batch) / bw / 1e6
-                        comp_ms = step_flops(model, context, batch) / flops / 1e6
-                        roof = max(mem_ms, comp_ms)
-                        cache_mb = batch * context * model.kv_bytes_per_token() / 1e6
-                        result["decode"].append({
-                            "model": label, "context": context, "batch": batch, "compiled": mode == "compiled",
-                            "ms_per_token": sig(ms), "roofline_ms": sig(roof),
-                            "memory_ms": sig(mem_ms), "compute_ms": sig(comp_ms), "cache_mb": sig(cache_mb)})
-                        rows.append(f"{label:<13}{batch:>6}{context:>9}{mode:>10}{ms:>10.1f}{mem_ms:>11.1f}"
-                                    f"{comp_ms:>12.1f}{ms / roof:>12.2f}{cache_mb:>10.0f}")
-                        print(rows[-1], file=sys.stderr)
-        del model
+
+    header = f"{'model':<13}{'batch':>6}{'context':>9}{'mode':>10}{'ms/token':>10}{'range':>17}{'memory_ms':>11}" \
+             f"{'compute_ms':>12}{'x roofline':>12}{'cache MB':>10}"
+    rows = []
+    for (label, batch, context, mode), ms in sorted(times.items(), key=lambda kv: (kv[0][0], kv[0][3], kv[0][1], kv[0][2])):
+        model = models["gqa" if label == "gqa" else "mla"]
+        set_mla_impl(model, "naive" if label == "mla_naive" else "absorb")
+        mem_ms = step_bytes(model, context, batch) / bw / 1e6
+        comp_ms = step_flops(model, context, batch) / flops / 1e6
+        roof = max(mem_ms, comp_ms)
+        cache_mb = batch * context * model.kv_bytes_per_token() / 1e6
+        s_ = spread(ms)
+        result["decode"].append({
+            "model": label, "context": context, "batch": batch, "compiled": mode == "compiled",
+            "ms_per_token": s_["median"], "ms_min": s_["min"], "ms_max": s_["max"], "roofline_ms": sig(roof),
+            "memory_ms": sig(mem_ms), "compute_ms": sig(comp_ms), "cache_mb": sig(cache_mb)})
+        rows.append(f"{label:<13}{batch:>6}{context:>9}{mode:>10}{s_['median']:>10.1f}"
+                    f"{s_['min']:>8.1f}-{s_['max']:<8.1f}{mem_ms:>11.1f}{comp_ms:>12.1f}{s_['median'] / roof:>12.2f}"
+                    f"{cache_mb:>10.0f}")
+    warnings = []
+    if abs(bw_end / bw - 1) > 0.15:
+        warnings.append(f"memory bandwidth moved from {bw:.1f} to {bw_end:.1f} GB/s during the run: a busy machine?")
+    for mode in steps:
+        for batch in batches:
+            for context in contexts:
+                ratios = [g / m for g, m in zip(times["gqa", batch, context, mode],
+                                                times["mla_absorbed", batch, context, mode])]
+                s_ = spread(ratios)
+                result.setdefault("speedup", []).append({"batch": batch, "context": context, "compiled": mode == "compiled",
+                                                         "measured": s_["median"], "min": s_["min"], "max": s_["max"]})
+                if args.rounds > 1 and s_["max"] - s_["min"] > abs(s_["median"] - 1):
+                    warnings.append(f"{mode} batch {batch} context {context}: the speed-up's range over the rounds "
+                                    f"({s_['min']:.2f}-{s_['max']:.2f}) is wider than its distance from 1")
 
     if args.transformers:
         result["transformers"] = []
@@ -314,18 +374,21 @@ def speed(args, device: str, dtype: torch.dtype) -> dict:
             mine = next((r["ms_per_token"] for r in result["decode"] if r["model"] == ours
                          and r["context"] == context and r["batch"] == 1 and not r["compiled"]), None)
             if mine is None:  # not on the grid: measure ours at the same point
-                model, _ = load_model(folder, device=device, dtype=dtype)
+                model = models["gqa" if ours == "gqa" else "mla"]
+                set_mla_impl(model, "absorb")
                 mine = time_decode(decode_one_token, model, context, 1, args.new_tokens, device)
-                del model
             result["transformers"].append({"model": kind, "context": context, "batch": 1,
                                            "ms_per_token": round(theirs, 1), "ours_ms_per_token": round(mine, 1),
                                            "speedup": round(theirs / mine, 2)})
             print(f"transformers {kind}, context {context}, batch 1: {theirs:.1f} ms/token; ours {mine:.1f} "
                   f"({theirs / mine:.2f}x)", file=sys.stderr)
 
-    print(header)
+    print(header + f"   ({args.rounds} rounds)")
     print("\n".join(rows))
     print(speedup_table(result))
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    result["warnings"] = warnings
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return result
 
@@ -381,8 +444,8 @@ def tp_speed(args, device: str, dtype: torch.dtype) -> dict:
         for batch in batches:
             for context in contexts:
                 for mode in modes if rnd % 2 == 0 else modes[::-1]:
-                    # no time budget: every rank must run the same number of steps
-                    ms = time_decode(decode_one_token, models[mode], context, batch, args.new_tokens, device, math.inf)
+                    ms = time_decode(decode_one_token, models[mode], context, batch, args.new_tokens, device,
+                                     lockstep=True)
                     times[mode, batch, context].append(ms)
                     say(f"round {rnd + 1}/{args.rounds}: {mode:<6} batch {batch} context {context}: {ms:.1f} ms/token",
                         file=sys.stderr)
@@ -453,16 +516,15 @@ def synthetic_checkpoint(name: str, layers: int, dtype: torch.dtype) -> Path:
 
 
 def speedup_table(result: dict) -> str:
-    """GQA ms / MLA-absorbed ms at every (batch, context, mode) both were measured at."""
+    """GQA ms / MLA-absorbed ms at every (batch, context, mode), per round: median and range;
+    beside it what the bytes and the roofline allow."""
     t = {(r["model"], r["batch"], r["context"], r["compiled"]): r for r in result["decode"]}
-    lines = ["speed-up of MLA absorbed over GQA (and what the bytes and flops allow):"]
-    for (model, batch, context, compiled), r in t.items():
-        mla = t.get(("mla_absorbed", batch, context, compiled))
-        if model == "gqa" and mla:
-            lines.append(f"  batch {batch} context {context:>6} {'compiled' if compiled else 'eager   '}: "
-                         f"{r['ms_per_token'] / mla['ms_per_token']:.2f}x measured, "
-                         f"{r['memory_ms'] / mla['memory_ms']:.2f}x in bytes, "
-                         f"{r['roofline_ms'] / mla['roofline_ms']:.2f}x by the roofline")
+    lines = ["speed-up of MLA absorbed over GQA, median (range over the rounds), and what the bytes and the roofline allow:"]
+    for s_ in result.get("speedup", []):
+        g, m = (t[name, s_["batch"], s_["context"], s_["compiled"]] for name in ("gqa", "mla_absorbed"))
+        lines.append(f"  batch {s_['batch']} context {s_['context']:>6} {'compiled' if s_['compiled'] else 'eager   '}: "
+                     f"{s_['measured']:.2f}x ({s_['min']:.2f}-{s_['max']:.2f}) measured, "
+                     f"{g['memory_ms'] / m['memory_ms']:.2f}x in bytes, {g['roofline_ms'] / m['roofline_ms']:.2f}x by the roofline")
     return "\n".join(lines)
 
 
@@ -509,11 +571,12 @@ def main():
     p.add_argument("--contexts", default="1024,4096,16384,32768", help="comma-separated context lengths")
     p.add_argument("--batch", default="1,4", help="comma-separated batch sizes")
     p.add_argument("--new-tokens", type=int, default=8, help="timed decode steps per point (after 2 warm-up)")
-    p.add_argument("--rounds", type=int, default=3, help="under torchrun: rounds over every point, both modes interleaved")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over every point, the compared models interleaved")
     p.add_argument("--prefill", type=int, default=1024, help="tokens of the real prefill that is timed")
     p.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
-    p.add_argument("--no-transformers", dest="transformers", action="store_false",
-                   help="skip the comparison with transformers' own decode")
+    p.add_argument("--transformers", action="store_true",
+                   help="also time transformers' own decode of the same weights (Llama at 8K, DeepSeek-V3 at 16K, batch 1)")
+    p.add_argument("--no-transformers", dest="transformers", action="store_false", help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the JSON result here")
     p.add_argument("--plot", help="write a plot of ms/token against context to this PNG")
     p.add_argument("--ppl", nargs="?", const="", metavar="TEXT",
@@ -555,11 +618,8 @@ def main():
             raise UserError("--synthetic and --ckpt: give one of them")
         if args.plot:
             pyplot()  # fail now, not after the benchmark
-        if args.transformers:
-            try:
-                import transformers  # noqa: F401
-            except ImportError:
-                args.transformers = False
+        if args.transformers and importlib.util.find_spec("transformers") is None:
+            raise UserError("--transformers needs transformers: pip install transformers")
         parallel = tpla.launched() or args.tp or args.synthetic
         result = tp_speed(args, device, dtype) if parallel else speed(args, device, dtype)
     else:

@@ -318,7 +318,7 @@ def test_bench_speed_runs_and_reports(tiny, tmp_path):
     out = tmp_path / "bench.json"
     res = _script("bench.py", "--ckpt", str(tiny["deepseek_v3"][0]), "--baseline", str(tiny["llama"][0]),
                   "--contexts", "16,48", "--batch", "1,2", "--new-tokens", "2", "--prefill", "8",
-                  "--compile", "--no-transformers", "--json", str(out))
+                  "--compile", "--json", str(out))
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads(res.stdout.strip().splitlines()[-1])
     assert result == json.loads(out.read_text())
@@ -332,6 +332,12 @@ def test_bench_speed_runs_and_reports(tiny, tmp_path):
     assert points == want
     for r in result["decode"]:
         assert r["ms_per_token"] > 0 and r["roofline_ms"] == max(r["memory_ms"], r["compute_ms"]) > 0
+        assert r["ms_min"] <= r["ms_per_token"] <= r["ms_max"]
+    # 3 rounds (the default): a speed-up per (batch, context, mode), the median of the per-round ratios
+    assert result["rounds"] == 3 and result["bandwidth_end_gbs"] > 0 and isinstance(result["warnings"], list)
+    assert {(r["batch"], r["context"], r["compiled"]) for r in result["speedup"]} == \
+        {(b, c, comp) for b in (1, 2) for c in (16, 48) for comp in (False, True)}
+    assert all(r["min"] <= r["measured"] <= r["max"] for r in result["speedup"])
     assert len(result["prefill"]) == 4
     # flops: absorbed MLA does H (2R + r) multiply-adds per cached token per layer, GQA 2 H D
     model = load_model(tiny["deepseek_v3"][0])[0]
