@@ -606,6 +606,10 @@ def main():
         if path:
             check_output_file(path, inputs, flag)
 
+    if args.synthetic and args.ppl is not None:
+        raise UserError("--synthetic has random weights: its perplexity means nothing; give --ckpt with --ppl")
+    if args.synthetic and not 1 <= args.layers <= SYNTHETIC[args.synthetic]["num_hidden_layers"]:
+        raise UserError(f"--layers {args.layers}: {args.synthetic} has {SYNTHETIC[args.synthetic]['num_hidden_layers']} layers")
     if args.ppl is None:
         try:
             contexts = [int(c) for c in args.contexts.split(",")]

@@ -94,8 +94,25 @@ ROPE_FIELDS = {"linear": ("factor",),  # what each RoPE scaling needs, every one
                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
                "yarn": ("factor",)}
 YARN_OPTIONAL = ("original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
-                 "attention_factor")  # non-negative numbers where present (0 or null: not used)
+                 "attention_factor")  # non-negative numbers where present (null, or 0 but for attention_factor: the default)
 MLA_KINDS = ("deepseek_v2", "deepseek_v3", "mistral4")
+# other names of a supported architecture: Kimi-K2's config.json is DeepSeek-V3's under its own model_type
+ALIASES = {"kimi_k2": "deepseek_v3"}
+# a field that DeepSeek's config.json leaves out means what transformers' DeepseekV2Config /
+# DeepseekV3Config make it mean (transformers 5), so a short config loads as transformers loads it
+DEEPSEEK_DEFAULTS = {
+    "deepseek_v2": dict(n_routed_experts=64, n_shared_experts=2, first_k_dense_replace=0, moe_intermediate_size=1407,
+                        routed_scaling_factor=1.0, norm_topk_prob=False, topk_method="greedy", q_lora_rank=1536),
+    "deepseek_v3": dict(n_routed_experts=256, n_shared_experts=1, first_k_dense_replace=3, moe_intermediate_size=2048,
+                        num_experts_per_tok=8, n_group=8, topk_group=4, routed_scaling_factor=2.5,
+                        norm_topk_prob=True, q_lora_rank=1536),
+}
+
+
+def model_kind(cfg: dict) -> str | None:
+    """config.json's model_type, an alias (ALIASES) read as the architecture it names."""
+    kind = cfg.get("model_type")
+    return ALIASES.get(kind, kind) if isinstance(kind, str) else kind
 
 
 def _rope_config(cfg: dict) -> tuple[float, dict | None]:
@@ -109,7 +126,7 @@ def _rope_config(cfg: dict) -> tuple[float, dict | None]:
         return theta, None
     if kind not in ROPE_FIELDS:
         raise UserError(f"rope type {kind!r} is not supported (supported: default, {', '.join(ROPE_FIELDS)})")
-    if kind == "yarn" and cfg.get("model_type") not in MLA_KINDS[:2]:
+    if kind == "yarn" and model_kind(cfg) not in MLA_KINDS[:2]:
         raise UserError(f"rope type 'yarn' is supported on DeepSeek's MLA checkpoints ({', '.join(MLA_KINDS[:2])}), "
                         f"not on {cfg.get('model_type')!r}")
     for key in ROPE_FIELDS[kind]:
@@ -121,6 +138,15 @@ def _rope_config(cfg: dict) -> tuple[float, dict | None]:
             v = scaling.get(key)
             if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf):
                 raise UserError(f"config.json: {where} {key} is {v!r}, expected a non-negative number")
+        _field(scaling, "truncate", bool, True, where=where)
+        if (scaling.get("beta_fast") or 32) < (scaling.get("beta_slow") or 1):
+            raise UserError(f"config.json: {where} beta_fast {scaling.get('beta_fast') or 32} is below beta_slow "
+                            f"{scaling.get('beta_slow') or 1}: YaRN interpolates below beta_slow turns and keeps above beta_fast")
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if scaling.get("attention_factor") is None and scaling["factor"] > 1 and bool(m) != bool(m_all) and (m_all or m != 1):
+            raise UserError(f"config.json: {where} has mscale {m!r} and mscale_all_dim {m_all!r}: with one of them "
+                            "transformers puts 0.1 ln(factor) + 1 on cos and sin, DeepSeek's code mscale(factor, "
+                            "mscale) / mscale(factor, mscale_all_dim), so the model is ambiguous; give both, or attention_factor")
         # as transformers: the pretraining context defaults to max_position_embeddings
         scaling = {"original_max_position_embeddings": _field(cfg, "max_position_embeddings", int, 4096), **scaling}
         scaling["original_max_position_embeddings"] = scaling["original_max_position_embeddings"] or \
@@ -131,9 +157,10 @@ def _rope_config(cfg: dict) -> tuple[float, dict | None]:
 def args_from_config(cfg: dict, **overrides) -> ModelArgs:
     """ModelArgs for a config.json (as a dict); UserError naming the first field that is missing,
     of the wrong kind or not supported."""
-    kind = cfg.get("model_type")
+    kind = model_kind(cfg)
     if kind not in SUPPORTED:
-        raise UserError(f"model_type {kind!r} is not supported (supported: {', '.join(SUPPORTED)})")
+        raise UserError(f"model_type {cfg.get('model_type')!r} is not supported (supported: "
+                        f"{', '.join(SUPPORTED + tuple(ALIASES))})")
     if cfg.get("hidden_act", "silu") != "silu":
         raise UserError(f"hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
     theta, scaling = _rope_config(cfg)
@@ -173,8 +200,12 @@ def args_from_config(cfg: dict, **overrides) -> ModelArgs:
             _check_mistral4(cfg)
             a.update(n_experts=_field(cfg, "n_routed_experts"), n_experts_per_tok=_field(cfg, "num_experts_per_tok"),
                      hidden_dim=_field(cfg, "moe_intermediate_size"))
-        elif cfg.get("n_routed_experts") and _field(cfg, "first_k_dense_replace", int, 0, 0) < a["n_layers"]:
-            a.update(_deepseek_moe(cfg, kind))
+        else:  # transformers: layers from first_k_dense_replace on are MoE
+            cfg = {**DEEPSEEK_DEFAULTS[kind], **cfg}
+            if _field(cfg, "mlp_bias", bool, False) and kind == "deepseek_v2":
+                raise UserError("deepseek_v2 with mlp_bias true is not supported (no feed-forward biases here)")
+            if _field(cfg, "first_k_dense_replace", int, 0, 0) < a["n_layers"]:
+                a.update(_deepseek_moe(cfg, kind))
         bias = _field(cfg, "attention_bias", bool, False)
         a.update(kv_lora_rank=_field(cfg, "kv_lora_rank"), q_lora_rank=_field(cfg, "q_lora_rank", int, 0, 0),
                  qk_nope_head_dim=_field(cfg, "qk_nope_head_dim"), qk_rope_head_dim=_field(cfg, "qk_rope_head_dim"),
@@ -190,6 +221,14 @@ def _deepseek_moe(cfg: dict, kind: str) -> dict:
     renormalised (transformers ignores norm_topk_prob there, DeepSeek's code renormalises instead
     of scaling: refused). V3: sigmoid scores, the choice biased by e_score_correction_bias among
     the best topk_group of n_group groups (a group ranks by its best two), `noaux_tc`."""
+    if not cfg.get("n_routed_experts"):
+        raise UserError(f"config.json: n_routed_experts {cfg.get('n_routed_experts')!r} with first_k_dense_replace "
+                        f"{cfg.get('first_k_dense_replace', 0)} below num_hidden_layers: transformers builds the later layers "
+                        "as mixtures of no experts; a dense model sets first_k_dense_replace to num_hidden_layers")
+    if cfg.get("moe_layer_freq", 1) not in (1, None):
+        raise UserError(f"{kind} with moe_layer_freq {cfg['moe_layer_freq']!r} is not supported: transformers makes "
+                        "every layer from first_k_dense_replace on a mixture of experts, vLLM every moe_layer_freq-th, "
+                        "so the model is ambiguous")
     n_experts, k = _field(cfg, "n_routed_experts"), _field(cfg, "num_experts_per_tok")
     n_group, topk_group = _field(cfg, "n_group", int, 1), _field(cfg, "topk_group", int, 1)
     if kind == "deepseek_v2":
@@ -201,6 +240,9 @@ def _deepseek_moe(cfg: dict, kind: str) -> dict:
                             "DeepSeek's own code renormalises instead of scaling, so the model is ambiguous")
     else:
         method, score, want_method, group_score = cfg.get("topk_method", "noaux_tc"), "sigmoid", ("noaux_tc",), "top2"
+        if k == 1 and _field(cfg, "norm_topk_prob", bool, True):
+            raise UserError("deepseek_v3 with num_experts_per_tok 1 and norm_topk_prob true is not supported: "
+                            "transformers renormalises the one weight to 1, DeepSeek's code leaves it, so the model is ambiguous")
     if method not in want_method:
         raise UserError(f"{kind} with topk_method {method!r} is not supported (supported: {', '.join(want_method)})")
     if cfg.get("scoring_func", score) != score:
@@ -215,7 +257,7 @@ def _deepseek_moe(cfg: dict, kind: str) -> dict:
     return dict(n_experts=n_experts, n_experts_per_tok=k, moe_hidden_dim=_field(cfg, "moe_intermediate_size"),
                 n_shared_experts=_field(cfg, "n_shared_experts", int, 0, 0),
                 first_dense_layers=_field(cfg, "first_k_dense_replace", int, 0, 0),
-                moe_layer_freq=_field(cfg, "moe_layer_freq", int, 1), router_score=score,
+                router_score=score,
                 router_bias=kind == "deepseek_v3", n_group=n_group, topk_group=topk_group, group_score=group_score,
                 norm_topk_prob=kind == "deepseek_v3" and _field(cfg, "norm_topk_prob", bool, True),
                 routed_scaling_factor=_field(cfg, "routed_scaling_factor", float, 1.0))
@@ -238,7 +280,7 @@ def _check_mistral4(cfg: dict):
 
 def rope_interleaved(args: ModelArgs) -> bool:
     """Whether the checkpoint's q_pe / k_pe rows are interleaved pairs (DeepSeek) or halves (HF Llama)."""
-    kind = args.extra.get("model_type")
+    kind = model_kind(args.extra)
     return kind == "deepseek_v2" or (kind in ("deepseek_v3", "mistral4") and args.extra.get("rope_interleave", True))
 
 
@@ -288,6 +330,7 @@ def hf_name(ours: str, kind: str | None = None) -> str:
         module, param = ours.rsplit(".", 1)
         return f"{TOP_NAMES[module]}.{param}"
     _, i, rest = ours.split(".", 2)
+    kind = ALIASES.get(kind, kind)
     names = {"mistral4": MISTRAL4_NAMES, "deepseek_v2": DEEPSEEK_NAMES, "deepseek_v3": DEEPSEEK_NAMES}.get(kind, HF_NAMES)
     if names is DEEPSEEK_NAMES and rest.startswith("feed_forward.experts."):
         _, _, e, w, param = rest.split(".")  # feed_forward.experts.{e}.w1.weight
@@ -303,7 +346,7 @@ def checkpoint_tensors(args: ModelArgs) -> dict[str, tuple[str, tuple]]:
     mistral4's experts appear under their per-expert names, as CheckpointReader presents them."""
     with torch.device("meta"):
         model = Transformer(args)
-    kind = args.extra.get("model_type")
+    kind = model_kind(args.extra)
     return {k: (hf_name(k, kind), tuple(v.shape)) for k, v in model.state_dict().items()}
 
 
@@ -472,7 +515,7 @@ class CheckpointReader:
         self.weight_map = weight_map
         self._check_dtypes()
         self.blocks = {}  # expert weight -> (stacked tensor, (first row, rows)), for mistral4
-        if self.args.extra.get("model_type") == "mistral4":
+        if model_kind(self.args.extra) == "mistral4":
             self._unstack_experts()
 
     @staticmethod
@@ -557,7 +600,7 @@ class CheckpointReader:
             if scale:
                 self._check_scale(theirs, scale)
                 used.add(scale)
-        unused = [k for k in self.weight_map if k not in used and not _ignorable(k, self.args)]
+        unused = [k for k in self.weight_map if k not in used and not _ignorable(k, self.shape(k), self.args)]
         if unused:
             raise UserError(f"{self.folder}: tensors that config.json does not account for, e.g. {unused[0]} "
                             f"({len(unused)} in all)")
@@ -598,13 +641,19 @@ class CheckpointReader:
         `prefix` in the whole model) from the checkpoint, shapes checked."""
         state = {}
         for ours, meta in module.state_dict().items():
-            theirs = hf_name(prefix + ours, self.args.extra["model_type"])
+            theirs = hf_name(prefix + ours, model_kind(self.args.extra))
             self._expect(theirs, tuple(meta.shape))
             t = self.get(theirs)
             perm = rope_rows(self.args, prefix + ours)
-            keep = torch.float32 if ours.endswith("e_score_correction_bias") else dtype  # as transformers keeps it
-            state[ours] = (t if perm is None else t[perm]).to(device=device, dtype=keep)
+            state[ours] = (t if perm is None else t[perm]).to(device=device, dtype=float32_or(ours, dtype))
         module.load_state_dict(state, strict=True, assign=True)
+
+
+def float32_or(ours: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a parameter is written in: DeepSeek-V3's e_score_correction_bias stays float32 (as
+    DeepSeek ships it and transformers keeps it), since in bfloat16 its small differences between
+    experts, which decide the routing, round away; every other parameter `dtype`."""
+    return torch.float32 if ours.endswith("e_score_correction_bias") else dtype
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -621,10 +670,10 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch
     return model.eval(), reader.folder
 
 
-def _ignorable(name: str, args: ModelArgs) -> bool:
+def _ignorable(name: str, shape: tuple, args: ModelArgs) -> bool:
     if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and args.tie_embeddings):
         return True
-    if ".mlp.shared_experts." in name and args.extra.get("model_type") in MLA_KINDS and not args.n_shared_experts:
+    if ".mlp.shared_experts." in name and model_kind(args.extra) in MLA_KINDS and 0 in shape:
         return True  # n_shared_experts 0: transformers still writes them, of 0 rows
     # DeepSeek-V3 ships its multi-token-prediction layers after the last layer: not used for generation
     parts = name.split(".")

@@ -41,8 +41,7 @@ class ModelArgs:
     n_experts_per_tok: int = 0  # k: the experts each token is routed to
     moe_hidden_dim: int = 0  # one routed expert's hidden size (0: hidden_dim)
     n_shared_experts: int = 0  # DeepSeek: experts every token passes through, one SwiGLU n x moe_hidden_dim wide
-    first_dense_layers: int = 0  # DeepSeek first_k_dense_replace: the layers before it are dense ...
-    moe_layer_freq: int = 1  # ... and after it every moe_layer_freq-th layer (by index) is MoE
+    first_dense_layers: int = 0  # DeepSeek first_k_dense_replace: the layers before it are dense, the rest MoE
     # the router (see Router): Mixtral's is the defaults; DeepSeek-V2 adds groups and a scaling
     # factor; DeepSeek-V3 (Kimi-K2, Moonlight) scores with a sigmoid and biases the choice
     router_score: str = "softmax"  # or "sigmoid"
@@ -82,7 +81,7 @@ class ModelArgs:
 
     def is_moe(self, layer: int) -> bool:
         """Whether layer `layer` has a mixture of experts (DeepSeek's rule; Mixtral's: every layer)."""
-        return self.n_experts > 0 and layer >= self.first_dense_layers and layer % self.moe_layer_freq == 0
+        return self.n_experts > 0 and layer >= self.first_dense_layers
 
     @property
     def rope_dim(self) -> int:

@@ -164,16 +164,98 @@ def test_unsupported_routing_is_refused(native, tmp_path):
             ("v3_softmax", "v3", {"scoring_func": "softmax"}, "scoring_func 'softmax'"),
             ("v3_method", "v3", {"topk_method": "group_limited_greedy"}, "topk_method 'group_limited_greedy'"),
             ("v3_groups", "v3", {"n_group": 3}, "n_group 3"),
-            ("v3_too_many", "v3", {"num_experts_per_tok": 6, "topk_group": 1}, "num_experts_per_tok 6")):
+            ("v3_too_many", "v3", {"num_experts_per_tok": 6, "topk_group": 1}, "num_experts_per_tok 6"),
+            # transformers renormalises one weight to 1, DeepSeek's code does not
+            ("v3_one_expert", "v3", {"num_experts_per_tok": 1}, "num_experts_per_tok 1 and norm_topk_prob true"),
+            # transformers ignores moe_layer_freq, vLLM honours it
+            ("v3_every_second", "v3", {"moe_layer_freq": 2}, "moe_layer_freq 2"),
+            ("v3_no_experts", "v3", {"n_routed_experts": 0}, "n_routed_experts 0"),
+            ("v2_mlp_bias", "v2_lite", {"mlp_bias": True}, "mlp_bias true"),
+            # one of mscale / mscale_all_dim: transformers and DeepSeek's code put different gains on cos and sin
+            ("yarn_mscale_alone", "v3", {"rope_parameters": yarn(8.0, 32, mscale=0.707)}, "ambiguous"),
+            ("yarn_all_dim_alone", "v3", {"rope_parameters": yarn(8.0, 32, mscale_all_dim=0.8)}, "ambiguous"),
+            ("yarn_betas", "v3", {"rope_parameters": yarn(8.0, 32, beta_fast=1, beta_slow=32)}, "below beta_slow"),
+            ("yarn_truncate", "v3", {"rope_parameters": yarn(8.0, 32, truncate="no")}, "truncate")):
         bad = tmp_path / name
         shutil.copytree(native[src][0], bad)
         (bad / "config.json").write_text(json.dumps({**(base if src == "v2_lite" else base3), **change}))
         te._one_clear_line(te._script("generate.py", "--ckpt", str(bad), "--prompt", "hi"), needle)
+    # shared experts on disk with rows, and a config that says there are none
+    bad = tmp_path / "v2_shared_unsaid"
+    shutil.copytree(native["v2_lite"][0], bad)
+    (bad / "config.json").write_text(json.dumps({**base, "n_shared_experts": 0}))
+    with pytest.raises(UserError, match="shared_experts.* in all"):
+        load_model(bad)
     with pytest.raises(UserError, match="'yarn' is supported on DeepSeek"):
         from checkpoint import args_from_config
         args_from_config({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1,
                           "vocab_size": 8, "intermediate_size": 8,
                           "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+# fields transformers' configs default (transformers 5), left out of config.json
+LEFT_OUT = {"deepseek_v2": ("n_routed_experts", "n_shared_experts", "first_k_dense_replace", "q_lora_rank",
+                            "routed_scaling_factor", "norm_topk_prob", "topk_method"),
+            "deepseek_v3": ("n_shared_experts", "q_lora_rank", "first_k_dense_replace", "n_group", "topk_group",
+                            "routed_scaling_factor", "norm_topk_prob")}
+
+
+@pytest.mark.parametrize("kind", ["deepseek_v2", "deepseek_v3"])
+@torch.no_grad()
+def test_fields_left_out_mean_what_transformers_makes_them(tmp_path, kind):
+    """A config.json without the routing fields (V3: 1 shared expert, the first 3 layers dense,
+    best 4 of 8 groups, x2.5; V2: 64 experts, 2 shared; both: q_lora_rank 1536) is the model
+    transformers builds from it, not one with our own defaults."""
+    import transformers as tf
+    cls = {"deepseek_v2": (tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM),
+           "deepseek_v3": (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM)}[kind]
+    shape = {**SHAPE, "num_hidden_layers": 4}
+    ref = _save(*cls, dict(n_routed_experts=16, num_experts_per_tok=2) if kind == "deepseek_v3" else
+                dict(num_experts_per_tok=2), tmp_path, shape)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k not in LEFT_OUT[kind]}))
+    model, _ = load_model(tmp_path)
+    a = model.args
+    print(f"{kind} read without {', '.join(LEFT_OUT[kind])}: {a.n_experts} experts, {a.n_shared_experts} shared, "
+          f"{a.first_dense_layers} dense, groups {a.topk_group}/{a.n_group}, x{a.routed_scaling_factor}, "
+          f"q_lora_rank {a.q_lora_rank}")
+    te.assert_close(f"{kind} with fields left out vs transformers", model(_tokens()), ref(_tokens()).logits, 1e-4)
+
+
+@torch.no_grad()
+def test_kimi_k2_model_type_reads_as_deepseek_v3(native, tmp_path):
+    """Kimi-K2's config.json says model_type kimi_k2 (architectures DeepseekV3ForCausalLM): read as
+    DeepSeek-V3, and written back (tpla.py, finetune.py) under the same names."""
+    from writer import write_model
+    folder = tmp_path / "kimi"
+    shutil.copytree(native["kimi_k2"][0], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "kimi_k2"}))
+    model, _ = load_model(folder)
+    te.assert_close("kimi_k2 vs transformers' deepseek_v3", model(_tokens()), native["kimi_k2"][1](_tokens()).logits, 1e-4)
+    write_model(model, folder, tmp_path / "again", torch.float32, {})
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["model_type"] == "kimi_k2"
+    te.assert_close("kimi_k2 written back and read again", load_model(tmp_path / "again")[0](_tokens()),
+                    model(_tokens()), 0.0)
+
+
+@torch.no_grad()
+def test_router_bias_stays_float32_in_bfloat16_files(native, tmp_path):
+    """V3's e_score_correction_bias is written float32 when the weights go bfloat16: its small
+    differences between experts decide the routing, and bfloat16 would round them away."""
+    from checkpoint import CheckpointReader
+    from writer import write_model, write_random_checkpoint
+    model, folder = load_model(native["v3"][0])
+    write_model(model, folder, tmp_path / "bf16", torch.bfloat16, {})
+    name = "model.layers.1.mlp.gate.e_score_correction_bias"
+    written = CheckpointReader(tmp_path / "bf16").get(name)
+    ours = model.layers[1].feed_forward.gate.e_score_correction_bias
+    print(f"written as {written.dtype}; max |diff| from the model's bias {(written - ours).abs().max().item():.3g}; "
+          f"in bfloat16 it would be {(ours.bfloat16().float() - ours).abs().max().item():.3g}")
+    assert written.dtype == torch.float32 and torch.equal(written, ours)
+    assert load_model(tmp_path / "bf16", dtype=torch.bfloat16)[0].layers[1].feed_forward.gate.e_score_correction_bias.dtype == torch.float32
+    write_random_checkpoint(tmp_path / "random", json.loads((folder / "config.json").read_text()))
+    assert CheckpointReader(tmp_path / "random").get(name).dtype == torch.float32
 
 
 # ----------------------------------------------------------------------------- split over ranks
@@ -291,6 +373,9 @@ def test_synthetic_shape_is_the_published_model():
               - a.vocab_size * a.dim)
     print(f"DeepSeek-V2-Lite: {total / 1e9:.2f}B parameters, {active / 1e9:.2f}B active per token")
     assert abs(total / 1e9 - 15.7) < 0.05 and abs(active / 1e9 - 2.4) < 0.1  # published: 15.7B, 2.4B
+    # what --synthetic cannot do: one line each, before anything is written
+    te._one_clear_line(te._script("bench.py", "--synthetic", "deepseek-v2-lite", "--ppl", "x.txt"), "--synthetic")
+    te._one_clear_line(te._script("bench.py", "--synthetic", "deepseek-v2-lite", "--layers", "28"), "has 27 layers")
     assert (a.kv_lora_rank, a.qk_rope_head_dim, a.n_heads) == (512, 64, 16)
 
 

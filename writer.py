@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import (INDEX, SAFETENSORS_DTYPES, STACKED_EXPERTS, CheckpointReader, args_from_config,
-                        checkpoint_tensors, hf_name, read_config, rope_rows)
+                        checkpoint_tensors, float32_or, hf_name, read_config, rope_rows)
 from cli import UserError, remove_temporary, temporary_folder
 from model import ModelArgs
 
@@ -211,7 +211,7 @@ class CheckpointWriter:
         mistral4 = self.config["model_type"] == "mistral4"
         for k, t in tensors.items():
             if not (mistral4 and k.startswith("feed_forward.experts.")):
-                self.add(f"layers.{i}.{k}", t.to(dtype))
+                self.add(f"layers.{i}.{k}", t.to(float32_or(k, dtype)))
         if not mistral4:
             return
         n_experts, prefix = self.args.n_experts, f"model.layers.{i}.mlp"
@@ -343,5 +343,5 @@ def write_random_checkpoint(out: Path, config: dict, dtype: torch.dtype = torch.
                 t = torch.zeros(shape)
             else:
                 t = torch.empty(shape).normal_(0, std, generator=g)
-            writer.add(ours, t.to(dtype))
+            writer.add(ours, t.to(float32_or(ours, dtype)))
         writer.commit()
