@@ -547,8 +547,10 @@ def plot(result: dict, path: str):
             if r["batch"] == batch:
                 series.setdefault((r["model"], r["compiled"]), []).append(r)
         for (model, compiled), rs in sorted(series.items()):
-            line, = ax.plot([r["context"] for r in rs], [r["ms_per_token"] for r in rs], "o-",
-                            label=model + (" compiled" if compiled else ""))
+            y = [r["ms_per_token"] for r in rs]  # the median, a bar over the range of the rounds
+            spread = [[m - r.get("ms_min", m) for m, r in zip(y, rs)], [r.get("ms_max", m) - m for m, r in zip(y, rs)]]
+            line = ax.errorbar([r["context"] for r in rs], y, yerr=spread, fmt="o-", capsize=3,
+                               label=model + (" compiled" if compiled else ""))[0]
             if not compiled and model != "mla_naive":  # the roofline, in the model's colour
                 ax.plot([r["context"] for r in rs], [r["roofline_ms"] for r in rs], ":", color=line.get_color())
         ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decode ms / token",

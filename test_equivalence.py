@@ -15,6 +15,7 @@ transformers is the test oracle only: no script imports it.
 """
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -347,6 +348,25 @@ def test_bench_speed_runs_and_reports(tiny, tmp_path):
     assert step_flops(model, 48, 2) - step_flops(model, 16, 2) == 2 * 2 * 32 * 2 * a.n_heads * (2 * a.R + a.r)
     model = load_model(tiny["llama"][0])[0]
     assert step_flops(model, 48, 2) - step_flops(model, 16, 2) == 2 * 2 * 32 * 2 * 2 * 4 * 16
+
+
+def test_gpu_check_dry_run_on_cpu(tiny, tmp_path):
+    """docs/gpu_check.sh, the script a GPU session runs unchanged, run here end to end with
+    --device cpu and tiny sizes: the install check, fetch.py, bench.py with its cuda flags
+    (--compile, 3 rounds, --json and --plot into the folder given), and its closing line."""
+    out = tmp_path / "gpu check"  # a space: the folder is quoted everywhere
+    res = subprocess.run(["bash", "docs/gpu_check.sh", str(out), "--device", "cpu", "--dtype", "float32",
+                          "--ckpt", str(tiny["deepseek_v3"][0]), "--baseline", str(tiny["llama"][0]),
+                          "--contexts", "16,48", "--batch", "1,2", "--new-tokens", "2", "--prefill", "8"],
+                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
+    print(res.stdout[-3000:])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["bench.log", "decode_speed_cuda.json", "decode_speed_cuda.png"]
+    result = json.loads((out / "decode_speed_cuda.json").read_text())
+    assert result["rounds"] == 3 and result["device"] == "cpu"
+    assert {r["compiled"] for r in result["decode"]} == {False, True}
+    assert {(r["batch"], r["context"]) for r in result["speedup"]} == {(b, c) for b in (1, 2) for c in (16, 48)}
+    assert "gpu_check: " in res.stdout and "s in all; results in" in res.stdout.splitlines()[-1]
 
 
 def test_bench_bytes_and_flops_by_hand(tiny):
