@@ -52,27 +52,11 @@ import torch
 
 import tpla
 from checkpoint import args_from_config, load_model, read_config
-from cli import UserError, pick_device, pick_dtype, run
+from cli import UserError, init_distributed, launched, pick_device, pick_dtype, run
 from evaluate import perplexity
-from fetch import default_or, ensure_default_conversion, read_text
+from fetch import SYNTHETIC, default_or, ensure_default_conversion, ensure_synthetic, read_text
 from model import MLA, MoE, Router
-from writer import check_output_file, write_random_checkpoint
-
-# real models' shapes, from their published config.json, for --synthetic (random weights)
-SYNTHETIC = {
-    "deepseek-v2-lite": {
-        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "vocab_size": 102400,
-        "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
-        "num_attention_heads": 16, "num_key_value_heads": 16, "n_shared_experts": 2, "n_routed_experts": 64,
-        "num_experts_per_tok": 6, "first_k_dense_replace": 1, "moe_layer_freq": 1, "topk_method": "greedy",
-        "n_group": 1, "topk_group": 1, "norm_topk_prob": False, "routed_scaling_factor": 1.0,
-        "scoring_func": "softmax", "kv_lora_rank": 512, "q_lora_rank": None, "qk_nope_head_dim": 128,
-        "qk_rope_head_dim": 64, "v_head_dim": 128, "hidden_act": "silu", "max_position_embeddings": 163840,
-        "rms_norm_eps": 1e-6, "rope_theta": 10000, "attention_bias": False, "tie_word_embeddings": False,
-        "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
-                         "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}},
-}
-
+from writer import check_output_file
 
 def sig(x: float, digits: int = 4) -> float:
     """x to `digits` significant digits: milliseconds of a 100 KB model and of a 32K cache alike."""
@@ -407,7 +391,7 @@ def tp_speed(args, device: str, dtype: torch.dtype) -> dict:
     all-reduces keep the ranks in step); bytes are per rank."""
     import torch.distributed as dist
     from generate import decode_one_token
-    rank, world, device = tpla.init_distributed(device)
+    rank, world, device = init_distributed(device)
     say = print if rank == 0 else (lambda *a, **k: None)
     folder = synthetic_checkpoint(args.synthetic, args.layers, dtype) if args.synthetic else tpla.checkpoint_or_default(args.ckpt)
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -494,25 +478,19 @@ def tp_speed(args, device: str, dtype: torch.dtype) -> dict:
 
 
 def synthetic_checkpoint(name: str, layers: int, dtype: torch.dtype) -> Path:
-    """assets/synthetic/NAME-Ll-DTYPE: the first `layers` layers of SYNTHETIC[name] with random weights,
-    written by rank 0 the first time (the others wait) and reused after."""
+    """fetch.ensure_synthetic on rank 0 (the others wait): the first `layers` layers of a real
+    model's shape with random weights, written the first time and reused after."""
     import torch.distributed as dist
-    from fetch import ASSETS
-    config = {**SYNTHETIC[name], "num_hidden_layers": layers}
-    folder = ASSETS / "synthetic" / f"{name}-{layers}l-{str(dtype).removeprefix('torch.')}"
     box = [None]
     if dist.get_rank() == 0:
         try:
-            saved = read_config(folder) if (folder / "config.json").is_file() else {}
-            if any(saved.get(k) != v for k, v in config.items()):
-                print(f"writing {folder} (random weights, once)", file=sys.stderr)
-                write_random_checkpoint(folder, config, dtype)
+            box = [str(ensure_synthetic(name, layers, dtype))]
         except UserError as e:
             box = [e]
     dist.broadcast_object_list(box, src=0)
     if isinstance(box[0], UserError):
         raise box[0]
-    return folder
+    return Path(box[0])
 
 
 def speedup_table(result: dict) -> str:
@@ -594,7 +572,7 @@ def main():
                         "python tpla.py has its fitted one already: use none)")
     p.add_argument("--tpla-rope", choices=("full", "split"), default=tpla.ROPE,
                    help="TPLA: every rank keeps the whole rope key (full) or its share of the rotary pairs (split)")
-    p.add_argument("--synthetic", choices=sorted(SYNTHETIC),
+    p.add_argument("--synthetic", choices=sorted(k for k, c in SYNTHETIC.items() if c["model_type"].startswith("deepseek")),
                    help="time TPLA against head-parallel on this real model's shape with random weights "
                         "(written once under assets/synthetic/), instead of --ckpt")
     p.add_argument("--layers", type=int, default=4, help="--synthetic: how many of the model's layers")
@@ -626,11 +604,11 @@ def main():
             pyplot()  # fail now, not after the benchmark
         if args.transformers and importlib.util.find_spec("transformers") is None:
             raise UserError("--transformers needs transformers: pip install transformers")
-        parallel = tpla.launched() or args.tp or args.synthetic
+        parallel = launched() or args.tp or args.synthetic
         result = tp_speed(args, device, dtype) if parallel else speed(args, device, dtype)
     else:
         result = ppl(args, device, dtype)
-    if tpla.launched() and int(os.environ["RANK"]):
+    if launched() and int(os.environ["RANK"]):
         return  # rank 0 reports
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
@@ -648,9 +626,9 @@ def ppl(args, device: str, dtype: torch.dtype) -> dict:
         args.ppl = ensure_texts()[1]
     text = read_text(args.ppl)
     rank, mode = 0, None
-    parallel = tpla.launched() or args.tp
+    parallel = launched() or args.tp
     if parallel:
-        rank, world, device = tpla.init_distributed(device)
+        rank, world, device = init_distributed(device)
     folder = tpla.checkpoint_or_default(args.ckpt) if parallel else default_or(args.ckpt)
     config = args_from_config(read_config(folder))  # what can fail before the weights are read, first
     if parallel:

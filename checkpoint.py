@@ -471,7 +471,7 @@ class SafetensorsFile:
             first, n = rows
             row_bytes = shape[-1] * dtype.itemsize
             begin, end, shape = begin + first * row_bytes, begin + (first + n) * row_bytes, [n, shape[-1]]
-        buf = torch.empty(end - begin, dtype=torch.uint8)
+        buf = torch.empty(end - begin, dtype=torch.uint8, device="cpu")  # read from disk: always the CPU
         with open(self.path, "rb") as f:
             f.seek(self.start + begin)
             if f.readinto(buf.numpy()) != end - begin:

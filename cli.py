@@ -8,6 +8,8 @@
 - temporary_folder, remove_temporary: a scratch folder that goes however the process ends, short
   of kill -9 (a signal between its making and the code that would remove it included).
 - pick_device, pick_dtype: --device and --dtype, with defaults that suit the hardware.
+- init_distributed, leave_process_group: join torchrun's process group (or make one of a single
+  rank, so one process runs the same code) and leave it.
 """
 import atexit
 import os
@@ -155,3 +157,30 @@ def leave_process_group(timeout_s: float = 60.0) -> None:
     except RuntimeError:
         pass
     dist.destroy_process_group()
+
+
+def launched() -> bool:
+    """Whether torchrun (or anything that sets its environment) started this process."""
+    return "WORLD_SIZE" in os.environ
+
+
+def init_distributed(device: str) -> tuple[int, int, str]:
+    """Join torchrun's process group (env://), or make a group of one, so one rank runs the same
+    code. gloo on CPU, NCCL on CUDA. Returns rank, world size and this rank's device."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if launched():
+            dist.init_process_group(backend)
+            # every rank connected before any goes on: rank 0 hosts the rendezvous store, and if it
+            # failed (and left, cli.run) while a slower rank was still connecting, that rank
+            # would print a wall of C++ warnings before failing too
+            dist.barrier()
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        torch.cuda.set_device(device)
+    else:  # ranks on one machine share its cores: without this each would start a thread per core
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return dist.get_rank(), dist.get_world_size(), device

@@ -59,6 +59,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -68,7 +69,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import CheckpointReader, args_from_config, checkpoint_tensors, hf_name, load_model
-from cli import UserError, pick_dtype, run
+from cli import UserError, pick_device, pick_dtype, run
 from model import Block, ModelArgs, Transformer, rope_frequencies, rope_table
 from writer import CheckpointWriter, check_output
 
@@ -415,54 +416,73 @@ def _run(block: Block, h: torch.Tensor, rope: tuple, mask: torch.Tensor) -> torc
 def convert_layers(reader: CheckpointReader, calib: torch.Tensor, rope_dim: int, kv_lora_rank: int,
                    freqfold: int, q_lora_rank: int = 0, upto: str = "bkv_pca", progress=None,
                    rope_select: str = "key", latent_fit: str = "bkv", output_fit: bool = False,
-                   latent_rms: float = LATENT_RMS):
+                   latent_rms: float = LATENT_RMS, device: str = "cpu"):
     """Stream the calibration samples through the model one layer at a time and convert each layer;
     yield (i, converted attention params, the layer's other params, converted ModelArgs, the
-    attention input's scale (balance_input), the converted float32 Block).
+    attention input's scale (balance_input), the converted float32 Block), all on the CPU.
 
     As in the official code, RoRoPE is fitted on the original model's activations and the latent
     on the partial-RoPE model's own (each layer sees what the partial-RoPE layers before it
     produce), so two streams of hidden states run side by side.
     rope_select picks rorope's basis (key or score), latent_fit the latent (bkv_pca or
     attention_pca); output_fit refits o_proj on the original model's activations (refit_output);
-    latent_rms is the latent's size under its RMSNorm (to_deepseek)."""
+    latent_rms is the latent's size under its RMSNorm (to_deepseek).
+
+    device: where the work runs (a CUDA GPU: minutes for a 7B model). The hidden states and one
+    layer live there; the forward passes are float32, the statistics (second_moments) and every
+    fit (eigendecompositions, least squares) float64, where float32's 7 digits would not do: the
+    eigenvalues that RoRoPE and the PCA rank span 10 or more orders of magnitude. Each converted
+    layer comes back to the CPU for the writer."""
     gqa = reader.args
     with torch.device("meta"):
         emb = torch.nn.Embedding(gqa.vocab_size, gqa.dim)
-    reader.fill(emb, "tok_embeddings.")
-    h = emb(calib)  # (N, T, D) hidden states of the original model
+    reader.fill(emb, "tok_embeddings.", device=device)
+    h = emb(calib.to(device))  # (N, T, D) hidden states of the original model
     h_partial = h.clone() if upto == "bkv_pca" else None  # ... and of the partial-RoPE model
     del emb
-    T = calib.shape[1]
-    inv_freq = rope_frequencies(gqa.head_dim, gqa.rope_theta, gqa.rope_scaling)
-    mask = torch.ones(T, T, dtype=torch.bool).tril()
-    rope_gqa = rope_table(inv_freq, T)  # the original model's RoPE
     for i in range(gqa.n_layers):
-        with torch.device("meta"):
-            block = Block(gqa)
-        reader.fill(block, f"layers.{i}.")
-        cov = second_moments(block.attention_norm, h)
-        layer = gqa_as_mla(block.attention, gqa.n_kv_heads, gqa.head_dim)
-        if upto in ("rorope", "bkv_pca"):
-            layer = rorope(layer, cov, rope_dim, freqfold, gqa.n_kv_heads, rope_select)
-        rope = rope_table(inv_freq[torch.tensor(layer.pairs)], T)
-        if upto == "bkv_pca":
-            partial, *_ = mla_block(gqa, layer, block, cov, 0)
-            cov = second_moments(block.attention_norm, h_partial)
-            h_partial = _run(partial, h_partial, rope, mask)
-            if latent_fit == "attention":
-                layer = attention_pca(layer, cov, kv_lora_rank, block.attention.wo.weight)
-            else:
-                layer = bkv_pca(layer, cov, kv_lora_rank)
-        converted, params, rest, args, input_scale = mla_block(gqa, layer, block, cov, q_lora_rank, latent_rms)
-        if output_fit:
-            w = refit_output(block, converted, h, rope_gqa, rope, mask)
-            params["wo.weight"] = w
-            converted.attention.wo.weight.data.copy_(w)
-        h = _run(block, h, rope_gqa, mask)
-        yield i, params, rest, args, input_scale, converted
+        with torch.device(device):  # every tensor the steps make, on the device; not while we yield
+            done, h, h_partial = _convert_layer(reader, i, h, h_partial, rope_dim, kv_lora_rank, freqfold,
+                                                       q_lora_rank, upto, rope_select, latent_fit, output_fit,
+                                                       latent_rms)
+        params, rest, args, input_scale, converted = done
+        yield (i, {k: v.cpu() for k, v in params.items()}, {k: v.cpu() for k, v in rest.items()}, args,
+               input_scale, converted.to("cpu"))
         if progress:
             progress()
+
+
+def _convert_layer(reader, i, h, h_partial, rope_dim, kv_lora_rank, freqfold, q_lora_rank, upto, rope_select,
+                   latent_fit, output_fit, latent_rms):
+    """Layer i of convert_layers, run where h is; returns what it yields and the next hidden states."""
+    gqa = reader.args
+    T = h.shape[1]
+    inv_freq = rope_frequencies(gqa.head_dim, gqa.rope_theta, gqa.rope_scaling).to(h.device)
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    rope_gqa = rope_table(inv_freq, T)  # the original model's RoPE
+    with torch.device("meta"):
+        block = Block(gqa)
+    reader.fill(block, f"layers.{i}.", device=h.device)
+    cov = second_moments(block.attention_norm, h)
+    layer = gqa_as_mla(block.attention, gqa.n_kv_heads, gqa.head_dim)
+    if upto in ("rorope", "bkv_pca"):
+        layer = rorope(layer, cov, rope_dim, freqfold, gqa.n_kv_heads, rope_select)
+    rope = rope_table(inv_freq[torch.tensor(layer.pairs)], T)
+    if upto == "bkv_pca":
+        partial, *_ = mla_block(gqa, layer, block, cov, 0)
+        cov = second_moments(block.attention_norm, h_partial)
+        h_partial = _run(partial, h_partial, rope, mask)
+        if latent_fit == "attention":
+            layer = attention_pca(layer, cov, kv_lora_rank, block.attention.wo.weight)
+        else:
+            layer = bkv_pca(layer, cov, kv_lora_rank)
+    converted, params, rest, args, input_scale = mla_block(gqa, layer, block, cov, q_lora_rank, latent_rms)
+    if output_fit:
+        w = refit_output(block, converted, h, rope_gqa, rope, mask)
+        params["wo.weight"] = w
+        converted.attention.wo.weight.data.copy_(w)
+    h = _run(block, h, rope_gqa, mask)
+    return (params, rest, args, input_scale, converted), h, h_partial
 
 
 def convert_in_memory(reader: CheckpointReader, calib: torch.Tensor, **kw) -> Transformer:
@@ -640,6 +660,57 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+# ----------------------------------------------------------------------------- what a run costs
+
+def conversion_memory(args: ModelArgs, n_samples: int, length: int, device: str) -> dict:
+    """Bytes a conversion holds at its peak beyond what the process holds before it starts, from the
+    config alone: {"device": where the work runs, "host": the CPU's share when that is a GPU (the
+    writer), "hidden": the calibration activations alone}. The terms, each a phase's tensors:
+    - hidden states: the original model's and the partial-RoPE model's, N x T x D float32 each;
+    - at the start, the embedding table (float32) beside them;
+    - per layer: the original, partial and converted blocks (float32), the layer's MLA form and its
+      fits in float64 (about three copies of q, the up-projections and the latent maps), the
+      second moments ((D+1)^2 float64, three), and one chunk of 8 samples in flight (its
+      attention scores 8 x H x T x T, its MLP activations);
+    - the writer (on the CPU): the embedding as stored, in float64 (scaled), and as written."""
+    D, H, d_h, T, V = args.dim, args.n_heads, args.head_dim, length, args.vocab_size
+    L = args.n_kv_heads * d_h
+    layer = sum(math.prod(shape) for ours, (_, shape) in checkpoint_tensors(args).items() if ours.startswith("layers.0."))
+    hidden = 2 * n_samples * T * D * 4
+    embedding = V * D * 4
+    mla64 = 3 * 8 * (2 * H * d_h * (D + 1) + 3 * H * d_h * L + 2 * L * (D + 1))
+    ffn = args.hidden_dim * max(1, args.n_experts_per_tok) if args.n_experts else args.hidden_dim
+    chunk = 8 * T * 4 * (6 * D + 3 * ffn + 4 * H * d_h) + 8 * H * T * T * 4
+    work = max(hidden + embedding, hidden + 3 * layer * 4 + mla64 + 3 * (D + 1) ** 2 * 8 + chunk)
+    writer = V * D * (4 + 8 + 4) + 2 * layer * 8
+    if device.startswith("cpu"):
+        return {"device": max(work, hidden + writer), "host": 0, "hidden": hidden}
+    return {"device": work, "host": writer, "hidden": hidden}
+
+
+def available_memory(device: str) -> int:
+    """Bytes free for a new allocation: the GPU's free memory, or the CPU's MemAvailable."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits(need: dict, free: int, device: str, n_samples: int, length: int):
+    """UserError, in one line, when the work clearly cannot fit where it runs."""
+    if need["device"] <= free:
+        return
+    fewer = int(n_samples * (free - (need["device"] - need["hidden"])) / need["hidden"] / 1.2)  # activations scale with N
+    what = (f"use fewer samples (--calib-tokens {fewer * length}) or another --device" if fewer >= 1 else
+            "one layer alone does not fit: use another --device")
+    raise UserError(f"converting needs about {need['device'] / 2**30:.1f} GiB on {device} (one layer, its fits and "
+                    f"{n_samples} calibration samples x {length} tokens of activations, {need['hidden'] / 2**30:.1f} "
+                    f"GiB of them), {free / 2**30:.1f} GiB is free: {what}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="GQA checkpoint: folder, .safetensors or index file (default: embedded SmolLM2)")
@@ -665,6 +736,8 @@ def main():
     p.add_argument("--eval-text", help="text for perplexity before and after (default: the embedded "
                                        "evaluation split for the default model; 'none' to skip)")
     p.add_argument("--dtype", help="dtype of the written weights (default: the input's)")
+    p.add_argument("--device", help="where the calibration and fits run: cpu, cuda, cuda:1 (default: cuda if "
+                                    "available); the output is the same to float rounding")
     p.add_argument("--latent-rms", type=float, default=LATENT_RMS,
                    help="the latent's RMS under its RMSNorm (default %(default)g; 1e-10: linear to fp32 "
                         "precision, for fp32 and bf16 only; at most 1e-4)")
@@ -674,6 +747,7 @@ def main():
     from fetch import default_or, ensure_texts, read_text
     from tokenizer import load_tokenizer
     t_start = time.perf_counter()
+    device = pick_device(args.device)
     folder = default_or(args.ckpt)
     reader = CheckpointReader(folder)
     check_request(reader.args, args.rope_dim, args.kv_lora_rank, args.freqfold, args.q_lora_rank)
@@ -709,21 +783,45 @@ def main():
     settings = {"method": args.method, **recipe, "kv_lora_rank": args.kv_lora_rank, "rope_dim": args.rope_dim,
                 "freqfold": args.freqfold, "q_lora_rank": args.q_lora_rank, "latent_rms": args.latent_rms,
                 "calibration": f"{len(calib)} samples x {args.calib_len} tokens"}
-    report = {"settings": settings, "source": str(folder), "out": str(out)}
+    report = {"settings": settings, "source": str(folder), "out": str(out), "device": device}
+    need = conversion_memory(a, len(calib), args.calib_len, device)
+    free = available_memory(device)
+    print(f"cost: about {need['device'] / 2**30:.2f} GiB at the peak on {device}"
+          + (f" and {need['host'] / 2**30:.2f} GiB on the CPU" if need["host"] else "")
+          + f" ({len(calib)} samples x {args.calib_len} tokens: {need['hidden'] / 2**30:.2f} GiB of activations); "
+          f"{free / 2**30:.1f} GiB free there; the time follows the first layer", file=sys.stderr)
+    check_fits(need, free, device, len(calib), args.calib_len)
+    rss_before = peak_rss_mb()
+    report["estimate"] = {"peak_mb": round(need["device"] / 2**20 + (rss_before if device.startswith("cpu") else 0))}
     before, after = 2 * a.n_kv_heads * a.head_dim, args.kv_lora_rank + args.rope_dim
     report.update(kv_values_per_token_per_layer={"before": before, "after": after},
                   compression=round(before / after, 2))
     from tqdm import tqdm
     bar = tqdm(total=a.n_layers, desc="calibrate + convert", unit="layer", file=sys.stderr)
+    t_layers = time.perf_counter()
+
+    def progress():
+        """Layers done, time per layer and the expected end (tqdm's bar); after the first layer, the
+        whole run's time from it."""
+        bar.update()
+        if bar.n == 1:
+            now = time.perf_counter()
+            total = (t_layers - t_start) + (now - t_layers) * a.n_layers
+            report["estimate"]["seconds"] = round(total, 1)
+            end = time.strftime("%H:%M:%S", time.localtime(time.time() + total - (now - t_start)))
+            bar.write(f"layer 0 took {now - t_layers:.1f} s: about {total / 60:.1f} min for all {a.n_layers} layers "
+                      f"(before the evaluation), done about {end}", file=sys.stderr)
 
     def finish(staged: Path, config: dict) -> dict:
         """The report, written into the folder before it is put in place (evaluated on it where it stands)."""
         bar.close()
         report["convert_seconds"] = round(time.perf_counter() - t_start, 1)
         report["convert_peak_rss_mb"] = round(peak_rss_mb())
+        if device.startswith("cuda"):
+            report["convert_peak_device_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
         if eval_ids is not None:
             for name, path in (("ppl_before", folder), ("ppl_after", staged)):
-                model, _ = load_model(path)
+                model, _ = load_model(path, device=device)
                 report[name] = round(perplexity(model, eval_ids, 1024)["ppl"], 4)
                 del model
             report["eval_text"] = str(eval_path)
@@ -732,14 +830,17 @@ def main():
         return {"convert_report.json": json.dumps(report, indent=2) + "\n"}
 
     layers = convert_layers(reader, calib, args.rope_dim, args.kv_lora_rank, args.freqfold, args.q_lora_rank,
-                            progress=bar.update, latent_rms=args.latent_rms, **recipe)
+                            progress=progress, latent_rms=args.latent_rms, device=device, **recipe)
     config = write_checkpoint(reader, out, layers, dtype, settings, inputs=texts, finish=finish)
 
     rows = [("KV cache values / token / layer", f"{before} -> {after}"), ("compression", f"{before / after:.2f}x")]
     if eval_ids is not None:
         rows.append(("perplexity (eval text)", f"{report['ppl_before']:.2f} -> {report['ppl_after']:.2f}"))
-    rows += [("conversion time", f"{report['convert_seconds']}s (with evaluation {report['total_seconds']}s)"),
-             ("peak memory", f"{report['convert_peak_rss_mb']} MB converting, {report['peak_rss_mb']} MB overall"),
+    rows += [("conversion time", f"{report['convert_seconds']}s (estimated {report['estimate'].get('seconds')}s; "
+                                   f"with evaluation {report['total_seconds']}s)"),
+             ("peak memory", f"{report['convert_peak_rss_mb']} MB converting, {report['peak_rss_mb']} MB overall"
+                             + (f"; {report['convert_peak_device_mb']} MB on {device}" if "convert_peak_device_mb" in report else "")
+                             + f" (estimated {report['estimate']['peak_mb']} MB)"),
              ("written", f"{out} (stock {config['architectures'][0]})"),
              ("serving", mla_kernels(args.kv_lora_rank, args.rope_dim))]
     width = max(len(k) for k, _ in rows)

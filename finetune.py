@@ -3,7 +3,8 @@ it back as a stock DeepSeek-V3 folder with the same cache size.
 
     python finetune.py                                  # embedded model's default conversion, 30 minutes
     python finetune.py --minutes 5 --out /tmp/smollm-mla-ft
-    python finetune.py --resume                         # continue an interrupted run from its state file
+    python finetune.py --resume                         # continue an interrupted run from its state folder
+    torchrun --nproc_per_node=2 finetune.py --minutes 3 # FSDP2 over 2 processes (gloo on CPU, NCCL on GPUs)
     python finetune.py --ckpt llama-mla --teacher llama --text a.txt b.txt --tokens 20000000 \\
         --seq-len 2048 --batch 8 --minutes 0 --device cuda --dtype bfloat16
 
@@ -41,12 +42,22 @@ LR: linear warm-up, then cosine decay to --lr / 10. The run ends after --tokens 
 whichever comes first; with a time budget the schedule follows the clock (progress is the larger
 of the token and the time fraction), so the decay ends when the time does.
 
-Resuming: every --save-every steps, at the end and on Ctrl-C or SIGTERM the trainable weights (unfolded),
-the optimizer state, the step, the data generator and the settings go to the state file
-(--state, default OUT.state.pt beside the output folder), written atomically. `--resume` loads it
-and continues with the saved settings. The output folder is written once, at the end, into a
-temporary folder that is moved into place when complete (writer.CheckpointWriter); its
-config.json keeps the conversion's record ("transmla") and adds one of the fine-tuning ("finetune").
+Across GPUs (or CPU processes): `torchrun --nproc_per_node=N finetune.py ...` shards the student
+and the teacher with FSDP2 (shard): each block its own unit, each rank holding 1 / N of every
+weight, gradient and Adam moment, a bf16 mixed-precision policy on GPUs; --batch is the global
+batch, each rank training on its N-th of every step's windows (the same windows as one process
+would draw); --checkpoint-activations recomputes each block's activations in the backward.
+Without torchrun the same code runs as a group of one.
+
+Resuming: every --save-every steps, at the end and on Ctrl-C or SIGTERM (one process) the
+trainable weights (unfolded) and their optimizer state go to the state folder (--state, default
+OUT.state beside the output) as torch.distributed.checkpoint shards, by name, with the step,
+the data generator and the settings beside them; written aside and put in place when complete.
+`--resume` continues with the saved settings, on the same number of ranks or another. The output
+folder is written once, at the end, by rank 0 from the gathered weights, into a temporary folder
+that is moved into place when complete (writer.CheckpointWriter); its config.json keeps the
+conversion's record ("transmla") and adds one of the fine-tuning ("finetune"). Then the state
+folder goes, unless --keep-state.
 
 Speed (2-core CPUs, embedded model): the default --dtype is bfloat16 autocast where the CPU has
 AMX / AVX512-BF16 matmuls (86 tokens/s on one core there); the weights that train stay float32
@@ -56,22 +67,24 @@ is emulated and over 10x slower, so the default is float32 there (about 60 token
 import argparse
 import json
 import math
-import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 
 from checkpoint import CheckpointReader, find_checkpoint, load_model, read_config
-from cli import UserError, pick_device, run
+from cli import UserError, init_distributed, pick_device, run
 from evaluate import perplexity
 from fetch import default_or, ensure_default_conversion, read_text
 from model import MLA, RMSNorm, Transformer
-from writer import check_output, check_output_file, write_model
+from writer import check_output, check_output_file, put_in_place, write_model
 import tpla
 
 # a latent norm is convert.py's linear carrier if its input's mean square stays below LINEAR * eps on every
@@ -229,6 +242,8 @@ def distill_step(student: Transformer, teacher: Transformer, x: torch.Tensor, y:
         if backward:
             ((kl + ce_weight * ce) / N).backward()  # into cut.grad (and the head, if it trains)
         kl_sum, ce_sum = kl_sum + kl.item(), ce_sum + ce.item()
+    if isinstance(teacher, FSDPModule):
+        teacher.reshard()  # its head stayed gathered for the chunks (shard)
     if backward:
         h_s.backward(cut.grad)
     return kl_sum / N, ce_sum / N
@@ -283,7 +298,8 @@ def load_student(folder: Path, device: str, dtype: torch.dtype, which: str, prob
             if name in names:
                 p.data = p.data.float()
     model.requires_grad_(False)
-    unfolded = unfold(model, probe.to(device), unfolded) if probe is not None or unfolded is not None else []
+    unfolded = (unfold(model, None if probe is None else probe.to(device), unfolded)
+                if probe is not None or unfolded is not None else [])
     params = [p for name, p in model.named_parameters() if name in names]  # the norms unfolded have gone
     for p in params:
         p.requires_grad_(True)
@@ -312,11 +328,87 @@ def optimizer(model: Transformer, params: list[nn.Parameter], lr: float, weight_
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
-def save_state(path: Path, state: dict):
-    path.parent.mkdir(parents=True, exist_ok=True)
+# ----------------------------------------------------------------------------- across ranks (FSDP2)
+
+def shard(model: Transformer, device: str, param_dtype: torch.dtype | None = None,
+          checkpoint_activations: bool = False) -> Transformer:
+    """Shard `model` in place over the process group with FSDP2 (fully_shard): every block is its
+    own unit, whose weights are gathered for its forward and again for its backward and freed
+    after each; the embedding, final norm and head form the root unit. Each rank keeps 1 / world of
+    every weight, gradient and Adam moment. param_dtype: the dtype gathered weights compute in
+    (bf16 on GPUs halves the traffic; gradients are reduced in float32); None keeps theirs.
+    hidden() gathers as forward() does; the root stays gathered after it (FSDP2 does not reshard
+    the root after its forward), so logits() can follow a chunk at a time (distill_step).
+    checkpoint_activations: each block keeps only its input and recomputes the rest in the
+    backward (torch.utils.checkpoint): activation memory of one block instead of all of them."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from torch.utils.checkpoint import checkpoint
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    for layer in model.layers:
+        if checkpoint_activations:
+            layer.forward = lambda *a, f=layer.forward: checkpoint(f, *a, use_reentrant=False)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    register_fsdp_forward_method(model, "hidden")
+    return model
+
+
+STATE_FILE = "train_state.pt"  # in the state folder, beside the shards: the step, the clock, the sampler, the record
+
+
+def save_state(path: Path, model: Transformer, opt: torch.optim.Optimizer, state: dict):
+    """The training state as a folder: every rank writes its shards of the trainable weights and
+    their Adam moments (torch.distributed.checkpoint, by name, so any number of ranks can read
+    them back), rank 0 the rest (`state`: step, clock, sampler, settings, record) into
+    STATE_FILE. Written beside `path` and put in place when complete: a crash while saving leaves
+    the previous state whole."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a crash while saving leaves the previous state intact
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a save cut short earlier
+    dist.barrier()
+    weights, moments = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.save({"model": weights, "optim": moments}, checkpoint_id=tmp)
+    if dist.get_rank() == 0:
+        torch.save(state, tmp / STATE_FILE)
+        put_in_place(tmp, path)
+    dist.barrier()
+
+
+def read_state(path: Path) -> dict:
+    """STATE_FILE of a state folder (save_state); UserError if it is not one."""
+    try:
+        state = torch.load(path / STATE_FILE, weights_only=False)
+        assert isinstance(state, dict) and isinstance(state.get("settings"), dict)
+    except Exception:  # anything torch.load can raise on a file that is not a state
+        raise UserError(f"--resume: {path} is not a training state of finetune.py") from None
+    return state
+
+
+def load_state(path: Path, model: Transformer, opt: torch.optim.Optimizer):
+    """The trainable weights and Adam moments of save_state into the sharded `model` and `opt`,
+    resharded for this world size."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    options = StateDictOptions(ignore_frozen_params=True)
+    weights, moments = get_state_dict(model, opt, options=options)
+    try:
+        dcp.load({"model": weights, "optim": moments}, checkpoint_id=path)
+    except Exception as e:  # DCP names what is missing or of another shape
+        raise UserError(f"--resume: {path} does not fit this model and optimizer "
+                        f"({str(e).strip().splitlines()[-1][:200]})") from None
+    # the frozen weights are not in the state (they are the checkpoint's): not strict about them
+    set_state_dict(model, opt, model_state_dict=weights, optim_state_dict=moments,
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+
+
+def gathered(model: Transformer) -> dict:
+    """The whole state dict of a sharded model on rank 0's CPU (empty on the others)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 # ----------------------------------------------------------------------------- the script
@@ -401,11 +493,16 @@ def main():
                    help="also train for TPLA decode on G ranks: every second window's second half runs in TPLA "
                         "form (tpla.simulate), the other windows in MLA form (default 1: MLA form only)")
     p.add_argument("--out", help="output folder (default: the checkpoint folder's name + '-ft', beside it)")
-    p.add_argument("--state", help="training-state file for --resume (default: OUT.state.pt beside the output)")
-    p.add_argument("--resume", action="store_true", help="continue from the state file with its saved settings")
+    p.add_argument("--state", help="training-state folder for --resume (default: OUT.state beside the output)")
+    p.add_argument("--resume", action="store_true", help="continue from the state folder with its saved settings "
+                                                         "(on any number of ranks)")
     p.add_argument("--save-every", type=int, default=50, help="save the training state every N steps")
+    p.add_argument("--keep-state", action="store_true", help="keep the state folder after a finished run "
+                                                             "(default: removed once the output is written)")
     p.add_argument("--pause-after", type=int, default=0, help="stop after N steps of this session, saving the "
                                                               "state but not the folder (continue with --resume)")
+    p.add_argument("--checkpoint-activations", action="store_true",
+                   help="recompute each block's activations in the backward: less memory, a third more compute")
     p.add_argument("--eval-text", nargs="+", help="perplexity before and after on these files ('none': skip; "
                                                   "default: the evaluation split and held-out Wikipedia for the "
                                                   "embedded model, none otherwise)")
@@ -418,7 +515,9 @@ def main():
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    rank, world, device = init_distributed(pick_device(args.device))  # a group of one without torchrun
+    if args.threads:  # init_distributed shares the cores between the ranks; an explicit --threads wins
+        torch.set_num_threads(args.threads)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, None: default_dtype(device)}.get(args.dtype)
     if dtype is None:
         raise UserError(f"--dtype {args.dtype}: choose bfloat16 or float32")
@@ -430,31 +529,29 @@ def main():
             raise UserError(f"{name} must be positive")
     if args.minutes < 0 or args.lr <= 0:
         raise UserError("--minutes must be >= 0 and --lr positive")
-    if args.tpla > 1 and args.batch < 2:
-        raise UserError("--tpla needs --batch 2 or more: half the windows train the TPLA form, half the MLA form")
 
     student_dir, teacher_dir, texts = resolve_paths(args)
     out = Path(args.out) if args.out else student_dir.parent / f"{student_dir.name}-ft"
-    state_path = Path(args.state) if args.state else out.with_name(out.name + ".state.pt")
+    state_path = Path(args.state) if args.state else out.with_name(out.name + ".state")
     state = None
     if args.resume:
-        if not state_path.is_file():
-            raise UserError(f"--resume: no state file {state_path}")
-        try:
-            state = torch.load(state_path, weights_only=False)
-            assert isinstance(state, dict) and isinstance(state.get("settings"), dict)
-        except Exception:  # anything torch.load can raise on a file that is not a state
-            raise UserError(f"--resume: {state_path} is not a training state of finetune.py") from None
+        if not state_path.is_dir():
+            raise UserError(f"--resume: no state folder {state_path}")
+        state = read_state(state_path)
         for k in SETTINGS:  # the run continues as it was started
             setattr(args, k, state["settings"].get(k, p.get_default(k)))  # a setting added since: its default
         student_dir, teacher_dir, texts = resolve_paths(args)
+    T, B = args.seq_len, args.batch
+    if B % world:
+        raise UserError(f"--batch {B} does not split over {world} ranks: give a multiple of the world size")
+    if args.tpla > 1 and B < 2:
+        raise UserError("--tpla needs --batch 2 or more: half the windows train the TPLA form, half the MLA form")
     inputs = [student_dir, teacher_dir, *texts, *eval_paths(args)]
-    check_output_file(state_path, inputs, "--state", kind="torch")  # it is written over as training goes
+    check_output_file(state_path, inputs, "--state", kind="state")  # it is written over as training goes
     check_output(out, [*inputs, state_path])
     from tokenizer import load_tokenizer
     tok = load_tokenizer(student_dir)
     ids = training_ids(texts, tok)
-    T, B = args.seq_len, args.batch
     if len(ids) <= T + 1:
         raise UserError(f"the training text has {len(ids)} tokens, too few for --seq-len {T}")
     evals = {Path(e).stem: tok.encode(read_text(e))[: args.eval_tokens] for e in eval_paths(args)}
@@ -462,48 +559,53 @@ def main():
         if len(e) < args.eval_ctx:
             raise UserError(f"--eval-text {name}: {len(e)} tokens, fewer than one window of --eval-ctx {args.eval_ctx}")
 
+    # both models whole on this rank's device, then sharded over the ranks (shard); the student all
+    # float32 (FSDP2 gathers one dtype per unit), computed in bf16 through its policy on GPUs or autocast
+    gpu_bf16 = torch.bfloat16 if device.startswith("cuda") and dtype == torch.bfloat16 else None
     teacher, _ = load_model(teacher_dir, device=device, dtype=dtype)
     teacher.requires_grad_(False)
     if teacher.args.vocab_size != CheckpointReader(student_dir).args.vocab_size:
         raise UserError(f"the teacher's vocabulary ({teacher.args.vocab_size}) differs from the student's")
+    teacher = shard(teacher, device)
     probe = ids[: min(len(ids) // T, 4) * T].view(-1, T).to(device)  # fixed windows: unfold / fold measure the latent here
-    student, unfolded, params = load_student(student_dir, device, dtype, args.trainable, probe,
-                                             state["unfolded"] if state else None)
+    student, unfolded, _ = load_student(student_dir, device, torch.float32, args.trainable, probe,
+                                        state["unfolded"] if state else None)
+    names = trainable_names(student, args.trainable)
+    student = shard(student, device, gpu_bf16, args.checkpoint_activations)
+    params = [p_ for name, p_ in student.named_parameters() if name in names]  # the norms unfolded have gone
     opt = optimizer(student, params, args.lr, args.weight_decay)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)  # the same on every rank: each takes its part of the batch
     total_steps = max(1, args.tokens // (B * T))
     step, elapsed, report = 0, 0.0, {"before": {}}
+    say = print if rank == 0 else (lambda *a, **k: None)
     if state:
-        with torch.no_grad():
-            for p_, saved in zip(params, state["params"]):
-                p_.copy_(saved)
-        try:
-            opt.load_state_dict(state["optimizer"])
-        except ValueError:
-            raise UserError(f"--resume: {state_path} holds an optimizer of another layout (an older finetune.py)") from None
+        load_state(state_path, student, opt)
         gen.set_state(state["rng"])
         step, elapsed, report = state["step"], state["elapsed"], state["report"]
-        print(f"resuming at step {step} of {total_steps} ({elapsed / 60:.1f} min trained) from {state_path}",
-              file=sys.stderr)
+        say(f"resuming at step {step} of {total_steps} ({elapsed / 60:.1f} min trained) from {state_path}"
+            + (f" on {world} ranks" if world > 1 else ""), file=sys.stderr)
     elif evals:
         report["before"] = {"teacher": perplexities(teacher, evals, args.eval_ctx, autocast),
                             "student": perplexities(student, evals, args.eval_ctx, autocast)}
-    if args.tpla > 1:  # odd windows: MLA-form prefill of the first half, TPLA-form decode of the second
-        tpla.simulate(student, args.tpla, start=T // 2, rows=torch.arange(1, B, 2, device=device))
-    n_train = sum(p_.numel() for p_ in params)
-    print(f"student {student_dir}, teacher {teacher_dir}; training {n_train / 1e6:.1f}M weights "
-          f"({args.trainable}, {len(unfolded)} latent norms unfolded) on {len(ids):,} tokens of "
-          f"{', '.join(t.name for t in texts)}; {total_steps} steps of {B} x {T} tokens", file=sys.stderr)
+    b, first = B // world, rank * (B // world)  # this rank's windows of each global batch: first ... first + b - 1
+    if args.tpla > 1:  # odd windows of the global batch: MLA-form prefill of the first half, TPLA-form decode of the second
+        rows = torch.tensor([i - first for i in range(first, first + b) if i % 2], dtype=torch.long, device=device)
+        tpla.simulate(student, args.tpla, start=T // 2, rows=rows)
+    n_train = sum(p_.numel() for p_ in params)  # the whole weights' sizes (each rank holds 1 / world of them)
+    say(f"student {student_dir}, teacher {teacher_dir}; training {n_train / 1e6:.1f}M weights "
+        f"({args.trainable}, {len(unfolded)} latent norms unfolded) on {len(ids):,} tokens of "
+        f"{', '.join(t.name for t in texts)}; {total_steps} steps of {B} x {T} tokens"
+        + (f", {b} window{'s' if b > 1 else ''} per rank on {world} ranks (FSDP2)" if world > 1 else ""),
+        file=sys.stderr)
 
     def snapshot() -> dict:
         return {"settings": {k: getattr(args, k) for k in SETTINGS}, "step": step, "elapsed": elapsed,
-                "params": [p_.detach().cpu() for p_ in params], "optimizer": opt.state_dict(),
-                "rng": gen.get_state(), "unfolded": unfolded, "report": report}
+                "rng": gen.get_state(), "unfolded": unfolded, "report": report, "world_size": world}
 
     from tqdm import tqdm
     budget = args.minutes * 60
     bar = tqdm(total=total_steps * B * T, initial=step * B * T, unit="tok", unit_scale=True, file=sys.stderr,
-               desc="distill")
+               desc="distill", disable=rank != 0)
     session_steps, t_session, kl_ema, last_step_s = 0, time.perf_counter(), None, 0.0
     student.train()
     try:
@@ -511,6 +613,7 @@ def main():
         while step < total_steps and not (budget and elapsed + last_step_s > budget):
             t0 = time.perf_counter()
             x, y = batch(ids, B, T, gen)
+            x, y = x[first:first + b], y[first:first + b]
             lr = lr_at(step, max(step / total_steps, elapsed / budget if budget else 0.0), args.lr)
             for g in opt.param_groups:
                 g["lr"] = lr * g["scale"]
@@ -521,68 +624,88 @@ def main():
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            # the losses over the global batch (the mean of the ranks' equal parts), and rank 0's clock,
+            # so that the time budget stops every rank at the same step
+            summed = torch.tensor([kl, ce, time.perf_counter() - t0 if rank == 0 else 0.0], dtype=torch.float64)
+            dist.all_reduce(summed)
+            kl, ce, last_step_s = summed[0].item() / world, summed[1].item() / world, summed[2].item()
             step, session_steps = step + 1, session_steps + 1
-            last_step_s = time.perf_counter() - t0
             elapsed += last_step_s
             kl_ema = kl if kl_ema is None else 0.9 * kl_ema + 0.1 * kl
-            report.setdefault("loss", []).append([step, round(kl, 5), round(ce, 5)])
+            report.setdefault("loss", []).append([step, float(f"{kl:.7g}"), float(f"{ce:.7g}")])
             bar.set_postfix(kl=f"{kl_ema:.4f}", ce=f"{ce:.3f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(B * T)
             if step % args.save_every == 0:
-                save_state(state_path, snapshot())
+                save_state(state_path, student, opt, snapshot())
             if args.pause_after and session_steps >= args.pause_after and step < total_steps:
-                save_state(state_path, snapshot())
+                save_state(state_path, student, opt, snapshot())
                 bar.close()
-                print(f"paused at step {step}; state saved to {state_path}; continue with --resume", file=sys.stderr)
+                say(f"paused at step {step}; state saved to {state_path}; continue with --resume", file=sys.stderr)
                 return
     except KeyboardInterrupt:
-        save_state(state_path, snapshot())
         bar.close()
-        print(f"\ninterrupted at step {step}; state saved to {state_path}; continue with --resume", file=sys.stderr)
+        if world == 1:  # ranks stopped at different points cannot save together: theirs is the last --save-every
+            save_state(state_path, student, opt, snapshot())
+            print(f"\ninterrupted at step {step}; state saved to {state_path}; continue with --resume", file=sys.stderr)
+        elif state_path.is_dir():
+            say(f"\ninterrupted at step {step}; the state saved last is in {state_path}; continue with --resume",
+                file=sys.stderr)
         raise
     bar.close()
     session_s = time.perf_counter() - t_session
-    save_state(state_path, snapshot())
+    save_state(state_path, student, opt, snapshot())
+    whole = gathered(student)  # a collective: every rank takes part, rank 0 receives
+    del student, teacher, opt, params
+    if rank != 0:
+        return
 
-    student.eval()
-    fold(student, unfolded)
     losses = report.get("loss", [])
     record = {"teacher": str(teacher_dir), "texts": [str(t) for t in texts], "tokens": step * B * T,
               "steps": step, "seq_len": T, "batch": B, "lr": args.lr, "schedule": "warm-up + cosine",
               "ce_weight": args.ce_weight, "trainable": args.trainable, "dtype": str(dtype).removeprefix("torch."),
-              "minutes": round(elapsed / 60, 2), "tpla": args.tpla}
+              "minutes": round(elapsed / 60, 2), "tpla": args.tpla, "world_size": world}
     report.update(record, out=str(out), tokens_per_s=round(session_steps * B * T / max(session_s, 1e-9), 1))
+    # the trained weights into a plain model of the same form, folded back into convert.py's
+    trained, _, _ = load_student(student_dir, "cpu", torch.float32, "all", None, unfolded)
+    trained.load_state_dict(whole)
+    del whole
+    fold(trained, unfolded)
 
     def finish(folder: Path) -> dict:
         """The report, written into the folder before it is put in place (evaluated on it where it stands)."""
         if evals:
-            trained, _ = load_model(folder, device=device, dtype=dtype)
-            report["after"] = perplexities(trained, evals, args.eval_ctx, autocast)
+            model, _ = load_model(folder, device=device, dtype=dtype)
+            report["after"] = perplexities(model, evals, args.eval_ctx, autocast)
             if args.tpla > 1:  # the second half of every window by TPLA decode, as bench.py --ppl --tp tpla scores it
-                tpla.simulate(trained, args.tpla, start=args.eval_ctx // 2)
-                report["after_tpla"] = perplexities(trained, evals, args.eval_ctx, autocast)
+                tpla.simulate(model, args.tpla, start=args.eval_ctx // 2)
+                report["after_tpla"] = perplexities(model, evals, args.eval_ctx, autocast)
         return {"finetune_report.json": json.dumps(report, indent=1) + "\n"}
 
-    write_model(student, student_dir, out, CheckpointReader(student_dir).stored_dtype(), {"finetune": record},
+    write_model(trained, student_dir, out, CheckpointReader(student_dir).stored_dtype(), {"finetune": record},
                 inputs=[teacher_dir, *texts, state_path], finish=finish)
-    del student
+    del trained
+    if not args.keep_state:
+        shutil.rmtree(state_path, ignore_errors=True)
 
-    first = sum(l[1] for l in losses[:10]) / max(1, len(losses[:10]))
-    last = sum(l[1] for l in losses[-10:]) / max(1, len(losses[-10:]))
-    rows = [("steps x tokens", f"{step} x {B * T} = {step * B * T:,} tokens in {elapsed / 60:.1f} min"),
+    n = max(1, min(10, len(losses) // 2))  # first and last n steps, never the same ones
+    first_kl = sum(l[1] for l in losses[:n]) / max(1, len(losses[:n]))
+    last_kl = sum(l[1] for l in losses[-n:]) / max(1, len(losses[-n:]))
+    rows = [("steps x tokens", f"{step} x {B * T} = {step * B * T:,} tokens in {elapsed / 60:.1f} min"
+                               + (f" on {world} ranks" if world > 1 else "")),
             ("tokens / s (this session)", f"{report['tokens_per_s']}"),
-            ("KL, first -> last 10 steps", f"{first:.4f} -> {last:.4f}")]
+            (f"KL, first -> last {n} steps" if len(losses) > 1 else "KL (one step)",
+             f"{first_kl:.4f} -> {last_kl:.4f}" if len(losses) > 1 else f"{first_kl:.4f}")]
     for name in evals:
-        b = report["before"].get("student", {}).get(name)
+        before = report["before"].get("student", {}).get(name)
         rows.append((f"perplexity {name} ({len(evals[name])} tokens)",
-                     f"teacher {report['before'].get('teacher', {}).get(name)}, student {b} -> {report['after'][name]}"))
+                     f"teacher {report['before'].get('teacher', {}).get(name)}, student {before} -> {report['after'][name]}"))
         if "after_tpla" in report:
             rows.append((f"  ... TPLA x{args.tpla} decode (simulated)", f"{report['after_tpla'][name]}"))
-    rows.append(("written", f"{out} (stock {read_config(out)['architectures'][0]})"))
+    rows.append(("written", f"{out} (stock {read_config(out)['architectures'][0]})"
+                            + (f"; state kept in {state_path}" if args.keep_state else "")))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
-
 
 if __name__ == "__main__":
     run(main)

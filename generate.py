@@ -25,7 +25,7 @@ import torch
 
 import tpla
 from checkpoint import args_from_config, load_model, read_config
-from cli import UserError, pick_device, pick_dtype, run
+from cli import UserError, init_distributed, launched, pick_device, pick_dtype, run
 from fetch import default_or
 
 
@@ -140,7 +140,7 @@ def main():
     args = p.parse_args()
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
-    parallel = tpla.launched() or args.tp is not None
+    parallel = launched() or args.tp is not None
     if parallel and args.compile:
         raise UserError("--compile is not supported with tensor parallelism (the decode step runs eager)")
 
@@ -151,7 +151,7 @@ def main():
     t0 = time.perf_counter()
     rank = 0
     if parallel:
-        rank, world, device = tpla.init_distributed(device)
+        rank, world, device = init_distributed(device)
         folder = tpla.checkpoint_or_default(args.ckpt)
     else:
         folder = default_or(args.ckpt)

@@ -21,7 +21,7 @@ import torch
 
 import test_equivalence as te
 from checkpoint import load_model
-from cli import UserError
+from cli import UserError, init_distributed
 
 VOCAB = te.VOCAB
 SHAPE = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
@@ -298,8 +298,7 @@ def test_tp_one_rank_equals_single_device(tp_moe, one_rank):
 @pytest.fixture(scope="module")
 def one_rank():
     import torch.distributed as dist
-    import tpla
-    tpla.init_distributed("cpu")
+    init_distributed("cpu")
     yield
     dist.destroy_process_group()
 
@@ -309,7 +308,7 @@ def _worker(rank: int, world: int, port: int, folder, out: str):
     os.environ.update(te._rank_env(rank, world, port))
     import tpla
     from cli import leave_process_group
-    tpla.init_distributed("cpu")
+    init_distributed("cpu")
     results = {}
     with torch.no_grad():
         for mode, transform in TP_JOBS:
@@ -364,7 +363,7 @@ def test_synthetic_shape_is_the_published_model():
     """bench.py's DeepSeek-V2-Lite shape reads as 15.7B parameters and 2.4B active per token (the input
     embedding table aside: a token reads one row of it), as published."""
     import math
-    from bench import SYNTHETIC
+    from fetch import SYNTHETIC
     from checkpoint import args_from_config, checkpoint_tensors
     a = args_from_config(SYNTHETIC["deepseek-v2-lite"])
     total = sum(math.prod(shape) for _, shape in checkpoint_tensors(a).values())
@@ -383,7 +382,7 @@ def test_bench_tp_on_a_random_moe_checkpoint(tmp_path):
     """write_random_checkpoint writes a loadable folder of a config's shape (here a tiny DeepSeek-V2-Lite);
     bench.py under 2 ranks times head-parallel and TPLA on it and reports each rank's share of the
     weights against the whole checkpoint, and the per-rank cache (R + r against R / 2 + r)."""
-    from bench import SYNTHETIC
+    from fetch import SYNTHETIC
     from writer import write_random_checkpoint
     cfg = {**SYNTHETIC["deepseek-v2-lite"], "vocab_size": VOCAB, "hidden_size": 48, "intermediate_size": 64,
            "moe_intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 3, "n_routed_experts": 8,

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import load_model
-from cli import UserError
+from cli import UserError, init_distributed
 from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent
@@ -507,6 +507,83 @@ def _converted_at_eps_1e5(tiny, name, tmp_path):
     return src, out, calib, kw
 
 
+def _conversion(tiny, name: str, device: str) -> list:
+    """Each layer's converted parameters, fitted method at R = 20, calibrated and fitted on `device`."""
+    from checkpoint import CheckpointReader
+    from convert import METHODS, convert_layers
+    reader = CheckpointReader(tiny[name][0])
+    calib = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(6), device="cpu")
+    kw = dict(rope_dim=reader.args.head_dim // 2, kv_lora_rank=20, freqfold=2, **METHODS["fitted"])
+    return [{**params, **rest} for _, params, rest, *_ in convert_layers(reader, calib, device=device, **kw)]
+
+
+def _largest_relative_difference(a: list, b: list) -> float:
+    return max(((x[k].double() - y[k].double()).abs().max() / y[k].double().abs().max().clamp_min(1e-30)).item()
+               for x, y in zip(a, b) for k in y)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_conversion_follows_its_device_not_the_default(tiny, name):
+    """convert_layers(device=...) makes every tensor of its steps where it is told, never where torch
+    would put it by default: with the process default set to the meta device (tensors without
+    values, which cannot meet real ones in one op), the conversion on "cpu" still runs and gives
+    exactly what it gives with the default left alone. That is what lets --device cuda run."""
+    plain = _conversion(tiny, name, "cpu")
+    torch.set_default_device("meta")
+    try:
+        elsewhere = _conversion(tiny, name, "cpu")
+    finally:
+        torch.set_default_device(None)
+    diff = _largest_relative_difference(elsewhere, plain)
+    print(f"{name}: default device meta vs cpu, largest relative difference {diff:.3g}")
+    assert all(t.device.type == "cpu" for layer in elsewhere for t in layer.values()) and diff == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_conversion_on_cuda_equals_cpu(tiny, name):
+    """The same conversion calibrated and fitted on a GPU: float32 forward passes there round
+    differently, the float64 fits not; every converted tensor within 1e-4 of the CPU's, relatively."""
+    diff = _largest_relative_difference(_conversion(tiny, name, "cuda"), _conversion(tiny, name, "cpu"))
+    print(f"{name}: cuda vs cpu, largest relative difference {diff:.3g}")
+    assert diff < 1e-4
+
+
+def test_convert_cost_estimate_on_the_embedded_model(tmp_path):
+    """python convert.py --device cpu on the embedded model (fewer calibration samples): it says
+    before the work what the peak memory will be and, after the first layer, how long the run will
+    take; both within 2x of what the run then measures."""
+    res = _script("convert.py", "--device", "cpu", "--calib-tokens", "8192", "--eval-text", "none",
+                  "--out", str(tmp_path / "mla"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads((tmp_path / "mla" / "convert_report.json").read_text())
+    est, peak, seconds = report["estimate"], report["convert_peak_rss_mb"], report["convert_seconds"]
+    print(res.stdout)
+    print(f"peak memory: estimated {est['peak_mb']} MB, measured {peak} MB; "
+          f"time: estimated {est['seconds']} s, measured {seconds} s")
+    assert "cost: about" in res.stderr and "layer 0 took" in res.stderr and report["device"] == "cpu"
+    assert 0.5 < est["peak_mb"] / peak < 2 and 0.5 < est["seconds"] / seconds < 2
+
+
+def test_convert_refuses_what_cannot_fit():
+    """A run that clearly cannot hold one layer plus its calibration activations is refused, in one
+    line that says how many calibration tokens would fit."""
+    from checkpoint import args_from_config
+    from convert import check_fits, conversion_memory
+    from fetch import ensure_default_model
+    from checkpoint import read_config
+    args = args_from_config(read_config(ensure_default_model()))
+    need = conversion_memory(args, 128, 256, "cpu")
+    print(f"the embedded model, 128 x 256 tokens: {need['device'] / 2**20:.0f} MB, "
+          f"{need['hidden'] / 2**20:.0f} MB of it activations")
+    check_fits(need, need["device"], "cpu", 128, 256)  # fits exactly
+    with pytest.raises(UserError, match=r"--calib-tokens \d+") as e:
+        check_fits(need, need["device"] - need["hidden"] // 2, "cpu", 128, 256)
+    print(e.value)
+    fewer = int(str(e.value).split("--calib-tokens ")[1].split(")")[0])
+    assert conversion_memory(args, fewer // 256, 256, "cpu")["device"] <= need["device"] - need["hidden"] // 2
+
+
 @pytest.mark.parametrize("name", CONVERTIBLE)
 @torch.no_grad()
 def test_converted_folder_loads_in_stock_transformers(tiny, name, tmp_path):
@@ -900,8 +977,7 @@ def _greedy(model) -> list[int]:
 def one_rank():
     """A gloo process group of one in this process: world size 1 runs the same code as torchrun's ranks."""
     import torch.distributed as dist
-    import tpla
-    tpla.init_distributed("cpu")
+    init_distributed("cpu")
     yield
     dist.destroy_process_group()
 
@@ -987,7 +1063,7 @@ def _tp_worker(rank: int, world: int, port: int, folders: dict, out: str):
     os.environ.update(_rank_env(rank, world, port))
     import tpla
     from cli import leave_process_group
-    tpla.init_distributed("cpu")
+    init_distributed("cpu")
     results = {}
     with torch.no_grad():
         for name, mode, transform in TP_JOBS:
@@ -1356,14 +1432,12 @@ def test_distill_loss_chunks_equal_one_pass(tiny, tmp_path):
                  torch.cat([p.grad.flatten() for p in params]), 1e-6)
 
 
-def test_finetune_script_writes_stock_checkpoint_and_resumes(tmp_path):
-    """finetune.py end to end (with --tpla 2) on a tiny model with the embedded tokenizer: the folder it writes
-    loads in stock transformers (DeepseekV3, no custom code) with the cache size unchanged and the
-    same logits as our model; a run paused and resumed writes the same weights as one run straight
-    through; the evaluation texts are refused as training text."""
+def _tiny_pair_with_tokenizer(tmp_path) -> tuple[Path, Path]:
+    """A tiny random Llama with the embedded model's tokenizer (tmp_path / "gqa") and its lossy
+    conversion (tmp_path / "mla"): something finetune.py can run on in seconds."""
     import transformers as tf
     from writer import TOKENIZER_FILES
-    from fetch import CALIB_TEXT, EVAL_TEXT, ensure_default_model, ensure_texts
+    from fetch import ensure_default_model, ensure_texts
     ensure_texts()
     gqa = tmp_path / "gqa"
     torch.manual_seed(0)
@@ -1373,7 +1447,17 @@ def test_finetune_script_writes_stock_checkpoint_and_resumes(tmp_path):
     for name in TOKENIZER_FILES:
         if (ensure_default_model() / name).is_file():
             shutil.copy(ensure_default_model() / name, gqa / name)
-    mla = _converted(gqa, tmp_path / "mla")
+    return gqa, _converted(gqa, tmp_path / "mla")
+
+
+def test_finetune_script_writes_stock_checkpoint_and_resumes(tmp_path):
+    """finetune.py end to end (with --tpla 2) on a tiny model with the embedded tokenizer: the folder it writes
+    loads in stock transformers (DeepseekV3, no custom code) with the cache size unchanged and the
+    same logits as our model; a run paused and resumed writes the same weights as one run straight
+    through; the evaluation texts are refused as training text."""
+    import transformers as tf
+    from fetch import CALIB_TEXT, EVAL_TEXT
+    gqa, mla = _tiny_pair_with_tokenizer(tmp_path)
     common = ["finetune.py", "--ckpt", str(mla), "--teacher", str(gqa), "--text", str(CALIB_TEXT), "--tokens", "512",
               "--seq-len", "32", "--batch", "2", "--lr", "1e-3", "--minutes", "0", "--dtype", "float32", "--tpla", "2"]
     res = _script(*common, "--out", str(tmp_path / "a"), "--eval-text", str(EVAL_TEXT), "--eval-tokens", "256",
@@ -1382,9 +1466,10 @@ def test_finetune_script_writes_stock_checkpoint_and_resumes(tmp_path):
     print(res.stdout)
     res = _script(*common, "--out", str(tmp_path / "b"), "--eval-text", "none", "--pause-after", "3")
     assert res.returncode == 0 and "paused at step 3" in res.stderr, res.stderr[-3000:]
-    assert not (tmp_path / "b").exists() and (tmp_path / "b.state.pt").is_file()
+    assert not (tmp_path / "b").exists() and (tmp_path / "b.state" / ".metadata").is_file()
     res = _script(*common, "--out", str(tmp_path / "b"), "--eval-text", "none", "--resume")
     assert res.returncode == 0 and "resuming at step 3" in res.stderr, res.stderr[-3000:]
+    assert not (tmp_path / "b.state").exists()  # a finished run leaves no state behind (no --keep-state)
 
     ours, _ = load_model(tmp_path / "a")
     resumed, _ = load_model(tmp_path / "b")
@@ -1420,6 +1505,54 @@ def test_finetune_script_writes_stock_checkpoint_and_resumes(tmp_path):
     assert ours.kv_bytes_per_token() == start.kv_bytes_per_token()
 
     _one_clear_line(_script(*common, "--out", str(tmp_path / "c"), "--text", str(EVAL_TEXT)), "evaluation text")
-    _one_clear_line(_script(*common, "--out", str(tmp_path / "c"), "--resume"), "no state file")
+    _one_clear_line(_script(*common, "--out", str(tmp_path / "c"), "--resume"), "no state folder")
     _one_clear_line(_script(*common, "--out", str(tmp_path / "c"), "--batch", "1"), "needs --batch 2")
     assert not (tmp_path / "c").exists()
+def _torchrun(ranks: int, *argv):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                           *argv], cwd=ROOT, capture_output=True, text=True)
+
+
+def _losses(folder: Path) -> torch.Tensor:
+    """(steps, 2): KL and CE of every step, from the run's finetune_report.json."""
+    return torch.tensor([row[1:] for row in json.loads((folder / "finetune_report.json").read_text())["loss"]],
+                        dtype=torch.float64)
+
+
+def test_finetune_fsdp_two_ranks_train_as_one_process(tmp_path):
+    """torchrun with 2 gloo ranks on CPU: FSDP2 shards the student and the teacher, each rank takes
+    half of every step's windows, and the run gives the same losses, step by step, and the same
+    weights as one process with the same global batch (recomputing the activations in the backward
+    too); 2 ranks paused after 3 steps and resumed on 1 rank from the sharded state continue the
+    same run. Every weight trains (the root unit's embedding, which is also the head, included)."""
+    from fetch import CALIB_TEXT
+    gqa, mla = _tiny_pair_with_tokenizer(tmp_path)
+    common = ["finetune.py", "--ckpt", str(mla), "--teacher", str(gqa), "--text", str(CALIB_TEXT), "--tokens",
+              str(8 * 4 * 32), "--seq-len", "32", "--batch", "4", "--lr", "1e-3", "--minutes", "0", "--dtype",
+              "float32", "--trainable", "all", "--eval-text", "none"]
+    runs = {"one process": _script(*common, "--out", str(tmp_path / "one")),
+            "2 ranks": _torchrun(2, *common, "--out", str(tmp_path / "two"), "--checkpoint-activations"),
+            "2 ranks paused": _torchrun(2, *common, "--out", str(tmp_path / "moved"), "--pause-after", "3")}
+    runs["... resumed on 1"] = _script(*common, "--out", str(tmp_path / "moved"), "--resume")
+    for name, res in runs.items():
+        assert res.returncode == 0, f"{name}: {res.stderr[-3000:]}"
+    assert "resuming at step 3 of 8" in runs["... resumed on 1"].stderr
+    want = _losses(tmp_path / "one")
+    reference, _ = load_model(tmp_path / "one")
+    start, _ = load_model(mla)
+    tokens = torch.randint(0, 49152, (2, 40), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        moved = (reference(tokens) - start(tokens)).abs().max().item()
+    print(f"one process: KL {want[0, 0]:.4f} -> {want[-1, 0]:.4f} over {len(want)} steps; logits moved by {moved:.3g}")
+    assert len(want) == 8 and moved > 1e-3
+    for name in ("two", "moved"):
+        got = _losses(tmp_path / name)
+        loss_diff = ((got - want).abs() / want.abs()).max().item()
+        model, _ = load_model(tmp_path / name)
+        with torch.no_grad():
+            logit_diff = (model(tokens) - reference(tokens)).abs().max().item()
+        print(f"{name} vs one process: losses, largest relative difference {loss_diff:.3g}; "
+              f"logits after training, max |diff| {logit_diff:.3g}")
+        assert got.shape == want.shape and loss_diff < 1e-5 and logit_diff < 1e-4
+
+

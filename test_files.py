@@ -472,8 +472,9 @@ def test_out_that_could_cost_a_file_is_refused_before_any_work(llama, tmp_path, 
         check_output(".", inputs)
     print(f"  {e.value}")
     monkeypatch.undo()
-    for path, kind, needle in ((calib, "torch", "is the input"), (src / "state.pt", "torch", "lies inside the input"),
-                               (tmp_path / "a_file", "torch", "is not a training state"),
+    for path, kind, needle in ((calib, "state", "is the input"), (src / "state", "state", "lies inside the input"),
+                               (tmp_path / "a_file", "state", "is not a training state"),
+                               (tmp_path / "empty", "state", "is not a training state"),
                                (tmp_path / "empty", None, "is a folder")):
         with pytest.raises(UserError) as e:
             check_output_file(path, inputs, "--state", kind)

@@ -67,7 +67,6 @@ Speed on a CPU: the absorbed attention's small-row matmuls and softmax set the p
 bytes, and TPLA does per rank as much arithmetic as head-parallel (all H heads on R/g + r dims
 against H/g heads on R + r) and more softmax: 1.06x in fp32, 1.13x in bf16 at 32K (README).
 """
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -88,38 +87,6 @@ TRANSFORMS = ("none", "hadamard", "pca", "pca-sorted")  # pca-sorted: shard 0 ge
 DEFAULT_TRANSFORM = "none"
 ROPE = "full"  # every rank keeps the whole rope key: splitting it loses the positions (ppl_decode x7.5)
 RESCALE = False  # shard scores as they are: x g helps only Hadamard, and not enough
-
-
-# ----------------------------------------------------------------------------- the process group
-
-def launched() -> bool:
-    """Whether torchrun (or anything that sets its environment) started this process."""
-    return "WORLD_SIZE" in os.environ
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def init_distributed(device: str) -> tuple[int, int, str]:
-    """Join torchrun's process group (env://), or make a group of one, so one rank runs the same
-    code. gloo on CPU, NCCL on CUDA. Returns rank, world size and this rank's device."""
-    if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        if launched():
-            dist.init_process_group(backend)
-            # every rank connected before any goes on: rank 0 hosts the rendezvous store, and if it
-            # failed (and left, cli.run) while a slower rank was still connecting, that rank
-            # would print a wall of C++ warnings before failing too
-            dist.barrier()
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    if device.startswith("cuda"):
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-        torch.cuda.set_device(device)
-    else:  # ranks on one machine share its cores: without this each would start a thread per core
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    return dist.get_rank(), dist.get_world_size(), device
 
 
 def checkpoint_or_default(ckpt: str | None) -> Path:

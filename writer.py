@@ -108,15 +108,15 @@ def _written_files(folder: Path) -> set[str]:
 def check_output_file(path: str | Path, inputs=(), flag: str = "--json", kind: str | None = None) -> Path:
     """A file a script is about to write (a report, a training state), refused in one line before any
     work: it is an input, holds one or lies inside one (a checkpoint folder); it is a folder; or it
-    exists and is not of `kind` ("torch": a torch.save archive, such as a state file)."""
+    exists and is not of `kind` ("state": a folder of torch.distributed.checkpoint shards, its
+    .metadata index in it, which finetune.py writes over as training goes)."""
     path = Path(os.path.abspath(path))
     _overlaps(path, inputs, flag)
-    if path.is_dir():
+    if kind == "state":
+        if path.exists() and not (path.is_dir() and (path / ".metadata").is_file()):
+            raise UserError(f"{flag} {path} exists and is not a training state: choose another name")
+    elif path.is_dir():
         raise UserError(f"{flag} {path} is a folder; give a file name")
-    if kind == "torch" and path.exists():
-        import zipfile
-        if not zipfile.is_zipfile(path) or not any(n.endswith("/data.pkl") for n in zipfile.ZipFile(path).namelist()):
-            raise UserError(f"{flag} {path} exists and is not a training state: choose another file name")
     _creatable(path, flag)
     return path
 
@@ -299,14 +299,21 @@ class CheckpointWriter:
             _fsync(f)
         os.chmod(self.tmp, 0o755)  # mkdtemp made it private; the result is an ordinary folder
         check_output(self.folder, self.inputs)
-        if self.folder.is_dir() and _exchange(self.tmp, self.folder):
-            shutil.rmtree(self.tmp, ignore_errors=True)  # the old output, now under the temporary name
-        else:  # no earlier output, or no atomic exchange here: the old one waits aside until the new one is in
-            if self.folder.is_dir():
-                os.replace(self.folder, self.tmp.with_name(self.tmp.name + "-old"))
-            os.replace(self.tmp, self.folder)
-            shutil.rmtree(self.tmp.with_name(self.tmp.name + "-old"), ignore_errors=True)
-        _fsync(self.folder.parent)
+        put_in_place(self.tmp, self.folder)
+
+
+def put_in_place(staged: Path, folder: Path):
+    """Move the complete folder `staged` to `folder` in one step: an earlier `folder` is swapped out
+    and then removed, so a kill at any moment leaves the old folder or the new one, whole."""
+    if folder.is_dir() and _exchange(staged, folder):
+        shutil.rmtree(staged, ignore_errors=True)  # the old folder, now under the staged name
+    else:  # no earlier folder, or no atomic exchange here: the old one waits aside until the new one is in
+        old = staged.with_name(staged.name + "-old")
+        if folder.is_dir():
+            os.replace(folder, old)
+        os.replace(staged, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync(folder.parent)
 
 
 def write_model(model, source: Path, out: Path, dtype: torch.dtype, record: dict, inputs=(), finish=None):
@@ -329,10 +336,11 @@ def write_model(model, source: Path, out: Path, dtype: torch.dtype, record: dict
 
 
 def write_random_checkpoint(out: Path, config: dict, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                            std: float = 0.02):
+                            std: float = 0.02, tokenizer_from: Path | None = None):
     """A checkpoint of `config` (a config.json as a dict) with random weights: matrices N(0, std^2),
     norm weights 1, biases and the router's correction bias 0. Written tensor by tensor (memory: one
-    tensor), with no tokenizer. For timing and memory at a real model's shape; its outputs mean nothing."""
+    tensor), with the tokenizer files of `tokenizer_from` if given. For timing and memory at a real
+    model's shape; its outputs mean nothing."""
     args = args_from_config(config)
     g = torch.Generator().manual_seed(seed)
     with CheckpointWriter(out, {**config, "torch_dtype": str(dtype).removeprefix("torch.")}, args) as writer:
@@ -344,4 +352,4 @@ def write_random_checkpoint(out: Path, config: dict, dtype: torch.dtype = torch.
             else:
                 t = torch.empty(shape).normal_(0, std, generator=g)
             writer.add(ours, t.to(float32_or(ours, dtype)))
-        writer.commit()
+        writer.commit(tokenizer_from)
