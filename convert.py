@@ -73,6 +73,11 @@ from cli import UserError, pick_device, pick_dtype, run
 from model import Block, ModelArgs, Transformer, rope_frequencies, rope_table
 from writer import CheckpointWriter, check_output
 
+# the precision of the statistics and fits (second moments, eigendecompositions, least squares):
+# float64, since the eigenvalues they rank span ten or more orders of magnitude; docs/fit_precision.py
+# measures what float32 would change (docs/convert_cost.md)
+FIT = torch.float64
+
 # RMS of the latent before its (stock, unavoidable) RMSNorm, far enough below sqrt(eps) = 1e-3 that
 # the norm is linear, high enough that float16 and 8-bit blocks hold it (docs/latent_scale.md): the
 # norm then divides by sqrt(eps + s^2) instead of sqrt(eps), off by s^2 / (2 eps) = 0.045% for a token
@@ -113,8 +118,8 @@ class LayerMLA:
 
 def _affine(linear: torch.nn.Linear) -> torch.Tensor:
     """[W | b] as one float64 matrix acting on x1 = [x ; 1]."""
-    w = linear.weight.double()
-    b = linear.bias.double() if linear.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    w = linear.weight.to(FIT)
+    b = linear.bias.to(FIT) if linear.bias is not None else torch.zeros(w.shape[0], dtype=FIT)
     return torch.cat([w, b[:, None]], dim=1)
 
 
@@ -139,16 +144,16 @@ def gqa_as_mla(attn, n_kv: int, d_h: int) -> LayerMLA:
     im = wk[:, half:].transpose(0, 1).reshape(half * n_kv, -1)
     pairs = [f for f in range(half) for _ in range(n_kv)]
     L = n_kv * d_h
-    qmap = torch.zeros(H, L, d_h, dtype=torch.float64)
-    uv = torch.zeros(H, d_h, L, dtype=torch.float64)
+    qmap = torch.zeros(H, L, d_h, dtype=FIT)
+    uv = torch.zeros(H, d_h, L, dtype=FIT)
     for h in range(H):
         j = h // g  # the KV head this query head reads
         for f in range(half):
             qmap[h, f * n_kv + j, f] = 1.0
             qmap[h, L // 2 + f * n_kv + j, half + f] = 1.0
-        uv[h, :, j * d_h:(j + 1) * d_h] = torch.eye(d_h, dtype=torch.float64)
+        uv[h, :, j * d_h:(j + 1) * d_h] = torch.eye(d_h, dtype=FIT)
     return LayerMLA(wq=wq, qmap=qmap, kpe=torch.cat([re, im]), pairs=pairs, lat=wv, n_lat_k=0,
-                    uk=torch.zeros(H, d_h, L, dtype=torch.float64), uv=uv)
+                    uk=torch.zeros(H, d_h, L, dtype=FIT), uv=uv)
 
 
 # ----------------------------------------------------------------------------- step 2
@@ -200,7 +205,7 @@ def rorope(layer: LayerMLA, cov: torch.Tensor, rope_dim: int, freqfold: int, n_k
     return replace(layer, kpe=kpe, qmap=qmap, pairs=pairs,
                    lat=torch.cat([k_drop, layer.lat]), n_lat_k=n,
                    uk=torch.cat([q_drop.transpose(1, 2), layer.uk], 2),
-                   uv=torch.cat([torch.zeros(H, layer.uv.shape[1], n, dtype=torch.float64), layer.uv], 2))
+                   uv=torch.cat([torch.zeros(H, layer.uv.shape[1], n, dtype=FIT), layer.uv], 2))
 
 
 def score_basis(ck: torch.Tensor, cq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,7 +230,7 @@ def bkv_pca(layer: LayerMLA, cov: torch.Tensor, rank: int) -> LayerMLA:
     if layer.n_lat_k:  # keys are larger than values: without balancing they would own the PCA
         norm = lambda m: torch.einsum("id,de,ie->i", m, cov, m).clamp_min(0).sqrt().mean()
         alpha = (norm(k) / norm(v)).item()
-    scale = torch.ones(layer.lat.shape[0], dtype=torch.float64)
+    scale = torch.ones(layer.lat.shape[0], dtype=FIT)
     scale[: layer.n_lat_k] = 1 / alpha
     z = scale[:, None] * layer.lat
     W = top_eigvecs(z @ cov @ z.T, rank)  # (R_old, rank)
@@ -240,13 +245,13 @@ def attention_pca(layer: LayerMLA, cov: torch.Tensor, rank: int, wo: torch.Tenso
     the total, as BKV balances keys against values. Exact at full rank."""
     H, d_h, n = layer.uk.shape
     cq = torch.einsum("hid,de,hje->hij", layer.wq, cov, layer.wq)  # (H, d_h, d_h): E[q_h q_h^T]
-    wo_h = wo.double().view(-1, H, d_h).transpose(0, 1)  # (H, D, d_v): head h's columns of W_O
+    wo_h = wo.to(FIT).view(-1, H, d_h).transpose(0, 1)  # (H, D, d_v): head h's columns of W_O
     gk = torch.einsum("hia,hij,hjb->ab", layer.uk, cq, layer.uk)  # (n, n)
     gv = torch.einsum("hia,hij,hjb->ab", layer.uv, wo_h.transpose(1, 2) @ wo_h, layer.uv)
     c = layer.lat @ cov @ layer.lat.T  # (n, n): second moment of the latent
     # (a term nothing reads, as under an all-zero o_proj, has no share; with neither, plain PCA)
     terms = [t / share for t in (gk, gv) if (share := (t * c).sum()) > 0]
-    g = sum(terms) if terms else torch.eye(n, dtype=torch.float64)
+    g = sum(terms) if terms else torch.eye(n, dtype=FIT)
     e, E = torch.linalg.eigh(g)
     e = e.clamp_min(e.max() * 1e-10)  # directions nothing reads: cheap to keep, free to drop
     g_half, g_inv_half = (E * e.sqrt()) @ E.T, (E / e.sqrt()) @ E.T
@@ -276,24 +281,24 @@ def to_deepseek(layer: LayerMLA, attn, cov: torch.Tensor, q_lora_rank: int, bias
             P = top_eigvecs(q @ cov @ q.T, q_lora_rank)  # (n_q, Q)
             qa, qb = P.T @ q, P
         elif D + 1 <= q.shape[0]:  # exact: q latent = [x ; 1], its constant channel carries the bias
-            qa, qb = torch.eye(D + 1, dtype=torch.float64), q
+            qa, qb = torch.eye(D + 1, dtype=FIT), q
         else:
-            qa, qb = q, torch.eye(q.shape[0], dtype=torch.float64)
+            qa, qb = q, torch.eye(q.shape[0], dtype=FIT)
         s = latent_rms / _rms(qa, cov)
         p["wq_a.weight"], p["wq_a.bias"] = s * qa[:, :D], s * qa[:, D]
-        p["q_norm.weight"] = torch.full((qa.shape[0],), math.sqrt(eps) / s, dtype=torch.float64)
+        p["q_norm.weight"] = torch.full((qa.shape[0],), math.sqrt(eps) / s, dtype=FIT)
         p["wq_b.weight"] = qb
     else:
         p["wq.weight"] = q[:, :D]
     s = latent_rms / _rms(layer.lat, cov)
     kv_a = torch.cat([s * layer.lat, layer.kpe])
     p["wkv_a.weight"] = kv_a[:, :D]
-    p["kv_norm.weight"] = torch.full((layer.lat.shape[0],), math.sqrt(eps) / s, dtype=torch.float64)
+    p["kv_norm.weight"] = torch.full((layer.lat.shape[0],), math.sqrt(eps) / s, dtype=FIT)
     p["wkv_b.weight"] = torch.cat([layer.uk, layer.uv], 1).reshape(-1, layer.lat.shape[0])
-    p["wo.weight"] = attn.wo.weight.double()
+    p["wo.weight"] = attn.wo.weight.to(FIT)
     if bias:  # stock DeepSeek's attention_bias covers q_a_proj, kv_a_proj_with_mqa and o_proj alike
         p["wkv_a.bias"] = kv_a[:, D]
-        p["wo.bias"] = attn.wo.bias.double() if attn.wo.bias is not None else torch.zeros(D, dtype=torch.float64)
+        p["wo.bias"] = attn.wo.bias.to(FIT) if attn.wo.bias is not None else torch.zeros(D, dtype=FIT)
     elif q_lora_rank:
         del p["wq_a.bias"]  # zero anyway: the source has no biases
     return p
@@ -341,10 +346,10 @@ def calibration_samples(documents: list[str], tokenizer, length: int, max_sample
 
 def second_moments(norm, h: torch.Tensor) -> torch.Tensor:
     """E[x1 x1^T] in float64, x1 = [norm(h) ; 1]: every statistic the steps need, since each map is linear in x1."""
-    cov = torch.zeros(h.shape[-1] + 1, h.shape[-1] + 1, dtype=torch.float64)
+    cov = torch.zeros(h.shape[-1] + 1, h.shape[-1] + 1, dtype=FIT)
     for b in range(0, len(h), 8):
-        x = norm(h[b:b + 8]).reshape(-1, h.shape[-1]).double()
-        x1 = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+        x = norm(h[b:b + 8]).reshape(-1, h.shape[-1]).to(FIT)
+        x1 = torch.cat([x, torch.ones(len(x), 1, dtype=FIT)], 1)
         cov += x1.T @ x1
     return cov / (h.shape[0] * h.shape[1])
 
@@ -359,17 +364,17 @@ def refit_output(block: Block, converted: Block, h: torch.Tensor, rope_gqa: tupl
     seen = []
     hook = attn.wo.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
     n = attn.wo.weight.shape[1]
-    own, cross = torch.zeros(n, n, dtype=torch.float64), torch.zeros(attn.wo.weight.shape[0], n, dtype=torch.float64)
+    own, cross = torch.zeros(n, n, dtype=FIT), torch.zeros(attn.wo.weight.shape[0], n, dtype=FIT)
     for b in range(0, len(h), 8):
         want = block.attention(block.attention_norm(h[b:b + 8]), *rope_gqa, mask)  # (B, T, D)
         attn(converted.attention_norm(h[b:b + 8]), *rope, mask)  # its input scaled (balance_input)
         if attn.wo.bias is not None:  # the bias stays; the weight fits the rest
             want = want - attn.wo.bias
-        v = seen.pop().reshape(-1, n).double()  # (B*T, H*d_v)
+        v = seen.pop().reshape(-1, n).to(FIT)  # (B*T, H*d_v)
         own += v.T @ v
-        cross += want.reshape(-1, want.shape[-1]).double().T @ v
+        cross += want.reshape(-1, want.shape[-1]).to(FIT).T @ v
     hook.remove()
-    ridge = damp * own.diagonal().mean() * torch.eye(n, dtype=torch.float64)
+    ridge = damp * own.diagonal().mean() * torch.eye(n, dtype=FIT)
     return torch.linalg.solve(own + ridge, cross.T).T
 
 
@@ -791,6 +796,9 @@ def main():
           + f" ({len(calib)} samples x {args.calib_len} tokens: {need['hidden'] / 2**30:.2f} GiB of activations); "
           f"{free / 2**30:.1f} GiB free there; the time follows the first layer", file=sys.stderr)
     check_fits(need, free, device, len(calib), args.calib_len)
+    if need["host"] > available_memory("cpu"):  # the writer's share, on the CPU
+        raise UserError(f"writing the output needs about {need['host'] / 2**30:.1f} GiB of CPU memory, "
+                        f"{available_memory('cpu') / 2**30:.1f} GiB is free")
     rss_before = peak_rss_mb()
     report["estimate"] = {"peak_mb": round(need["device"] / 2**20 + (rss_before if device.startswith("cpu") else 0))}
     before, after = 2 * a.n_kv_heads * a.head_dim, args.kv_lora_rank + args.rope_dim
@@ -800,17 +808,24 @@ def main():
     bar = tqdm(total=a.n_layers, desc="calibrate + convert", unit="layer", file=sys.stderr)
     t_layers = time.perf_counter()
 
+    done_at = []  # perf_counter at the end of each of the first two layers
+
     def progress():
-        """Layers done, time per layer and the expected end (tqdm's bar); after the first layer, the
-        whole run's time from it."""
+        """Layers done, time per layer and the expected end (tqdm's bar); after the second layer (the
+        first pays one-time costs: allocations, kernels' first calls), the whole run's time: the
+        set-up and the first layer as they took, every other layer as the second."""
         bar.update()
-        if bar.n == 1:
-            now = time.perf_counter()
-            total = (t_layers - t_start) + (now - t_layers) * a.n_layers
+        if len(done_at) < 2:
+            done_at.append(time.perf_counter())
+        if bar.n == min(2, a.n_layers):
+            now = done_at[-1]
+            first = done_at[0] - t_layers
+            later = now - done_at[0] if len(done_at) == 2 else first
+            total = (t_layers - t_start) + first + later * (a.n_layers - 1)
             report["estimate"]["seconds"] = round(total, 1)
             end = time.strftime("%H:%M:%S", time.localtime(time.time() + total - (now - t_start)))
-            bar.write(f"layer 0 took {now - t_layers:.1f} s: about {total / 60:.1f} min for all {a.n_layers} layers "
-                      f"(before the evaluation), done about {end}", file=sys.stderr)
+            bar.write(f"layer 0 took {first:.1f} s, layer 1 {later:.1f} s: about {total / 60:.1f} min for all "
+                      f"{a.n_layers} layers (before the evaluation), done about {end}", file=sys.stderr)
 
     def finish(staged: Path, config: dict) -> dict:
         """The report, written into the folder before it is put in place (evaluated on it where it stands)."""

