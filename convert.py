@@ -794,7 +794,7 @@ def main():
     print(f"cost: about {need['device'] / 2**30:.2f} GiB at the peak on {device}"
           + (f" and {need['host'] / 2**30:.2f} GiB on the CPU" if need["host"] else "")
           + f" ({len(calib)} samples x {args.calib_len} tokens: {need['hidden'] / 2**30:.2f} GiB of activations); "
-          f"{free / 2**30:.1f} GiB free there; the time follows the first layer", file=sys.stderr)
+          f"{free / 2**30:.1f} GiB free there; the time follows after two layers", file=sys.stderr)
     check_fits(need, free, device, len(calib), args.calib_len)
     if need["host"] > available_memory("cpu"):  # the writer's share, on the CPU
         raise UserError(f"writing the output needs about {need['host'] / 2**30:.1f} GiB of CPU memory, "

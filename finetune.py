@@ -559,8 +559,10 @@ def main():
     state_path = Path(args.state) if args.state else out.with_name(out.name + ".state")
     state = None
     if args.resume:
-        if not state_path.is_dir():
+        if not state_path.exists():
             raise UserError(f"--resume: no state folder {state_path}")
+        if not state_path.is_dir():
+            raise UserError(f"--resume: {state_path} is not a training state of finetune.py (a file)")
         state = read_state(state_path)
         for k in SETTINGS:  # the run continues as it was started
             setattr(args, k, state["settings"].get(k, p.get_default(k)))  # a setting added since: its default
