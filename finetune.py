@@ -537,8 +537,6 @@ def main():
                                    "on CPUs with bf16 matmuls, float32 on others)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core; 1 if another job holds a core)")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     rank, world, device = init_distributed(pick_device(args.device))  # a group of one without torchrun
     if args.threads:  # init_distributed shares the cores between the ranks; an explicit --threads wins
         torch.set_num_threads(args.threads)
