@@ -17,12 +17,14 @@ point gets its roofline bound: a step must read every weight once and the whole 
 throughput); roofline_ms is the larger. With --transformers, its Llama (GQA at 8K) and
 DeepSeek-V3 (MLA at 16K) code run the same weights in the same run, the baseline users have today.
 
-Repeatable ratios: both models are loaded, then --rounds rounds (3) time every point of both,
-in alternating order; each point gets a warm-up to steady state; a point's figure is the median
-over the rounds with its range, and each speed-up is computed per round (median and range).
-Naive MLA and the prefills run after the rounds. The memory bandwidth is measured at the start
-and the end; a warning says when they differ by more than 15%, or when a speed-up's range over
-the rounds is wider than its distance from 1 (the machine was too busy to tell).
+Repeatable ratios: both models are loaded, then --rounds rounds (3) time every point; at each
+point the two models' decode steps alternate one by one (GQA, MLA, MLA, GQA, ...) after a warm-up
+that reaches steady state, so the machine slowing down for a second slows both, and a round's
+speed-up is the median over its pairs of steps. A point's ms/token is the median over the rounds
+with its range; so is its speed-up. Naive MLA and the prefills run after the rounds. The memory
+bandwidth is measured at the start and the end; a warning says when they differ by more than
+15%, or when a speed-up's range over the rounds is wider than its distance from 1 (the machine
+was too busy to tell).
 
 Perplexity protocol (the same everywhere in this project, and the one the published
 comparison used): tokenize the text without BOS, cut it into non-overlapping windows of
@@ -40,7 +42,6 @@ The last stdout line is one JSON object (also written to --json).
 import argparse
 import importlib.util
 import json
-import math
 import os
 import resource
 import statistics
@@ -174,38 +175,65 @@ def fill_cache(model, context: int):
 
 
 @torch.no_grad()
-def time_decode(step, model, context: int, batch: int, steps: int, device: str, budget_s: float = 20.0,
-                lockstep: bool = False) -> float:
-    """Median ms of one decode step with `context` tokens already cached, after a warm-up that
-    reaches steady state: at least 2 steps (the first compiles, when compiling) and until two in a
-    row agree within 10% (at most 8), so what ran before (another model's caches, a compile)
-    is not timed. lockstep (ranks of one model under torchrun, whose collectives must match):
-    exactly 3 warm-up steps and all `steps`, whatever the clock says."""
-    model.setup_caches(batch, context + steps + 10)
-    fill_cache(model, context)
-    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
-    times, warm, pos = [], [], context
+def time_decode(step, models: list, context: int, batch: int, steps: int, device: str, budget_s: float = 20.0,
+                lockstep: bool = False) -> list[list[float]]:
+    """ms of single decode steps, `context` tokens already cached, of each of `models` (given
+    as a list, so that one model may appear once), their steps alternating one by one (A B, B A,
+    A B, ...): a change of the machine's speed, within seconds, falls on all of them alike, and
+    the i-th steps of two models form a pair. First a warm-up that reaches steady state: at least
+    2 steps of each (the first compiles, when compiling) and until every model's last two agree
+    within 10% (at most 8), so what ran before (other caches, a compile) is not timed. Then
+    `steps` timed steps of each, fewer for slow points (naive MLA at long context) once
+    `budget_s` is spent. lockstep (ranks of one model under torchrun, whose collectives must
+    match): exactly 3 warm-up steps and all `steps`, whatever the clock says.
+    Returns each model's list of ms, in order."""
+    for model in models:
+        model.setup_caches(batch, context + steps + 10)
+        fill_cache(model, context)
+    token = [torch.zeros(batch, 1, dtype=torch.long, device=device) for _ in models]
+    pos = [context] * len(models)
+    graphs = device.startswith("cuda")  # CUDA graphs reuse their outputs: say a new step begins
 
-    def one():
-        nonlocal token, pos
+    def one(i):
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         sync(device)
         t0 = time.perf_counter()
-        token = step(model, token, torch.tensor([pos], device=device), 0.0, None).clone()
+        token[i] = step(models[i], token[i], torch.tensor([pos[i]], device=device), 0.0, None).clone()
         sync(device)
-        pos += 1
+        pos[i] += 1
         return time.perf_counter() - t0
-    if lockstep:
-        warm, budget_s = [one() for _ in range(3)], math.inf
-    while not lockstep and (len(warm) < 2 or (len(warm) < 8 and abs(warm[-1] / warm[-2] - 1) > 0.1)):
-        warm.append(one())
-        if sum(warm) > budget_s and len(warm) >= 2:  # slow points (naive MLA at long context)
+
+    rounds = 0
+
+    def round_():  # one step of each model; every other round in the reverse order
+        nonlocal rounds
+        out = [0.0] * len(models)
+        for i in range(len(models)) if rounds % 2 == 0 else reversed(range(len(models))):
+            out[i] = one(i)
+        rounds += 1
+        return out
+
+    def steady(warm):
+        return len(warm) >= 2 and all(abs(b / a - 1) <= 0.1 for a, b in zip(warm[-2], warm[-1]))
+    warm = [round_() for _ in range(3)] if lockstep else []
+    while not lockstep and not steady(warm) and len(warm) < 8:
+        warm.append(round_())
+        if sum(map(sum, warm)) > budget_s and len(warm) >= 2:
             break
+    times = []
     for _ in range(steps):
-        times.append(one())
-        if len(times) >= 3 and sum(times) > budget_s:
+        times.append(round_())
+        if not lockstep and len(times) >= 3 and sum(map(sum, times)) > budget_s:
             break
-    model.clear_caches()
-    return 1e3 * statistics.median(times)
+    for model in models:
+        model.clear_caches()
+    return [[1e3 * t[i] for t in times] for i in range(len(models))]
+
+
+def time_decode_ms(step, model, context: int, batch: int, steps: int, device: str) -> float:
+    """Median ms of one model's decode step (time_decode with one model)."""
+    return statistics.median(time_decode(step, [model], context, batch, steps, device)[0])
 
 
 @torch.no_grad()
@@ -256,10 +284,10 @@ def transformers_decode_ms(folder: Path, context: int, batch: int, steps: int, d
 
 def speed(args, device: str, dtype: torch.dtype) -> dict:
     """GQA against its MLA conversion, decode ms/token at every (batch, context): both models
-    loaded first, then --rounds rounds over every point, GQA and MLA absorbed (eager, and
-    compiled with --compile) in alternating order, so neither always runs after the other. Each
-    point: median and range over the rounds; each speed-up computed per round, then its median
-    and range. Naive MLA, the slow reference, runs once per point after the rounds, and the
+    loaded first, then --rounds rounds over every point (eager, and compiled with --compile),
+    each timing GQA's and MLA absorbed's decode steps alternately, one by one (time_decode). Each
+    point: median and range over the rounds; each speed-up is the median over a round's pairs of
+    steps, then its median and range over the rounds. Naive MLA, the slow reference, runs once per point after the rounds, and the
     prefills last, so their multi-gigabyte expansions cannot slow what is compared."""
     from generate import compile_decode_step, decode_one_token
     gqa_folder = default_or(args.baseline)
@@ -291,23 +319,27 @@ def speed(args, device: str, dtype: torch.dtype) -> dict:
     if args.compile:
         torch._dynamo.config.cache_size_limit = 256  # one graph per cache shape, by design
         steps["compiled"] = compile_decode_step(device)
-    compared = [(label, mode) for mode in steps for label in ("gqa", "mla_absorbed")]
-    times = {}
+    times, ratios = {}, {}
     for rnd in range(args.rounds):
         for batch in batches:
             for context in contexts:
-                for label, mode in compared if rnd % 2 == 0 else compared[::-1]:
-                    model = models["gqa" if label == "gqa" else "mla"]
-                    ms = time_decode(steps[mode], model, context, batch, args.new_tokens, device)
-                    times.setdefault((label, batch, context, mode), []).append(ms)
-                    print(f"round {rnd + 1}/{args.rounds}: {label} {mode} batch {batch} context {context}: "
-                          f"{ms:.1f} ms/token", file=sys.stderr)
+                for mode in steps if rnd % 2 == 0 else list(steps)[::-1]:
+                    # GQA and MLA absorbed step by step, alternating: each pair saw the same machine
+                    gqa, mla = time_decode(steps[mode], [models["gqa"], models["mla"]], context, batch,
+                                           args.new_tokens, device)
+                    times.setdefault(("gqa", batch, context, mode), []).append(statistics.median(gqa))
+                    times.setdefault(("mla_absorbed", batch, context, mode), []).append(statistics.median(mla))
+                    ratio = statistics.median(g / m for g, m in zip(gqa, mla))
+                    ratios.setdefault((batch, context, mode), []).append(ratio)
+                    print(f"round {rnd + 1}/{args.rounds}: {mode} batch {batch} context {context}: gqa "
+                          f"{statistics.median(gqa):.1f}, mla_absorbed {statistics.median(mla):.1f} ms/token, "
+                          f"{ratio:.2f}x", file=sys.stderr)
     bw_end = memory_bandwidth(device)
     result["bandwidth_end_gbs"] = round(bw_end, 2)
     set_mla_impl(models["mla"], "naive")  # the reference, once per point, after the rounds
     for batch in batches:
         for context in contexts:
-            ms = time_decode(decode_one_token, models["mla"], context, batch, args.new_tokens, device)
+            ms = time_decode_ms(decode_one_token, models["mla"], context, batch, args.new_tokens, device)
             times["mla_naive", batch, context, "eager"] = [ms]
             print(f"mla_naive eager batch {batch} context {context}: {ms:.1f} ms/token", file=sys.stderr)
     for name, model in models.items():
@@ -341,9 +373,7 @@ def speed(args, device: str, dtype: torch.dtype) -> dict:
     for mode in steps:
         for batch in batches:
             for context in contexts:
-                ratios = [g / m for g, m in zip(times["gqa", batch, context, mode],
-                                                times["mla_absorbed", batch, context, mode])]
-                s_ = spread(ratios)
+                s_ = spread(ratios[batch, context, mode])
                 result.setdefault("speedup", []).append({"batch": batch, "context": context, "compiled": mode == "compiled",
                                                          "measured": s_["median"], "min": s_["min"], "max": s_["max"]})
                 if args.rounds > 1 and s_["max"] - s_["min"] > abs(s_["median"] - 1):
@@ -360,7 +390,7 @@ def speed(args, device: str, dtype: torch.dtype) -> dict:
             if mine is None:  # not on the grid: measure ours at the same point
                 model = models["gqa" if ours == "gqa" else "mla"]
                 set_mla_impl(model, "absorb")
-                mine = time_decode(decode_one_token, model, context, 1, args.new_tokens, device)
+                mine = time_decode_ms(decode_one_token, model, context, 1, args.new_tokens, device)
             result["transformers"].append({"model": kind, "context": context, "batch": 1,
                                            "ms_per_token": round(theirs, 1), "ours_ms_per_token": round(mine, 1),
                                            "speedup": round(theirs / mine, 2)})
@@ -424,15 +454,20 @@ def tp_speed(args, device: str, dtype: torch.dtype) -> dict:
                 say(f"rank {h['rank']}: weights {h['param_bytes'] / 1e9:.2f} GB ({h['param_bytes'] / whole:.0%} of the "
                     f"checkpoint's {whole / 1e9:.2f} GB), peak memory after loading {h['peak_rss_mb'] / 1e3:.2f} GB")
     times = {(mode, b, c): [] for mode in modes for b in batches for c in contexts}
+    ratios = {(b, c): [] for b in batches for c in contexts}
     for rnd in range(args.rounds):
         for batch in batches:
             for context in contexts:
-                for mode in modes if rnd % 2 == 0 else modes[::-1]:
-                    ms = time_decode(decode_one_token, models[mode], context, batch, args.new_tokens, device,
-                                     lockstep=True)
-                    times[mode, batch, context].append(ms)
-                    say(f"round {rnd + 1}/{args.rounds}: {mode:<6} batch {batch} context {context}: {ms:.1f} ms/token",
-                        file=sys.stderr)
+                # the modes step by step, alternating: each pair of steps saw the same machine
+                order = modes if rnd % 2 == 0 else modes[::-1]
+                ms = dict(zip(order, time_decode(decode_one_token, [models[m] for m in order], context, batch,
+                                                 args.new_tokens, device, lockstep=True)))
+                for mode in modes:
+                    times[mode, batch, context].append(statistics.median(ms[mode]))
+                    say(f"round {rnd + 1}/{args.rounds}: {mode:<6} batch {batch} context {context}: "
+                        f"{statistics.median(ms[mode]):.1f} ms/token", file=sys.stderr)
+                if len(modes) == 2:
+                    ratios[batch, context].append(statistics.median(h / t for h, t in zip(ms["heads"], ms["tpla"])))
     dist.barrier()
     bw_end = memory_bandwidth(device)
     result["bandwidth_end_gbs"] = round(bw_end, 2)
@@ -459,8 +494,7 @@ def tp_speed(args, device: str, dtype: torch.dtype) -> dict:
         for context in contexts:
             if len(modes) < 2:
                 continue
-            ratios = [h / t for h, t in zip(times["heads", batch, context], times["tpla", batch, context])]
-            s_ = spread(ratios)
+            s_ = spread(ratios[batch, context])
             m = step_bytes(models["heads"], context, batch) / step_bytes(models["tpla"], context, batch)
             f = step_flops(models["heads"], context, batch) / step_flops(models["tpla"], context, batch)
             result.setdefault("tpla_speedup", []).append({"batch": batch, "context": context, "measured": s_["median"],

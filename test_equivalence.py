@@ -350,6 +350,27 @@ def test_bench_speed_runs_and_reports(tiny, tmp_path):
     assert step_flops(model, 48, 2) - step_flops(model, 16, 2) == 2 * 2 * 32 * 2 * 2 * 4 * 16
 
 
+def test_bench_time_decode_alternates_single_steps(tiny):
+    """time_decode at one point: the models' steps alternate one by one (A B, B A, A B, ...), each
+    model decodes at its own next position from `context` on, every model gets `steps` timed steps
+    after its warm-up, and the caches are freed after."""
+    from bench import time_decode
+    from generate import decode_one_token
+    models = [load_model(tiny[name][0])[0] for name in ("llama", "deepseek_v3")]
+    calls = []
+
+    def step(model, token, pos, temperature, top_k):
+        calls.append((models.index(model), int(pos)))
+        return decode_one_token(model, token, pos, temperature, top_k)
+    ms = time_decode(step, models, 40, 2, 5, "cpu", lockstep=True)  # lockstep: 3 warm-up rounds, 5 timed
+    print(calls)
+    assert [len(m) for m in ms] == [5, 5] and all(t > 0 for m in ms for t in m)
+    assert [i for i, _ in calls] == [0, 1, 1, 0] * 4
+    for i in (0, 1):
+        assert [pos for j, pos in calls if j == i] == list(range(40, 48))
+    assert all(layer.attention.cache is None for m in models for layer in m.layers)
+
+
 def test_gpu_check_dry_run_on_cpu(tiny, tmp_path):
     """docs/gpu_check.sh, the script a GPU session runs unchanged, run here end to end with
     --device cpu and tiny sizes: the install check, fetch.py, bench.py with its cuda flags
