@@ -22,8 +22,8 @@ point the two models' decode steps alternate one by one (GQA, MLA, MLA, GQA, ...
 that reaches steady state, so the machine slowing down for a second slows both, and a round's
 speed-up is the median over its pairs of steps. A point's ms/token is the median over the rounds
 with its range; so is its speed-up. Naive MLA and the prefills run after the rounds. The memory
-bandwidth is measured at the start and the end; a warning says when they differ by more than
-15%, or when a speed-up's range over the rounds is wider than its distance from 1 (the machine
+bandwidth and the matmul rate are measured at the start and the end; a warning says when either
+moved by more than 15%, or when a speed-up's range over the rounds is wider than its distance from 1 (the machine
 was too busy to tell).
 
 Perplexity protocol (the same everywhere in this project, and the one the published
@@ -37,7 +37,8 @@ token, 2 shared, a dense first layer) with random weights, written once under as
 (nothing can be downloaded here; decode time does not depend on the values). Each rank's
 weights and peak memory after loading are reported against the whole checkpoint's size.
 
-The last stdout line is one JSON object (also written to --json).
+The last stdout line is one JSON object with the headline figures (perplexity; each speed-up,
+median and range); --json FILE writes the whole record (every point, the machine, the roofline).
 """
 import argparse
 import importlib.util
@@ -54,7 +55,7 @@ import torch
 import tpla
 from checkpoint import args_from_config, load_model, read_config
 from cli import UserError, init_distributed, launched, pick_device, pick_dtype, run
-from evaluate import perplexity
+from evaluate import WindowBar, perplexity
 from fetch import SYNTHETIC, default_or, ensure_default_conversion, ensure_synthetic, read_text
 from model import MLA, MoE, Router
 from writer import check_output_file
@@ -334,8 +335,7 @@ def speed(args, device: str, dtype: torch.dtype) -> dict:
                     print(f"round {rnd + 1}/{args.rounds}: {mode} batch {batch} context {context}: gqa "
                           f"{statistics.median(gqa):.1f}, mla_absorbed {statistics.median(mla):.1f} ms/token, "
                           f"{ratio:.2f}x", file=sys.stderr)
-    bw_end = memory_bandwidth(device)
-    result["bandwidth_end_gbs"] = round(bw_end, 2)
+    warnings = machine_drift(result, device, dtype)  # measured again, now that the compared points are done
     set_mla_impl(models["mla"], "naive")  # the reference, once per point, after the rounds
     for batch in batches:
         for context in contexts:
@@ -367,9 +367,6 @@ def speed(args, device: str, dtype: torch.dtype) -> dict:
         rows.append(f"{label:<13}{batch:>6}{context:>9}{mode:>10}{s_['median']:>10.1f}"
                     f"{s_['min']:>8.1f}-{s_['max']:<8.1f}{mem_ms:>11.1f}{comp_ms:>12.1f}{s_['median'] / roof:>12.2f}"
                     f"{cache_mb:>10.0f}")
-    warnings = []
-    if abs(bw_end / bw - 1) > 0.15:
-        warnings.append(f"memory bandwidth moved from {bw:.1f} to {bw_end:.1f} GB/s during the run: a busy machine?")
     for mode in steps:
         for batch in batches:
             for context in contexts:
@@ -407,6 +404,21 @@ def speed(args, device: str, dtype: torch.dtype) -> dict:
     return result
 
 
+def machine_drift(result: dict, device: str, dtype: torch.dtype, limit: float = 0.15) -> list[str]:
+    """Measure the memory bandwidth and the matmul rate again at the end of a run (into result's
+    bandwidth_end_gbs, matmul_end_gflops) and warn where either moved by more than `limit` from
+    the start: other work on the machine took its share while the points were timed."""
+    bw, flops = memory_bandwidth(device), matmul_throughput(device, dtype)
+    result.update(bandwidth_end_gbs=round(bw, 2), matmul_end_gflops=round(flops, 1))
+    warnings = []
+    for what, start, end, unit in (("memory bandwidth", result["bandwidth_gbs"], bw, "GB/s"),
+                                   ("matmul rate", result["matmul_gflops"], flops, "GFLOP/s")):
+        if abs(end / start - 1) > limit:
+            warnings.append(f"the {what} moved from {start:.1f} to {end:.1f} {unit} during the run: "
+                            f"a busy machine? the timings may not mean much")
+    return warnings
+
+
 def spread(xs: list[float]) -> dict:
     """Median and range of repeated measurements."""
     return {"median": sig(statistics.median(xs)), "min": sig(min(xs)), "max": sig(max(xs))}
@@ -441,7 +453,10 @@ def tp_speed(args, device: str, dtype: torch.dtype) -> dict:
     for mode in modes:
         models[mode], _ = tpla.load_parallel(folder, mode, rank, world, device, dtype, args.tpla_transform,
                                              args.tpla_rope, args.tpla_rescale)
-        result["kv_bytes_per_token"][mode] = models[mode].kv_bytes_per_token()
+        per_rank = [None] * world  # heads split unevenly (SmolLM2's 3 KV heads on 2 ranks): every rank's cache
+        dist.all_gather_object(per_rank, models[mode].kv_bytes_per_token())
+        result.setdefault("kv_bytes_per_token_per_rank", {})[mode] = per_rank
+        result["kv_bytes_per_token"][mode] = max(per_rank)  # the largest rank's, which decides what fits
         result["weight_bytes"][mode] = weight_bytes(models[mode])
         if "ranks" not in result:  # what each rank holds, against the whole checkpoint, after the first load
             held = [None] * world
@@ -469,14 +484,13 @@ def tp_speed(args, device: str, dtype: torch.dtype) -> dict:
                 if len(modes) == 2:
                     ratios[batch, context].append(statistics.median(h / t for h, t in zip(ms["heads"], ms["tpla"])))
     dist.barrier()
-    bw_end = memory_bandwidth(device)
-    result["bandwidth_end_gbs"] = round(bw_end, 2)
+    warnings = machine_drift(result, device, dtype)
     rows = []
     for (mode, batch, context), ms in times.items():
         model = models[mode]
         mem_ms = step_bytes(model, context, batch) / bw / 1e6
         comp_ms = step_flops(model, context, batch) / flops / 1e6
-        cache_mb = batch * context * model.kv_bytes_per_token() / 1e6
+        cache_mb = batch * context * result["kv_bytes_per_token"][mode] / 1e6  # the largest rank's
         s_ = spread(ms)
         result["decode"].append({
             "model": mode, "context": context, "batch": batch, "compiled": False,
@@ -485,11 +499,9 @@ def tp_speed(args, device: str, dtype: torch.dtype) -> dict:
         rows.append(f"{mode:<8}{batch:>6}{context:>9}{s_['median']:>10.1f}{s_['min']:>8.1f}-{s_['max']:<8.1f}"
                     f"{mem_ms:>10.1f}{comp_ms:>12.1f}{cache_mb:>10.0f}")
     say(f"{'model':<8}{'batch':>6}{'context':>9}{'ms/token':>10}{'range':>17}{'memory_ms':>10}"
-        f"{'compute_ms':>12}{'cache MB':>10}   (per rank, {world} ranks, {args.rounds} rounds)")
+        f"{'compute_ms':>12}{'cache MB':>10}   (rank 0's times and bytes, the largest rank's cache; {world} ranks, "
+        f"{args.rounds} rounds)")
     say("\n".join(rows))
-    warnings = []
-    if abs(bw_end / bw - 1) > 0.15:
-        warnings.append(f"memory bandwidth moved from {bw:.1f} to {bw_end:.1f} GB/s during the run: a busy machine?")
     for batch in batches:
         for context in contexts:
             if len(modes) < 2:
@@ -648,7 +660,22 @@ def main():
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     if args.plot and "decode" in result:
         plot(result, args.plot)
-    print(json.dumps(result))
+    print(json.dumps(headline(result, args.json)))
+
+
+HEADLINE = ("ppl", "tokens", "ppl_decode", "tokens_decode", "tp", "world_size", "device", "dtype", "bandwidth_gbs",
+            "bandwidth_end_gbs", "kv_bytes_per_token", "speedup", "tpla_speedup", "warnings")
+
+
+def headline(result: dict, json_path: str | None) -> dict:
+    """The last stdout line: the figures a script reads (perplexity; each speed-up with its range;
+    the caches' bytes; the warnings), not every point; --json writes the whole record."""
+    keep = {k: result[k] for k in HEADLINE if k in result}
+    for key in ("speedup", "tpla_speedup"):  # not the bytes' and flops' ratios: those are in the record
+        if key in keep:
+            keep[key] = [{k: v for k, v in r.items() if k in ("batch", "context", "compiled", "measured", "min", "max")}
+                         for r in keep[key]]
+    return {**keep, "json": json_path}
 
 
 def ppl(args, device: str, dtype: torch.dtype) -> dict:
@@ -675,19 +702,16 @@ def ppl(args, device: str, dtype: torch.dtype) -> dict:
     else:
         model, folder = load_model(folder, device=device, dtype=dtype)
 
-    def progress(i, n):
-        print(f"\rwindow {i}/{n}", end="", file=sys.stderr, flush=True)
-
     t0 = time.perf_counter()
     # TPLA is exact in its prefill (MLA) form only: score the second halves by TPLA decode steps
-    result = perplexity(model, ids, args.ctx, progress if rank == 0 else None, decode_form=mode == "tpla")
+    bar = WindowBar("perplexity" + (f" ({mode} x{world})" if mode else ""), disable=rank != 0)
+    result = perplexity(model, ids, args.ctx, bar, decode_form=mode == "tpla")
     result.update(ckpt=str(folder), text=str(args.ppl), seconds=round(time.perf_counter() - t0, 1))
     if mode:
         result.update(tp=mode, world_size=world)
         if mode == "tpla":
             result.update(tpla_transform=args.tpla_transform, tpla_rope=args.tpla_rope, tpla_rescale=args.tpla_rescale)
     if rank == 0:
-        print(file=sys.stderr)
         print(f"perplexity {result['ppl']:.4f} over {result['tokens']} predicted tokens "
               f"({result['windows']} windows of {args.ctx}), {result['ppl_decode']:.4f} over the "
               f"{result['tokens_decode']} of the second halves, in {result['seconds']}s")

@@ -9,6 +9,7 @@ over every predicted token (ctx - 1 per window). convert.py reports it before an
 converting, finetune.py before and after training, bench.py --ppl on its own.
 """
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,23 @@ def perplexity(model, ids: list[int], ctx: int, progress=None, decode_form: bool
     return {"ppl": math.exp(total / n), "nll": total / n, "tokens": n,
             "ppl_decode": math.exp(total_decode / n_decode), "nll_decode": total_decode / n_decode,
             "tokens_decode": n_decode, "windows": n_windows, "ctx": ctx}
+
+
+class WindowBar:
+    """A progress callback for perplexity(): a tqdm bar on stderr (windows done of all, with an ETA),
+    made on the first call and closed on the last, so a long evaluation is never a silent minute.
+    disable: no bar (ranks other than 0)."""
+
+    def __init__(self, desc: str, disable: bool = False):
+        self.desc, self.disable, self.bar = desc, disable, None
+
+    def __call__(self, done: int, total: int):
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=self.desc, unit="window", file=sys.stderr, disable=self.disable)
+        self.bar.update(done - self.bar.n)
+        if done == total:
+            self.bar.close()
 
 
 # ----------------------------------------------------------------------------- the machine

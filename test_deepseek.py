@@ -393,9 +393,9 @@ def test_bench_tp_on_a_random_moe_checkpoint(tmp_path):
     model, _ = load_model(folder)
     assert torch.isfinite(model(_tokens())).all()
     ranks = te._launch(2, "bench.py", "--ckpt", str(folder), "--contexts", "16,32", "--batch", "2",
-                       "--new-tokens", "2", timeout=300)
+                       "--new-tokens", "2", "--json", str(tmp_path / "bench.json"), timeout=300)
     assert all(r.returncode == 0 for r in ranks), ranks[0].stderr[-2000:] + ranks[1].stderr[-2000:]
-    result = json.loads(ranks[0].stdout.strip().splitlines()[-1])
+    result = json.loads((tmp_path / "bench.json").read_text())
     print(ranks[0].stdout)
     assert {(r["model"], r["context"]) for r in result["decode"]} == {(m, c) for m in ("heads", "tpla") for c in (16, 32)}
     assert result["kv_bytes_per_token"] == {"heads": 2 * (16 + 8) * 4, "tpla": 2 * (8 + 8) * 4}

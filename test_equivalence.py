@@ -306,6 +306,12 @@ def test_user_errors(tiny, tmp_path):
     with pytest.raises(UserError, match="safetensors"):
         load_model(bad)
 
+    # a text that is missing, a folder or not UTF-8: what is wrong, in words, with no errno
+    for text, says in ((tmp_path / "nosuch.txt", "nosuch.txt: no such file"), (tmp_path, "is a folder"),
+                       (bad / "model.safetensors", "not UTF-8 text")):
+        res = _script("bench.py", "--ppl", str(text), "--ckpt", str(tiny["llama"][0]))
+        _one_clear_line(res, says)
+        assert "Errno" not in res.stderr
     _one_clear_line(_script("bench.py", "--contexts", "1k"), "comma-separated integers")
     _one_clear_line(_script("bench.py", "--batch", "0"), "must be positive")
 
@@ -321,9 +327,15 @@ def test_bench_speed_runs_and_reports(tiny, tmp_path):
                   "--contexts", "16,48", "--batch", "1,2", "--new-tokens", "2", "--prefill", "8",
                   "--compile", "--json", str(out))
     assert res.returncode == 0, res.stderr[-2000:]
-    result = json.loads(res.stdout.strip().splitlines()[-1])
-    assert result == json.loads(out.read_text())
     print(res.stdout)
+    # the last stdout line: the headline figures, one short JSON line; the whole record in --json
+    last = res.stdout.strip().splitlines()[-1]
+    result = json.loads(out.read_text())
+    assert json.loads(last) == {"device": "cpu", "dtype": "float32", "bandwidth_gbs": result["bandwidth_gbs"],
+                                "bandwidth_end_gbs": result["bandwidth_end_gbs"],
+                                "kv_bytes_per_token": result["kv_bytes_per_token"], "warnings": result["warnings"],
+                                "speedup": result["speedup"], "json": str(out)}
+    assert len(last) < 2000 + sum(map(len, result["warnings"]))
     # 2 layers x (k + v) x 2 KV heads x 16 dims x 4 bytes; 2 layers x (R = 16 + r = 8) x 4 bytes
     assert result["kv_bytes_per_token"] == {"gqa": 512, "mla": 192}
     assert result["bandwidth_gbs"] > 0 and result["matmul_gflops"] > 0 and result["latent_score_gflops"] > 0
@@ -335,7 +347,8 @@ def test_bench_speed_runs_and_reports(tiny, tmp_path):
         assert r["ms_per_token"] > 0 and r["roofline_ms"] == max(r["memory_ms"], r["compute_ms"]) > 0
         assert r["ms_min"] <= r["ms_per_token"] <= r["ms_max"]
     # 3 rounds (the default): a speed-up per (batch, context, mode), the median of the per-round ratios
-    assert result["rounds"] == 3 and result["bandwidth_end_gbs"] > 0 and isinstance(result["warnings"], list)
+    assert result["rounds"] == 3 and result["bandwidth_end_gbs"] > 0 and result["matmul_end_gflops"] > 0
+    assert isinstance(result["warnings"], list)
     assert {(r["batch"], r["context"], r["compiled"]) for r in result["speedup"]} == \
         {(b, c, comp) for b in (1, 2) for c in (16, 48) for comp in (False, True)}
     assert all(r["min"] <= r["measured"] <= r["max"] for r in result["speedup"])
@@ -752,7 +765,7 @@ def test_convert_user_errors(tiny, tmp_path):
                           (["--kv-lora-rank", "1000"], "--kv-lora-rank 1000"), (["--freqfold", "3"], "--freqfold 3")):
         _one_clear_line(_script("convert.py", *common, "--out", str(out), *extra), needle)
     _one_clear_line(_script("convert.py", *common, "--out", str(out), "--calib-text", str(tmp_path / "none.txt")),
-                    "cannot read")
+                    "none.txt: no such file")
     _one_clear_line(_script("convert.py", "--ckpt", str(tiny["deepseek_v3"][0]), "--out", str(out),
                             "--calib-text", str(calib), "--eval-text", "none"), "already MLA")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
@@ -1195,16 +1208,40 @@ def test_tp_user_errors(tp_tiny):
 
 def test_bench_tp_speed_runs(tp_tiny):
     """bench.py under 2 ranks times head-parallel and TPLA decode in one run; rank 0 reports the JSON."""
+    out = tp_tiny["mla3"].parent / "bench_tp.json"
     ranks = _launch(2, "bench.py", "--ckpt", str(tp_tiny["mla3"]), "--contexts", "16,32", "--batch", "2",
-                    "--new-tokens", "2", timeout=300)
+                    "--new-tokens", "2", "--json", str(out), timeout=300)
     assert all(r.returncode == 0 for r in ranks), ranks[0].stderr[-2000:] + ranks[1].stderr[-2000:]
     assert ranks[1].stdout == ""
     print(ranks[0].stdout)
-    result = json.loads(ranks[0].stdout.strip().splitlines()[-1])
+    result = json.loads(out.read_text())
+    last = json.loads(ranks[0].stdout.strip().splitlines()[-1])
+    assert last["tpla_speedup"] == [{k: r[k] for k in ("batch", "context", "measured", "min", "max")}
+                                    for r in result["tpla_speedup"]] and last["world_size"] == 2
     assert {(r["model"], r["context"], r["batch"]) for r in result["decode"]} == \
         {(m, c, 2) for m in ("heads", "tpla") for c in (16, 32)}
     # per rank: 2 layers x (R + r = 16 + 8) x 4 bytes whole; 2 layers x (R / 2 + r) x 4 bytes sliced
     assert result["kv_bytes_per_token"] == {"heads": 192, "tpla": 128}
+    assert result["kv_bytes_per_token_per_rank"] == {"heads": [192, 192], "tpla": [128, 128]}
+
+
+def test_bench_tp_heads_reports_every_ranks_cache(tmp_path):
+    """GQA with 3 KV heads on 2 ranks: the heads split 1 + 2, so the ranks' caches differ; bench.py
+    reports each rank's and, as the cache, the largest (what has to fit), not rank 0's."""
+    import transformers as tf
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=3,
+                         head_dim=16, intermediate_size=96, vocab_size=VOCAB, max_position_embeddings=256)
+    tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "gqa3")
+    ranks = _launch(2, "bench.py", "--ckpt", str(tmp_path / "gqa3"), "--tp", "heads", "--contexts", "16",
+                    "--batch", "1", "--new-tokens", "2", "--rounds", "1", "--json", str(tmp_path / "b.json"), timeout=300)
+    assert all(r.returncode == 0 for r in ranks), ranks[0].stderr[-2000:] + ranks[1].stderr[-2000:]
+    result = json.loads((tmp_path / "b.json").read_text())
+    print(ranks[0].stdout)
+    # 2 layers x (k + v) x KV heads x 16 dims x 4 bytes: rank 0 holds 1 KV head, rank 1 two
+    assert result["kv_bytes_per_token_per_rank"] == {"heads": [256, 512]}
+    assert result["kv_bytes_per_token"] == {"heads": 512}
+    assert result["decode"][0]["cache_mb"] == 16 * 512 / 1e6
 
 
 # ----------------------------------------------------------------------------- fine-tuning (finetune.py)
