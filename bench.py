@@ -44,7 +44,6 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -54,7 +53,7 @@ import torch
 
 import tpla
 from checkpoint import args_from_config, load_model, read_config
-from cli import UserError, init_distributed, launched, pick_device, pick_dtype, run
+from cli import UserError, init_distributed, launched, peak_rss_mb, pick_device, pick_dtype, run
 from evaluate import WindowBar, perplexity
 from fetch import SYNTHETIC, default_or, ensure_default_conversion, ensure_synthetic, read_text
 from model import MLA, MoE, Router
@@ -400,7 +399,7 @@ def speed(args, device: str, dtype: torch.dtype) -> dict:
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     result["warnings"] = warnings
-    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    result["peak_rss_mb"] = round(peak_rss_mb())
     return result
 
 
@@ -462,7 +461,7 @@ def tp_speed(args, device: str, dtype: torch.dtype) -> dict:
             held = [None] * world
             dist.all_gather_object(held, {"rank": rank, "param_bytes": sum(p.numel() * p.element_size()
                                                                           for p in models[mode].parameters()),
-                                          "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
+                                          "peak_rss_mb": round(peak_rss_mb())})
             whole = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
             result.update(checkpoint_bytes=whole, ranks=held)
             for h in held:

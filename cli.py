@@ -57,6 +57,12 @@ def _remove_temporaries() -> None:
         remove_temporary(folder)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (what `top` calls RES, at its highest)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def pick_device(name: str | None) -> str:
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -92,6 +98,15 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
+_kept: list[str] = []
+
+
+def keep(what: str) -> None:
+    """Name something an interrupted run leaves for the user (finetune.py's saved state): run()
+    says it in the one line that ends the run."""
+    _kept.append(what)
+
+
 # how a gloo / NCCL collective fails when a peer process has gone: this rank is not the one that failed
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
 
@@ -101,7 +116,8 @@ def run(main) -> None:
     - a UserError, an OSError (disk full, permission denied) or running out of memory is one line
       on stderr, exit 1;
     - standard output closed early (`| head`) is one line too, and no flush error after it;
-    - SIGTERM unwinds like Ctrl-C (temporary files removed), exit 143; Ctrl-C exits 130;
+    - SIGTERM unwinds like Ctrl-C (temporary files removed), exit 143; Ctrl-C exits 130; either
+      ends in one line saying what was kept (keep());
     - any other exception is a bug: its traceback is what a developer needs.
     Under torchrun each rank that fails says so in one line (ending [rank N]) and leaves at once,
     without waiting for the others: they learn it from their next collective, which breaks, and
@@ -121,10 +137,12 @@ def run(main) -> None:
         code, line = 1, "error: standard output was closed before the output was complete (piped into head?)"
     except (OSError, MemoryError) as e:
         code, line = 1, f"error: {e}" if str(e) else f"error: {type(e).__name__}"
-    except Terminated:
-        code = 143
-    except KeyboardInterrupt:
-        code = 130
+    except KeyboardInterrupt as e:
+        code = 143 if isinstance(e, Terminated) else 130
+        if rank == 0:  # one line for the job: what stopped it, what is left of it
+            line = (f"interrupted ({'SIGTERM' if code == 143 else 'Ctrl-C'}): "
+                    + (f"kept {'; '.join(_kept)}" if _kept else "no output written")
+                    + "; temporary files removed")
     except Exception as e:
         if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):
             code, line = 1, f"error: out of memory: {str(e).splitlines()[0][:200]}"

@@ -60,7 +60,6 @@ import itertools
 import json
 import math
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -69,7 +68,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import CheckpointReader, args_from_config, checkpoint_tensors, hf_name, load_model
-from cli import UserError, pick_device, pick_dtype, run
+from cli import UserError, peak_rss_mb, pick_device, pick_dtype, run
 from model import Block, ModelArgs, Transformer, rope_frequencies, rope_table
 from writer import CheckpointWriter, check_output
 
@@ -661,10 +660,6 @@ def mla_kernels(kv_lora_rank: int, rope_dim: int) -> str:
     return f"R + r = {size}: {vllm}; {cpp}; 512 + 64 runs everywhere"
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 # ----------------------------------------------------------------------------- what a run costs
 
 def conversion_memory(args: ModelArgs, n_samples: int, length: int, device: str) -> dict:
@@ -748,7 +743,7 @@ def main():
                         "precision, for fp32 and bf16 only; at most 1e-4)")
     args = p.parse_args()
 
-    from evaluate import perplexity
+    from evaluate import WindowBar, perplexity
     from fetch import default_or, ensure_texts, read_text
     from tokenizer import load_tokenizer
     t_start = time.perf_counter()
@@ -835,9 +830,9 @@ def main():
         if device.startswith("cuda"):
             report["convert_peak_device_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
         if eval_ids is not None:
-            for name, path in (("ppl_before", folder), ("ppl_after", staged)):
+            for name, path, what in (("ppl_before", folder, "the original"), ("ppl_after", staged, "the conversion")):
                 model, _ = load_model(path, device=device)
-                report[name] = round(perplexity(model, eval_ids, 1024)["ppl"], 4)
+                report[name] = round(perplexity(model, eval_ids, 1024, WindowBar(f"perplexity of {what}"))["ppl"], 4)
                 del model
             report["eval_text"] = str(eval_path)
         report["total_seconds"] = round(time.perf_counter() - t_start, 1)

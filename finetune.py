@@ -48,7 +48,8 @@ weight, gradient and Adam moment in training (each rank loads the whole teacher 
 float32 student once, then shards them: that, not training, sets the peak for the largest
 models), a bf16 mixed-precision policy on GPUs; --batch is the global
 batch, each rank training on its N-th of every step's windows (the same windows as one process
-would draw); --checkpoint-activations recomputes each block's activations in the backward.
+would draw); each block's activations are recomputed in the backward (--no-checkpoint-activations
+keeps them: more memory, less compute).
 Without torchrun the same code runs as a group of one.
 
 Resuming: every --save-every steps, at the end and on Ctrl-C or SIGTERM (one process) the
@@ -83,8 +84,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.fsdp import FSDPModule
 
 from checkpoint import CheckpointReader, find_checkpoint, load_model, read_config
-from cli import UserError, init_distributed, pick_device, run
-from evaluate import perplexity
+from cli import UserError, init_distributed, keep, peak_rss_mb, pick_device, run
+from evaluate import WindowBar, perplexity
 from fetch import default_or, ensure_default_conversion, read_text
 from model import MLA, RMSNorm, Transformer
 from writer import check_output, check_output_file, put_in_place, write_model
@@ -489,9 +490,11 @@ def eval_paths(args) -> list[Path]:
     return [ensure_texts()[1], ensure_wiki_texts()[1]]
 
 
-def perplexities(model: Transformer, texts: dict, ctx: int, autocast) -> dict:
+def perplexities(model: Transformer, texts: dict, ctx: int, autocast, what: str, show: bool = True) -> dict:
+    """Perplexity of `model` on each text (name -> ids), a progress bar each on stderr."""
     with autocast:
-        return {name: round(perplexity(model, ids, ctx)["ppl"], 3) for name, ids in texts.items()}
+        return {name: round(perplexity(model, ids, ctx, WindowBar(f"perplexity of {what}, {name}", not show))["ppl"], 3)
+                for name, ids in texts.items()}
 
 
 def main():
@@ -525,8 +528,9 @@ def main():
                                                              "(default: removed once the output is written)")
     p.add_argument("--pause-after", type=int, default=0, help="stop after N steps of this session, saving the "
                                                               "state but not the folder (continue with --resume)")
-    p.add_argument("--checkpoint-activations", action="store_true",
-                   help="recompute each block's activations in the backward: less memory, a third more compute")
+    p.add_argument("--checkpoint-activations", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute each block's activations in the backward (default): the embedded model "
+                        "trains in 3.4 GB instead of 4.8, at the same speed on the CPU measured")
     p.add_argument("--eval-text", nargs="+", help="perplexity before and after on these files ('none': skip; "
                                                   "default: the evaluation split and held-out Wikipedia for the "
                                                   "embedded model, none otherwise)")
@@ -609,8 +613,8 @@ def main():
         say(f"resuming at step {step} of {total_steps} ({elapsed / 60:.1f} min trained) from {state_path}"
             + (f" on {world} ranks" if world > 1 else ""), file=sys.stderr)
     elif evals:
-        report["before"] = {"teacher": perplexities(teacher, evals, args.eval_ctx, autocast),
-                            "student": perplexities(student, evals, args.eval_ctx, autocast)}
+        report["before"] = {"teacher": perplexities(teacher, evals, args.eval_ctx, autocast, "the teacher", rank == 0),
+                            "student": perplexities(student, evals, args.eval_ctx, autocast, "the student", rank == 0)}
     b, first = B // world, rank * (B // world)  # this rank's windows of each global batch: first ... first + b - 1
     if args.tpla > 1:  # odd windows of the global batch: MLA-form prefill of the first half, TPLA-form decode of the second
         rows = torch.tensor([i - first for i in range(first, first + b) if i % 2], dtype=torch.long, device=device)
@@ -628,8 +632,12 @@ def main():
 
     from tqdm import tqdm
     budget = args.minutes * 60
-    bar = tqdm(total=total_steps * B * T, initial=step * B * T, unit="tok", unit_scale=True, file=sys.stderr,
-               desc="distill", disable=rank != 0)
+
+    def done() -> float:  # the share of the run behind us: whichever of the tokens and the time budget ends it
+        return min(1.0, max(step / total_steps, elapsed / budget if budget else 0.0))
+    bar = tqdm(total=1.0, initial=done(), file=sys.stderr, disable=rank != 0,
+               desc=f"distill ({total_steps * B * T:,} tokens" + (f" or {args.minutes:g} min" if budget else "") + ")",
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
     session_steps, t_session, kl_ema, last_step_s = 0, time.perf_counter(), None, 0.0
     student.train()
     try:
@@ -638,7 +646,7 @@ def main():
             t0 = time.perf_counter()
             x, y = batch(ids, B, T, gen)
             x, y = x[first:first + b], y[first:first + b]
-            lr = lr_at(step, max(step / total_steps, elapsed / budget if budget else 0.0), args.lr)
+            lr = lr_at(step, done(), args.lr)
             for g in opt.param_groups:
                 g["lr"] = lr * g["scale"]
             kl, ce = distill_step(student, teacher, x.to(device), y.to(device), args.ce_weight, autocast)
@@ -659,8 +667,9 @@ def main():
             elapsed += last_step_s
             kl_ema = kl if kl_ema is None else 0.9 * kl_ema + 0.1 * kl
             report.setdefault("loss", []).append([step, float(f"{kl:.7g}"), float(f"{ce:.7g}")])
-            bar.set_postfix(kl=f"{kl_ema:.4f}", ce=f"{ce:.3f}", lr=f"{lr:.2e}", refresh=False)
-            bar.update(B * T)
+            bar.set_postfix(step=step, tok=f"{step * B * T:,}", kl=f"{kl_ema:.4f}", ce=f"{ce:.3f}", lr=f"{lr:.2e}",
+                            refresh=False)
+            bar.update(done() - bar.n)
             if step % args.save_every == 0:
                 save_state(state_path, student, opt, snapshot())
             if args.pause_after and session_steps >= args.pause_after and step < total_steps:
@@ -672,13 +681,16 @@ def main():
         bar.close()
         if world == 1:  # ranks stopped at different points cannot save together: theirs is the last --save-every
             save_state(state_path, student, opt, snapshot())
-            print(f"\ninterrupted at step {step}; state saved to {state_path}; continue with --resume", file=sys.stderr)
+            keep(f"the state at step {step} in {state_path} (continue with --resume)")
         elif state_path.is_dir():
-            say(f"\ninterrupted at step {step}; the state saved last is in {state_path}; continue with --resume",
-                file=sys.stderr)
+            keep(f"the state saved last in {state_path} (continue with --resume)")
         raise
+    bar.update(1.0 - bar.n)  # the run is done: by its tokens or by its time budget
     bar.close()
     session_s = time.perf_counter() - t_session
+    report["train_peak_rss_mb"] = round(peak_rss_mb())  # this rank's, loading and training
+    if device.startswith("cuda"):
+        report["train_peak_device_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
     save_state(state_path, student, opt, snapshot())
     whole = gathered(student)  # a collective: every rank takes part, rank 0 receives
     del student, teacher, opt, params
@@ -701,10 +713,11 @@ def main():
         """The report, written into the folder before it is put in place (evaluated on it where it stands)."""
         if evals:
             model, _ = load_model(folder, device=device, dtype=dtype)
-            report["after"] = perplexities(model, evals, args.eval_ctx, autocast)
+            report["after"] = perplexities(model, evals, args.eval_ctx, autocast, "the trained student")
             if args.tpla > 1:  # the second half of every window by TPLA decode, as bench.py --ppl --tp tpla scores it
                 tpla.simulate(model, args.tpla, start=args.eval_ctx // 2)
-                report["after_tpla"] = perplexities(model, evals, args.eval_ctx, autocast)
+                report["after_tpla"] = perplexities(model, evals, args.eval_ctx, autocast, f"TPLA x{args.tpla}")
+        report["peak_rss_mb"] = round(peak_rss_mb())  # writing and evaluating included
         return {"finetune_report.json": json.dumps(report, indent=1) + "\n"}
 
     write_model(trained, student_dir, out, CheckpointReader(student_dir).stored_dtype(), {"finetune": record},
@@ -727,6 +740,9 @@ def main():
                      f"teacher {report['before'].get('teacher', {}).get(name)}, student {before} -> {report['after'][name]}"))
         if "after_tpla" in report:
             rows.append((f"  ... TPLA x{args.tpla} decode (simulated)", f"{report['after_tpla'][name]}"))
+    rows.append(("peak memory", f"{report['train_peak_rss_mb']} MB training, {report['peak_rss_mb']} MB overall"
+                                + (f"; {report['train_peak_device_mb']} MB on {device}" if "train_peak_device_mb" in report
+                                   else "") + (" (rank 0)" if world > 1 else "")))
     rows.append(("written", f"{out} (stock {read_config(out)['architectures'][0]})"
                             + (f"; state kept in {state_path}" if args.keep_state else "")))
     width = max(len(k) for k, _ in rows)

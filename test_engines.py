@@ -188,3 +188,54 @@ def test_vllm_reads_the_conversion():
     got = json.loads(res.stdout.strip().splitlines()[-1])
     print(f"vLLM fp32: mean NLL {got:.6f}, transformers fp32 {want:.6f}")
     assert abs(got - want) < 1e-4
+
+
+LM_EVAL_TASK = "transmla_facts"  # lm_eval_tasks/transmla_facts.yaml: 40 multiple-choice items of ours, offline
+
+
+def _continuation_logprob(model, tok, context: str, continuation: str) -> float:
+    """log p(continuation | context) under our model, split into tokens as lm-eval's `hf` model
+    splits a request: the context's trailing spaces move to the continuation, the pair is encoded
+    whole, and the continuation is what follows the context's own tokens."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole, ctx = tok.encode(context + continuation), tok.encode(context)
+    cont = whole[len(ctx):]
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([whole[:-1]])).float(), -1)[0]
+    return sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+
+
+def test_lm_eval_runs_the_original_and_the_conversion(tmp_path):
+    """lm-evaluation-harness (`lm_eval`, its stock `hf` model type: transformers' AutoModelForCausalLM)
+    on the local multiple-choice task, run on the embedded model and on its default conversion
+    exactly as the README shows: it finishes, reports accuracy, and every log-likelihood it
+    scored (160 per model: 40 items x 4 choices) equals our own model's on the same text."""
+    import subprocess
+    from fetch import ensure_default_conversion, ensure_default_model
+    from tokenizer import load_tokenizer
+    root = Path(__file__).resolve().parent
+    accuracy = {}
+    for name, folder in (("original", ensure_default_model()), ("converted", ensure_default_conversion())):
+        out = tmp_path / name
+        res = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                              f"pretrained={folder},dtype=float32", "--tasks", LM_EVAL_TASK, "--include_path",
+                              "lm_eval_tasks", "--device", "cpu", "--batch_size", "8", "--output_path", str(out),
+                              "--log_samples"], cwd=root, capture_output=True, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+        assert res.returncode == 0, res.stderr[-3000:]
+        results = json.loads(next(out.rglob("results_*.json")).read_text())["results"][LM_EVAL_TASK]
+        samples = [json.loads(line) for line in next(out.rglob(f"samples_{LM_EVAL_TASK}_*.jsonl")).open()]
+        model, tok = load_model(folder)[0], load_tokenizer(folder)
+        worst = 0.0
+        for s in samples:  # arguments: {"gen_args_0": {"arg_0": context, "arg_1": continuation}, ...}, one per choice
+            for request, resp in zip(s["arguments"].values(), s["resps"]):
+                theirs = float(resp[0][0])  # [[log-likelihood, is_greedy]]
+                ours = _continuation_logprob(model, tok, request["arg_0"], request["arg_1"])
+                worst = max(worst, abs(theirs - ours))
+        accuracy[name] = results["acc,none"]
+        print(f"lm-eval {LM_EVAL_TASK}, {name}: acc {results['acc,none']:.3f}, acc_norm {results['acc_norm,none']:.3f} "
+              f"over {len(samples)} items; largest |log-likelihood difference| against ours: {worst:.2e}")
+        assert len(samples) == 40 and worst < 1e-3
+    assert accuracy["original"] > 0.4  # chance is 0.25: the harness scored the task, not noise

@@ -192,6 +192,23 @@ def test_naive_equals_absorbed():
     assert_close("MLA naive vs absorbed, full sequence", absorbed(tokens), naive(tokens), 1e-5)
 
 
+def test_training_stores_no_attention_matrix():
+    """Training memory: the forward of GQA and of naive MLA (whose value head dim differs from the
+    query's) keeps no (T, S) attention matrix for the backward: torch's fused attention kernel runs
+    (MLA's values padded with zero columns to the queries' head dim). Largest saved tensor against
+    one layer's attention matrices (B x heads x T x T values), B = 2, T = 128."""
+    for mla in (False, True):
+        model = _random_model(mla, "naive")
+        tokens = torch.randint(0, VOCAB, (2, 128), generator=torch.Generator().manual_seed(5))
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            model.hidden(tokens).sum()  # not the logits: this vocabulary is as small as T
+        matrix = 2 * model.args.n_heads * 128 * 128
+        print(f"{'MLA naive' if mla else 'GQA'}: largest saved tensor {max(sizes)} values, "
+              f"an attention matrix {matrix}")
+        assert max(sizes) < matrix  # (GQA's largest is its boolean mask for the folded query rows, as floats)
+
+
 def test_kv_bytes_per_token():
     gqa, mla = _random_model(False), _random_model(True)
     assert gqa.kv_bytes_per_token() == 2 * (2 * 2 * 16) * 4  # layers * (k + v) * n_kv * head_dim * fp32
@@ -1592,7 +1609,7 @@ def test_finetune_fsdp_two_ranks_train_as_one_process(tmp_path):
               str(8 * 4 * 32), "--seq-len", "32", "--batch", "4", "--lr", "1e-3", "--minutes", "0", "--dtype",
               "float32", "--trainable", "all", "--eval-text", "none"]
     runs = {"one process": _script(*common, "--out", str(tmp_path / "one")),
-            "2 ranks": _torchrun(2, *common, "--out", str(tmp_path / "two"), "--checkpoint-activations"),
+            "2 ranks": _torchrun(2, *common, "--out", str(tmp_path / "two")),
             "2 ranks paused": _torchrun(2, *common, "--out", str(tmp_path / "moved"), "--pause-after", "3")}
     runs["... resumed on 1"] = _script(*common, "--out", str(tmp_path / "moved"), "--resume")
     tpla = [*common, "--batch", "2", "--tokens", str(4 * 2 * 32), "--tpla", "2"]  # rank 0's window takes MLA form only
@@ -1609,18 +1626,23 @@ def test_finetune_fsdp_two_ranks_train_as_one_process(tmp_path):
         moved = (reference(tokens) - start(tokens)).abs().max().item()
     print(f"one process: KL {want[0, 0]:.4f} -> {want[-1, 0]:.4f} over {len(want)} steps; logits moved by {moved:.3g}")
     assert len(want) == 8 and moved > 1e-3
+    # The losses are means of per-token terms made from float32 log-probabilities of size up to log V
+    # (about 11): each term carries rounding of about 1e-6, and attention's fused kernel rounds a
+    # batch split over 2 ranks differently from the whole batch (its blocks follow the batch). So
+    # the bound is absolute, at that rounding: 1e-6 (the KL here is about 3e-3).
     for name in ("two", "moved"):
         got = _losses(tmp_path / name)
-        loss_diff = ((got - want).abs() / want.abs()).max().item()
+        loss_diff = (got - want).abs().max().item()
         model, _ = load_model(tmp_path / name)
         with torch.no_grad():
             logit_diff = (model(tokens) - reference(tokens)).abs().max().item()
-        print(f"{name} vs one process: losses, largest relative difference {loss_diff:.3g}; "
-              f"logits after training, max |diff| {logit_diff:.3g}")
-        assert got.shape == want.shape and loss_diff < 1e-5 and logit_diff < 1e-4
+        print(f"{name} vs one process: losses, largest difference {loss_diff:.3g} (relative "
+              f"{((got - want).abs() / want.abs()).max().item():.3g}); logits after training, max |diff| {logit_diff:.3g}")
+        assert got.shape == want.shape and loss_diff < 1e-6 and logit_diff < 1e-4
     got, want = _losses(tmp_path / "tpla_two"), _losses(tmp_path / "tpla_one")
-    loss_diff = ((got - want).abs() / want.abs()).max().item()
-    print(f"--tpla 2, one window per rank: 2 ranks vs one process, losses' largest relative difference {loss_diff:.3g}")
-    assert got.shape == want.shape and loss_diff < 1e-5
+    loss_diff = (got - want).abs().max().item()
+    print(f"--tpla 2, one window per rank: 2 ranks vs one process, losses' largest difference {loss_diff:.3g} "
+          f"(relative {((got - want).abs() / want.abs()).max().item():.3g})")
+    assert got.shape == want.shape and loss_diff < 1e-6
 
 

@@ -634,6 +634,8 @@ def test_sigterm_removes_the_temporary_folder(llama, tmp_path):
           f"{[p.name for p in tmp_path.iterdir() if p.name.startswith('.')]}")
     assert rc in (143, 0) and "Traceback" not in err  # 0: it finished before the signal came
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.transmla-")]
+    if rc == 143:  # the run ends in one line saying what stopped it and what is left
+        assert err.strip().splitlines()[-1] == "interrupted (SIGTERM): no output written; temporary files removed"
 
 
 SIGNAL_AT_MKDTEMP = """import os, signal, sys, tempfile
@@ -666,6 +668,8 @@ def test_a_signal_as_the_temporary_folder_appears_leaves_nothing(llama, tmp_path
     left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
     print(f"{sig} just after mkdtemp: exit {res.returncode}; left beside the output: {left}")
     assert res.returncode == {"SIGTERM": 143, "SIGINT": 130}[sig] and "Traceback" not in res.stderr
+    assert res.stderr.strip() == f"interrupted ({ {'SIGTERM': 'SIGTERM', 'SIGINT': 'Ctrl-C'}[sig] }): no output " \
+                                 "written; temporary files removed"
     assert "ran" not in res.stdout and not left
 
 
