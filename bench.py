@@ -186,6 +186,7 @@ def time_decode(step, models: list, context: int, batch: int, steps: int, device
     `steps` timed steps of each, fewer for slow points (naive MLA at long context) once
     `budget_s` is spent. lockstep (ranks of one model under torchrun, whose collectives must
     match): exactly 3 warm-up steps and all `steps`, whatever the clock says.
+    Every model's cache is allocated at once (GQA's and MLA's at 32K, batch 4: 6.0 + 1.5 GB here).
     Returns each model's list of ms, in order."""
     for model in models:
         model.setup_caches(batch, context + steps + 10)
@@ -487,7 +488,8 @@ def tp_speed(args, device: str, dtype: torch.dtype) -> dict:
     rows = []
     for (mode, batch, context), ms in times.items():
         model = models[mode]
-        mem_ms = step_bytes(model, context, batch) / bw / 1e6
+        # the rank whose cache is largest (heads split unevenly) bounds the step: its bytes, rank 0's weights
+        mem_ms = (weight_bytes(model, batch) + batch * context * result["kv_bytes_per_token"][mode]) / bw / 1e6
         comp_ms = step_flops(model, context, batch) / flops / 1e6
         cache_mb = batch * context * result["kv_bytes_per_token"][mode] / 1e6  # the largest rank's
         s_ = spread(ms)
@@ -595,7 +597,8 @@ def main():
     p.add_argument("--baseline", help="GQA checkpoint to compare against (default: the embedded model)")
     p.add_argument("--contexts", default="1024,4096,16384,32768", help="comma-separated context lengths")
     p.add_argument("--batch", default="1,4", help="comma-separated batch sizes")
-    p.add_argument("--new-tokens", type=int, default=8, help="timed decode steps per point (after 2 warm-up)")
+    p.add_argument("--new-tokens", type=int, default=8, help="timed decode steps per point and model (after a "
+                                                             "warm-up to steady state)")
     p.add_argument("--rounds", type=int, default=3, help="rounds over every point, the compared models interleaved")
     p.add_argument("--prefill", type=int, default=1024, help="tokens of the real prefill that is timed")
     p.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")

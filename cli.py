@@ -14,9 +14,9 @@
 import atexit
 import os
 import shutil
+import secrets
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,18 +31,23 @@ _TEMPORARY: set[Path] = set()  # scratch folders this process made and has not r
 
 
 def temporary_folder(prefix: str, parent: Path) -> Path:
-    """A new private folder parent/PREFIXxxxxxxxx (tempfile.mkdtemp), removed at exit if still there
-    (Ctrl-C, SIGTERM, an error), or by remove_temporary. Ctrl-C and SIGTERM are held back while it is
-    made and recorded: one arriving just after mkdtemp would otherwise leave a folder that nothing
-    knows to remove. Raises OSError when parent cannot hold it."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    """A new private folder parent/PREFIXxxxxxxxx, removed at exit if still there (Ctrl-C, SIGTERM,
+    an error), or by remove_temporary. Its name is recorded before the folder is made, so a signal
+    at any instant leaves nothing that exit does not remove. (Blocking the signals around mkdtemp
+    does not do it: torch's threads do not block them, and the kernel may hand a signal sent to the
+    process to one of them.) Raises OSError when parent cannot hold it."""
+    for _ in range(100):
+        folder = Path(parent) / f"{prefix}{secrets.token_hex(4)}"
         _TEMPORARY.add(folder)
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
-    return folder
+        try:
+            os.mkdir(folder, 0o700)
+            return folder
+        except FileExistsError:  # someone else's: not ours to remove
+            _TEMPORARY.discard(folder)
+        except OSError:  # nothing was made (a Ctrl-C is no OSError: the folder may exist, keep its record)
+            _TEMPORARY.discard(folder)
+            raise
+    raise OSError(f"{parent}: cannot make a new temporary folder there")
 
 
 def remove_temporary(folder: Path) -> None:
@@ -98,13 +103,14 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
-_kept: list[str] = []
+_kept: dict[str, str] = {}
 
 
-def keep(what: str) -> None:
-    """Name something an interrupted run leaves for the user (finetune.py's saved state): run()
-    says it in the one line that ends the run."""
-    _kept.append(what)
+def keep(path, what: str) -> None:
+    """Name something at `path` that an interrupted run leaves for the user (finetune.py's saved
+    state), in words: run() says it in the one line that ends the run. A later call for the same
+    path replaces the words."""
+    _kept[str(path)] = what
 
 
 # how a gloo / NCCL collective fails when a peer process has gone: this rank is not the one that failed
@@ -141,8 +147,7 @@ def run(main) -> None:
         code = 143 if isinstance(e, Terminated) else 130
         if rank == 0:  # one line for the job: what stopped it, what is left of it
             line = (f"interrupted ({'SIGTERM' if code == 143 else 'Ctrl-C'}): "
-                    + (f"kept {'; '.join(_kept)}" if _kept else "no output written")
-                    + "; temporary files removed")
+                    + "".join(f"kept {what}; " for what in _kept.values()) + "temporary files removed")
     except Exception as e:
         if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):
             code, line = 1, f"error: out of memory: {str(e).splitlines()[0][:200]}"

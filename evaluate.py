@@ -35,6 +35,8 @@ def perplexity(model, ids: list[int], ctx: int, progress=None, decode_form: bool
     windows = torch.tensor(ids[: n_windows * ctx], device=device).view(n_windows, ctx)
     h = ctx // 2
     total, total_decode = 0.0, 0.0
+    if progress:
+        progress(0, n_windows)  # a bar from the start: the first window can take a while
     if not decode_form:
         for i, w in enumerate(windows):
             logits = model(w[None])  # (1, ctx, V)

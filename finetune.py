@@ -566,6 +566,7 @@ def main():
         if not state_path.is_dir():
             raise UserError(f"--resume: {state_path} is not a training state of finetune.py (a file)")
         state = read_state(state_path)
+        keep(state_path, f"the state in {state_path}, as it was (continue with --resume)")
         for k in SETTINGS:  # the run continues as it was started
             setattr(args, k, state["settings"].get(k, p.get_default(k)))  # a setting added since: its default
         student_dir, teacher_dir, texts = first_on_rank_0(resolve_paths, args)
@@ -681,9 +682,9 @@ def main():
         bar.close()
         if world == 1:  # ranks stopped at different points cannot save together: theirs is the last --save-every
             save_state(state_path, student, opt, snapshot())
-            keep(f"the state at step {step} in {state_path} (continue with --resume)")
+            keep(state_path, f"the state at step {step} in {state_path} (continue with --resume)")
         elif state_path.is_dir():
-            keep(f"the state saved last in {state_path} (continue with --resume)")
+            keep(state_path, f"the state saved last in {state_path} (continue with --resume)")
         raise
     bar.update(1.0 - bar.n)  # the run is done: by its tokens or by its time budget
     bar.close()
@@ -692,6 +693,7 @@ def main():
     if device.startswith("cuda"):
         report["train_peak_device_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
     save_state(state_path, student, opt, snapshot())
+    keep(state_path, f"the trained state in {state_path} (the folder is not written: --resume writes it)")
     whole = gathered(student)  # a collective: every rank takes part, rank 0 receives
     del student, teacher, opt, params
     if rank != 0:

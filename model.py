@@ -426,11 +426,12 @@ class MLA(nn.Module):
         k_nope, v = self.wkv_b(c).view(B, S, self.n_heads, -1).split([self.d_nope, self.d_v], dim=-1)
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H, d_nope + r)
-        # torch's fused (flash) attention kernels need the values' head dim equal to the keys': zero
-        # columns make it so (exact) and keep training from storing every (T, S) attention matrix
-        v = F.pad(v, (0, max(0, q.shape[-1] - self.d_v)))
+        if q.device.type == "cpu" and self.d_v < q.shape[-1]:
+            # torch's fused CPU attention kernel needs the values' head dim equal to the keys': zero
+            # columns make it so (exact), and training stores no (T, S) attention matrix per head
+            v = F.pad(v, (0, q.shape[-1] - self.d_v))
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=mask, scale=self.scale)  # (B, H, T, d_nope + r)
+                                           attn_mask=mask, scale=self.scale)  # (B, H, T, v's head dim)
         return y.transpose(1, 2)[..., : self.d_v]
 
     def _absorbed(self, q_nope, q_pe, kv, mask):

@@ -10,7 +10,7 @@ and bounds what the reading does to the conversion by what it does to the origin
   fp16        weights and activations in float16 (transformers; ours with --dtype float16)
   q8_0        every weight matrix through llama.cpp's q8_0 round trip (evaluate.q8_0), in fp32
 The real engines (llama.cpp through llama-cpp-python, vLLM) are the optional tests at the end,
-skipped unless installed; docs/engines.py measures the README's engine x dtype table.
+skipped unless installed; docs/engines.py measures docs/engines.md's engine x dtype table.
 """
 import copy
 import json

@@ -192,7 +192,7 @@ def test_embedded_conversion_quality_floors():
 
 
 def test_calibration_sampler():
-    """The calibration the README states: 92 samples of 256 tokens from the embedded calibration
+    """The calibration docs/accuracy.md states: 92 samples of 256 tokens from the embedded calibration
     split, the official sampler with seed 42 (the same samples on every run, others with another
     seed); each sample starts at the start of a document, and no document starts two."""
     from convert import calibration_samples

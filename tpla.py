@@ -45,7 +45,7 @@ checkpoints run head-parallel too: with fewer ranks than KV heads the KV groups 
 ranks; with more, a KV head is replicated on the ranks that share its query heads.
 
 Choices settled by measurement on the embedded model's default conversion (R = 64, r = 32, 2
-ranks; README, section TPLA). Here TPLA costs a lot of accuracy (R / g = 32; the paper's R is 512;
+ranks; docs/tpla.md). Here TPLA costs a lot of accuracy (R / g = 32; the paper's R is 512;
 converted at R = 320, 160 per rank, it costs 1.7% perplexity, 3.4% on the decoded tokens):
 - the rope key: whole on every rank. Dealing its rotary pairs to the ranks like the latent saves
   bytes but each shard then sees half of the positional signal: decode perplexity x7.
@@ -58,15 +58,16 @@ converted at R = 320, 160 per rank, it costs 1.7% perplexity, 3.4% on the decode
   rotation, then scoring each shard's query against a least-squares estimate of the missing half):
   4% better, not worth its calibration.
 Where the loss is: rank 1 (the weak half of the latent) with a softmax of its own costs ~7x what
-rank 0 does. Two remedies, both measured in the README: a rotation fitted to the split itself
+rank 0 does. Two remedies, both measured in docs/tpla.md: a rotation fitted to the split itself
 (`python tpla.py`: fit_rotation finds, per layer, the orthogonal Q under which TPLA decode best
 matches the exact attention on calibration text; it is written into a copy of the checkpoint,
 the same model on one device, then run with `none`), and training (`finetune.py --tpla 2`, through
 SimulatedTPLA below).
 Speed on a CPU: the absorbed attention's small-row matmuls and softmax set the pace, not the
 bytes, and TPLA does per rank as much arithmetic as head-parallel (all H heads on R/g + r dims
-against H/g heads on R + r) and more softmax: 1.06x in fp32, 1.13x in bf16 at 32K (README).
+against H/g heads on R + r) and more softmax: 1.06x in fp32, 1.13x in bf16 at 32K (docs/tpla.md).
 """
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -82,7 +83,7 @@ from writer import check_output, write_model
 
 MODES = ("tpla", "heads")
 TRANSFORMS = ("none", "hadamard", "pca", "pca-sorted")  # pca-sorted: shard 0 gets the top half of the energy
-# Settled by measurement (README, section TPLA: ppl_decode on the evaluation split, 2 ranks): an
+# Settled by measurement (docs/tpla.md: ppl_decode on the evaluation split, 2 ranks): an
 # energy-sorted split beats a balanced one, and convert.py's latent is already BKV-PCA sorted
 DEFAULT_TRANSFORM = "none"
 ROPE = "full"  # every rank keeps the whole rope key: splitting it loses the positions (ppl_decode x7.5)
@@ -413,6 +414,8 @@ def rotate_for_tpla(path: str | Path, out: str | Path, world: int, calib: torch.
     cos, sin = model.rope_cos[:T], model.rope_sin[:T]
     mask = torch.ones(T, T, dtype=torch.bool).tril()
     before, after = [], []
+    from tqdm import tqdm
+    bar = tqdm(total=len(model.layers), desc=f"fit the rotation for TPLA x{world}", unit="layer", file=sys.stderr)
     for i, block in enumerate(model.layers):
         attn = block.attention
         with torch.no_grad():
@@ -424,7 +427,10 @@ def rotate_for_tpla(path: str | Path, out: str | Path, world: int, calib: torch.
             h = block(h, cos, sin, mask)  # the next layer's inputs (exact: the rotation changes nothing)
         before.append(e0)
         after.append(e1)
+        bar.update()
+        bar.set_postfix_str(f"layer {i}: error {e0:.4f} -> {e1:.4f}")
         log(f"layer {i}: TPLA x{world} relative error of the attention output {e0:.4f} -> {e1:.4f}")
+    bar.close()
     record = {"world": world, "calib_tokens": calib.numel(), "query_stride": stride, "steps": steps, "lr": lr,
               "error_before": [round(e, 5) for e in before], "error_after": [round(e, 5) for e in after]}
     write_model(model, folder, Path(out), reader.stored_dtype(), {"tpla_rotation": record}, inputs)
@@ -581,7 +587,11 @@ def main():
     calib = calibration_ids(folder, a.calib_tokens, a.calib_len, a.calib_text)
     if len(calib) == 0:
         raise UserError(f"the calibration text has fewer than --calib-len {a.calib_len} tokens")
-    rotate_for_tpla(folder, out, a.world, calib, a.queries, a.steps, a.lr, inputs=inputs)
+    record = rotate_for_tpla(folder, out, a.world, calib, a.queries, a.steps, a.lr, log=lambda line: None,
+                             inputs=inputs)  # the bar shows each layer's errors as it goes
+    before, after = (sum(record[k]) / len(record[k]) for k in ("error_before", "error_after"))
+    print(f"TPLA x{a.world} relative error of the attention output, mean over {len(record['error_before'])} "
+          f"layers: {before:.4f} -> {after:.4f}")
     print(f"written {out}: run it with --tp tpla --tpla-transform none on {a.world} ranks")
 
 
