@@ -671,13 +671,14 @@ HEADLINE = ("ppl", "tokens", "ppl_decode", "tokens_decode", "tp", "world_size", 
 
 def headline(result: dict, json_path: str | None) -> dict:
     """The last stdout line: the figures a script reads (perplexity; each speed-up with its range;
-    the caches' bytes; the warnings), not every point; --json writes the whole record."""
+    the caches' bytes; the warnings), not every point; --json writes the whole record (and its
+    path is the last key)."""
     keep = {k: result[k] for k in HEADLINE if k in result}
     for key in ("speedup", "tpla_speedup"):  # not the bytes' and flops' ratios: those are in the record
         if key in keep:
             keep[key] = [{k: v for k, v in r.items() if k in ("batch", "context", "compiled", "measured", "min", "max")}
                          for r in keep[key]]
-    return {**keep, "json": json_path}
+    return {**keep, "json": json_path} if json_path else keep
 
 
 def ppl(args, device: str, dtype: torch.dtype) -> dict:

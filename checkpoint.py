@@ -45,7 +45,8 @@ def find_checkpoint(path: str | Path) -> Path:
         raise UserError(f"{path}: no such file or folder")
     folder = path if path.is_dir() else path.parent
     if not (folder / "config.json").is_file():
-        raise UserError(f"{folder}: no config.json here; expected a Hugging Face checkpoint folder")
+        where = f"{path} is a file in {folder.absolute()}, which has" if folder != path else f"{folder}: a folder with"
+        raise UserError(f"{where} no config.json; expected a Hugging Face checkpoint folder or a file in one")
     return folder
 
 

@@ -8,6 +8,7 @@
 - temporary_folder, remove_temporary: a scratch folder that goes however the process ends, short
   of kill -9 (a signal between its making and the code that would remove it included).
 - pick_device, pick_dtype: --device and --dtype, with defaults that suit the hardware.
+- progress_bar: a tqdm bar on stderr whose clock moves while a long item runs.
 - init_distributed, leave_process_group: join torchrun's process group (or make one of a single
   rank, so one process runs the same code) and leave it.
 """
@@ -91,6 +92,23 @@ def pick_dtype(name: str | None, device: str) -> torch.dtype:
     if name not in dtypes:
         raise UserError(f"--dtype {name}: choose one of {', '.join(dtypes)}")
     return dtypes[name]
+
+
+def progress_bar(**kw):
+    """A tqdm bar on stderr (kw: tqdm's) whose clock keeps moving while one long item runs (a layer
+    of an 8B model takes minutes on a CPU): a daemon thread redraws it every second until it is
+    closed (tqdm's close() disables it), so the elapsed time never stands still."""
+    import threading
+    import time
+    from tqdm import tqdm
+    bar = tqdm(file=sys.stderr, **kw)
+
+    def redraw():
+        while not bar.disable:
+            time.sleep(1.0)
+            bar.refresh()  # a closed bar ignores it
+    threading.Thread(target=redraw, daemon=True).start()
+    return bar
 
 
 class Terminated(KeyboardInterrupt):

@@ -68,7 +68,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import CheckpointReader, args_from_config, checkpoint_tensors, hf_name, load_model
-from cli import UserError, peak_rss_mb, pick_device, pick_dtype, run
+from cli import UserError, peak_rss_mb, pick_device, pick_dtype, progress_bar, run
 from model import Block, ModelArgs, Transformer, rope_frequencies, rope_table
 from writer import CheckpointWriter, check_output
 
@@ -753,7 +753,8 @@ def main():
     check_request(reader.args, args.rope_dim, args.kv_lora_rank, args.freqfold, args.q_lora_rank)
     out = Path(args.out) if args.out else folder.parent / f"{folder.name}-mla"
     texts = [t for t in (args.calib_text, args.eval_text) if t and t != "none"]
-    check_output(out, [folder, *texts])
+    out = check_output(out, [folder, *texts])
+    replacing = out.is_dir()  # an earlier output of ours (check_output refused anything else)
     check_source(reader, args.rope_dim, args.kv_lora_rank, args.q_lora_rank)
     dtype = pick_dtype(args.dtype, "cpu") if args.dtype else reader.stored_dtype()
     if not 0 < args.latent_rms <= 1e-4:  # sqrt(eps) / 10: the norm then is off linear by 0.5%
@@ -799,8 +800,7 @@ def main():
     before, after = 2 * a.n_kv_heads * a.head_dim, args.kv_lora_rank + args.rope_dim
     report.update(kv_values_per_token_per_layer={"before": before, "after": after},
                   compression=round(before / after, 2))
-    from tqdm import tqdm
-    bar = tqdm(total=a.n_layers, desc="calibrate + convert", unit="layer", file=sys.stderr)
+    bar = progress_bar(total=a.n_layers, desc="calibrate + convert", unit="layer")
     t_layers = time.perf_counter()
 
     done_at = []  # perf_counter at the end of each of the first two layers
@@ -846,12 +846,13 @@ def main():
     rows = [("KV cache values / token / layer", f"{before} -> {after}"), ("compression", f"{before / after:.2f}x")]
     if eval_ids is not None:
         rows.append(("perplexity (eval text)", f"{report['ppl_before']:.2f} -> {report['ppl_after']:.2f}"))
-    rows += [("conversion time", f"{report['convert_seconds']}s (estimated {report['estimate'].get('seconds')}s; "
-                                   f"with evaluation {report['total_seconds']}s)"),
+    rows += [("conversion time", f"{report['convert_seconds']}s (estimated {report['estimate'].get('seconds')}s"
+                                   + (f"; with evaluation {report['total_seconds']}s)" if eval_ids is not None else ")")),
              ("peak memory", f"{report['convert_peak_rss_mb']} MB converting, {report['peak_rss_mb']} MB overall"
                              + (f"; {report['convert_peak_device_mb']} MB on {device}" if "convert_peak_device_mb" in report else "")
                              + f" (estimated {report['estimate']['peak_mb']} MB)"),
-             ("written", f"{out} (stock {config['architectures'][0]})"),
+             ("written", f"{out} (stock {config['architectures'][0]}"
+                         + ("; it replaced the earlier output there)" if replacing else ")")),
              ("serving", mla_kernels(args.kv_lora_rank, args.rope_dim))]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

@@ -9,12 +9,11 @@ over every predicted token (ctx - 1 per window). convert.py reports it before an
 converting, finetune.py before and after training, bench.py --ppl on its own.
 """
 import math
-import sys
 
 import torch
 import torch.nn.functional as F
 
-from cli import UserError
+from cli import UserError, progress_bar
 
 
 @torch.no_grad()
@@ -74,8 +73,7 @@ class WindowBar:
 
     def __call__(self, done: int, total: int):
         if self.bar is None:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=self.desc, unit="window", file=sys.stderr, disable=self.disable)
+            self.bar = progress_bar(total=total, desc=self.desc, unit="window", disable=self.disable)
         self.bar.update(done - self.bar.n)
         if done == total:
             self.bar.close()

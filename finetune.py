@@ -84,7 +84,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.fsdp import FSDPModule
 
 from checkpoint import CheckpointReader, find_checkpoint, load_model, read_config
-from cli import UserError, init_distributed, keep, peak_rss_mb, pick_device, run
+from cli import UserError, init_distributed, keep, peak_rss_mb, pick_device, progress_bar, run
 from evaluate import WindowBar, perplexity
 from fetch import default_or, ensure_default_conversion, read_text
 from model import MLA, RMSNorm, Transformer
@@ -577,7 +577,7 @@ def main():
         raise UserError("--tpla needs --batch 2 or more: half the windows train the TPLA form, half the MLA form")
     inputs = [student_dir, teacher_dir, *texts, *eval_paths(args)]
     check_output_file(state_path, inputs, "--state", kind="state")  # it is written over as training goes
-    check_output(out, [*inputs, state_path])
+    replacing = check_output(out, [*inputs, state_path]).is_dir()  # an earlier output of ours
     from tokenizer import load_tokenizer
     tok = load_tokenizer(student_dir)
     ids = training_ids(texts, tok)
@@ -624,6 +624,7 @@ def main():
     say(f"student {student_dir}, teacher {teacher_dir}; training {n_train / 1e6:.1f}M weights "
         f"({args.trainable}, {len(unfolded)} latent norms unfolded) on {len(ids):,} tokens of "
         f"{', '.join(t.name for t in texts)}; {total_steps} steps of {B} x {T} tokens"
+        + (f" or {args.minutes:g} min, whichever ends first" if args.minutes else "")
         + (f", {b} window{'s' if b > 1 else ''} per rank on {world} ranks (FSDP2)" if world > 1 else ""),
         file=sys.stderr)
 
@@ -631,14 +632,12 @@ def main():
         return {"settings": {k: getattr(args, k) for k in SETTINGS}, "step": step, "elapsed": elapsed,
                 "rng": gen.get_state(), "unfolded": unfolded, "report": report, "world_size": world}
 
-    from tqdm import tqdm
     budget = args.minutes * 60
 
     def done() -> float:  # the share of the run behind us: whichever of the tokens and the time budget ends it
         return min(1.0, max(step / total_steps, elapsed / budget if budget else 0.0))
-    bar = tqdm(total=1.0, initial=done(), file=sys.stderr, disable=rank != 0,
-               desc=f"distill ({total_steps * B * T:,} tokens" + (f" or {args.minutes:g} min" if budget else "") + ")",
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
+    bar = progress_bar(total=1.0, initial=done(), disable=rank != 0, desc="distill",
+                       bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
     session_steps, t_session, kl_ema, last_step_s = 0, time.perf_counter(), None, 0.0
     student.train()
     try:
@@ -668,8 +667,7 @@ def main():
             elapsed += last_step_s
             kl_ema = kl if kl_ema is None else 0.9 * kl_ema + 0.1 * kl
             report.setdefault("loss", []).append([step, float(f"{kl:.7g}"), float(f"{ce:.7g}")])
-            bar.set_postfix(step=step, tok=f"{step * B * T:,}", kl=f"{kl_ema:.4f}", ce=f"{ce:.3f}", lr=f"{lr:.2e}",
-                            refresh=False)
+            bar.set_postfix(step=step, kl=f"{kl_ema:.4f}", ce=f"{ce:.3f}", lr=f"{lr:.1e}", refresh=False)
             bar.update(done() - bar.n)
             if step % args.save_every == 0:
                 save_state(state_path, student, opt, snapshot())
@@ -745,7 +743,8 @@ def main():
     rows.append(("peak memory", f"{report['train_peak_rss_mb']} MB training, {report['peak_rss_mb']} MB overall"
                                 + (f"; {report['train_peak_device_mb']} MB on {device}" if "train_peak_device_mb" in report
                                    else "") + (" (rank 0)" if world > 1 else "")))
-    rows.append(("written", f"{out} (stock {read_config(out)['architectures'][0]})"
+    rows.append(("written", f"{out} (stock {read_config(out)['architectures'][0]}"
+                            + ("; it replaced the earlier output there)" if replacing else ")")
                             + (f"; state kept in {state_path}" if args.keep_state else "")))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

@@ -175,10 +175,11 @@ def main():
                         f"(the tokenizer has tokens the checkpoint has no embedding for)")
     log = (lambda *a: print(*a, file=sys.stderr)) if rank == 0 else (lambda *a: None)
     model.setup_caches(1, len(prompt) + args.max_new_tokens)
+    values = sum(layer.attention.kv_values_per_token() for layer in model.layers) // model.args.n_layers
     log(f"loaded {folder.name} ({'MLA' if model.args.is_mla else 'GQA'}"
-        f"{f', --tp {mode} on {world} rank' + 's' * (world > 1) if parallel else ''}, "
-        f"{model.kv_bytes_per_token() // model.args.n_layers} cache bytes per token per layer"
-        f"{' per rank' if parallel else ''}) in {time.perf_counter() - t0:.1f}s")
+        f"{f', --tp {mode} on {world} rank' + 's' * (world > 1) if parallel else ''}; cache per token per layer"
+        f"{' per rank' if parallel else ''}: {values} values, {model.kv_bytes_per_token() // model.args.n_layers} "
+        f"bytes in {str(dtype).removeprefix('torch.')}) in {time.perf_counter() - t0:.1f}s")
 
     step = compile_decode_step(device) if args.compile else decode_one_token
     if args.compile:  # compile on throwaway positions past the prompt, so timing below is steady-state

@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -304,6 +305,10 @@ def _one_clear_line(res, needle):
 def test_user_errors(tiny, tmp_path):
     res = _script("bench.py", "--ppl", "--ckpt", str(tmp_path / "nowhere"))
     _one_clear_line(res, "no such file")
+    notes = tmp_path / "notes.md"  # a file outside any checkpoint: named, with the folder it sits in
+    notes.write_text("# notes\n")
+    _one_clear_line(_script("generate.py", "--ckpt", str(notes), "--prompt", "hi"),
+                    f"{notes} is a file in {tmp_path}, which has no config.json")
 
     bad = tmp_path / "gpt2"
     shutil.copytree(tiny["llama"][0], bad)
@@ -334,6 +339,25 @@ def test_user_errors(tiny, tmp_path):
     _one_clear_line(_script("bench.py", "--batch", "0"), "must be positive")
 
 
+def test_progress_bar_clock_moves_while_an_item_runs(monkeypatch):
+    """A layer of a large model takes minutes: the bar's elapsed time still moves (a thread redraws
+    it every second) though no item has finished, and stops once the bar is closed."""
+    import io
+    from cli import progress_bar
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    bar = progress_bar(total=3, desc="layers", unit="layer")
+    deadline = time.monotonic() + 60  # only a machine stalled for a minute fails this
+    while "0/3 [00:01" not in err.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print(err.getvalue().split("\r")[-1])
+    assert "0/3 [00:01" in err.getvalue() and bar.n == 0
+    bar.close()
+    closed = err.getvalue()
+    time.sleep(1.5)
+    assert err.getvalue() == closed
+
+
 # ----------------------------------------------------------------------------- bench.py (speed)
 
 def test_bench_speed_runs_and_reports(tiny, tmp_path):
@@ -354,6 +378,8 @@ def test_bench_speed_runs_and_reports(tiny, tmp_path):
                                 "kv_bytes_per_token": result["kv_bytes_per_token"], "warnings": result["warnings"],
                                 "speedup": result["speedup"], "json": str(out)}
     assert len(last) < 2000 + sum(map(len, result["warnings"]))
+    from bench import headline
+    assert "json" not in headline(result, None)  # no --json: no key that says so
     # 2 layers x (k + v) x 2 KV heads x 16 dims x 4 bytes; 2 layers x (R = 16 + r = 8) x 4 bytes
     assert result["kv_bytes_per_token"] == {"gqa": 512, "mla": 192}
     assert result["bandwidth_gbs"] > 0 and result["matmul_gflops"] > 0 and result["latent_score_gflops"] > 0
@@ -760,6 +786,7 @@ def test_convert_embedded_model_loads_in_stock_transformers(smollm, tmp_path):
     assert res.returncode == 0, res.stderr
     report = json.loads((out / "convert_report.json").read_text())
     assert report["kv_values_per_token_per_layer"] == {"before": 384, "after": 96}
+    assert "evaluation" not in next(line for line in res.stdout.splitlines() if line.startswith("conversion time"))
     # which engines' MLA kernels take R + r = 96 (vLLM's: 320, 512, 576 on GPU, 576 only on CPU)
     assert any(line.startswith("serving") and "R + r = 96: vLLM's Triton MLA backend on GPU only" in line
                for line in res.stdout.splitlines())

@@ -555,7 +555,12 @@ def test_kill_during_the_write_leaves_old_or_new_output(llama, tmp_path):
     calib = _calib(tmp_path / "calib.txt")
     source = _digest(src)
     old_out = tmp_path / "old"
-    assert _script("convert.py", *_convert_argv(src, old_out, calib, rank=16)).returncode == 0
+    for replacing in (False, True):  # the summary says when the folder was an earlier output of ours
+        res = _script("convert.py", *_convert_argv(src, old_out, calib, rank=16))
+        assert res.returncode == 0, res.stderr
+        written = next(line for line in res.stdout.splitlines() if line.startswith("written"))
+        print(written)
+        assert ("it replaced the earlier output there" in written) == replacing
     old = _digest(old_out)
     driver = _kill_driver(tmp_path)
 

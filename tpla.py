@@ -67,7 +67,6 @@ Speed on a CPU: the absorbed attention's small-row matmuls and softmax set the p
 bytes, and TPLA does per rank as much arithmetic as head-parallel (all H heads on R/g + r dims
 against H/g heads on R + r) and more softmax: 1.06x in fp32, 1.13x in bf16 at 32K (docs/tpla.md).
 """
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -76,7 +75,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from checkpoint import CheckpointReader, find_checkpoint, load_model
-from cli import UserError, run
+from cli import UserError, progress_bar, run
 from fetch import ensure_default_conversion
 from model import MLA, Attention, Block, FeedForward, LatentCache, ModelArgs, MoE, Transformer, latent_attention
 from writer import check_output, write_model
@@ -414,8 +413,7 @@ def rotate_for_tpla(path: str | Path, out: str | Path, world: int, calib: torch.
     cos, sin = model.rope_cos[:T], model.rope_sin[:T]
     mask = torch.ones(T, T, dtype=torch.bool).tril()
     before, after = [], []
-    from tqdm import tqdm
-    bar = tqdm(total=len(model.layers), desc=f"fit the rotation for TPLA x{world}", unit="layer", file=sys.stderr)
+    bar = progress_bar(total=len(model.layers), desc=f"fit the rotation for TPLA x{world}", unit="layer")
     for i, block in enumerate(model.layers):
         attn = block.attention
         with torch.no_grad():
@@ -583,7 +581,7 @@ def main():
     check_parallel(CheckpointReader(folder).args, "tpla", a.world)  # before reading any text
     out = Path(a.out) if a.out else folder.parent / f"{folder.name}-tpla{a.world}"
     inputs = [a.calib_text] if a.calib_text else []
-    check_output(out, [folder, *inputs])
+    replacing = check_output(out, [folder, *inputs]).is_dir()  # an earlier output of ours
     calib = calibration_ids(folder, a.calib_tokens, a.calib_len, a.calib_text)
     if len(calib) == 0:
         raise UserError(f"the calibration text has fewer than --calib-len {a.calib_len} tokens")
@@ -592,7 +590,8 @@ def main():
     before, after = (sum(record[k]) / len(record[k]) for k in ("error_before", "error_after"))
     print(f"TPLA x{a.world} relative error of the attention output, mean over {len(record['error_before'])} "
           f"layers: {before:.4f} -> {after:.4f}")
-    print(f"written {out}: run it with --tp tpla --tpla-transform none on {a.world} ranks")
+    print(f"written {out}{' (it replaced the earlier output there)' if replacing else ''}: run it with "
+          f"--tp tpla --tpla-transform none on {a.world} ranks")
 
 
 if __name__ == "__main__":
