@@ -18,6 +18,9 @@ import shutil
 import secrets
 import signal
 import sys
+import threading
+import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -94,21 +97,36 @@ def pick_dtype(name: str | None, device: str) -> torch.dtype:
     return dtypes[name]
 
 
+_BARS = weakref.WeakSet()  # the progress bars open in this process: run() closes them before its last line
+
+
 def progress_bar(**kw):
     """A tqdm bar on stderr (kw: tqdm's) whose clock keeps moving while one long item runs (a layer
     of an 8B model takes minutes on a CPU): a daemon thread redraws it every second until it is
-    closed (tqdm's close() disables it), so the elapsed time never stands still."""
-    import threading
-    import time
+    closed (tqdm's close() disables it) or dropped. One still open when the script ends (an error,
+    Ctrl-C) is closed by run(), so the line that ends the run stands on a line of its own."""
     from tqdm import tqdm
     bar = tqdm(file=sys.stderr, **kw)
-
-    def redraw():
-        while not bar.disable:
-            time.sleep(1.0)
-            bar.refresh()  # a closed bar ignores it
-    threading.Thread(target=redraw, daemon=True).start()
+    if not bar.disable:
+        _BARS.add(bar)
+        threading.Thread(target=_redraw, args=(weakref.ref(bar),), name="progress bar", daemon=True).start()
     return bar
+
+
+def _redraw(ref) -> None:
+    """Every second, redraw the bar `ref` points to, until it is closed or gone. It holds no
+    reference across the wait (a dropped bar is collected, and closes itself), and it looks at the
+    bar under tqdm's lock, so a bar closed meanwhile is never drawn again after its last line."""
+    while True:
+        time.sleep(1.0)
+        bar = ref()
+        if bar is None:
+            return
+        with bar.get_lock():
+            if bar.disable:
+                return
+            bar.refresh(nolock=True)
+        del bar
 
 
 class Terminated(KeyboardInterrupt):
@@ -179,6 +197,8 @@ def run(main) -> None:
                     where = where.tb_next
                 line = (f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
                         f"({Path(where.tb_frame.f_code.co_filename).name}:{where.tb_lineno})")
+    for bar in list(_BARS):  # a bar cut short ends its line before ours
+        bar.close()
     if line:
         print(f"{line} [rank {rank}]" if parallel else line, file=sys.stderr, flush=True)
     if dist.is_available() and dist.is_initialized():

@@ -70,7 +70,7 @@ import torch
 from checkpoint import CheckpointReader, args_from_config, checkpoint_tensors, hf_name, load_model
 from cli import UserError, peak_rss_mb, pick_device, pick_dtype, progress_bar, run
 from model import Block, ModelArgs, Transformer, rope_frequencies, rope_table
-from writer import CheckpointWriter, check_output
+from writer import CheckpointWriter, check_output, earlier_output
 
 # the precision of the statistics and fits (second moments, eigendecompositions, least squares):
 # float64, since the eigenvalues they rank span ten or more orders of magnitude. In float32 the
@@ -754,7 +754,7 @@ def main():
     out = Path(args.out) if args.out else folder.parent / f"{folder.name}-mla"
     texts = [t for t in (args.calib_text, args.eval_text) if t and t != "none"]
     out = check_output(out, [folder, *texts])
-    replacing = out.is_dir()  # an earlier output of ours (check_output refused anything else)
+    replacing = earlier_output(out)
     check_source(reader, args.rope_dim, args.kv_lora_rank, args.q_lora_rank)
     dtype = pick_dtype(args.dtype, "cpu") if args.dtype else reader.stored_dtype()
     if not 0 < args.latent_rms <= 1e-4:  # sqrt(eps) / 10: the norm then is off linear by 0.5%

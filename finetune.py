@@ -88,7 +88,7 @@ from cli import UserError, init_distributed, keep, peak_rss_mb, pick_device, pro
 from evaluate import WindowBar, perplexity
 from fetch import default_or, ensure_default_conversion, read_text
 from model import MLA, RMSNorm, Transformer
-from writer import check_output, check_output_file, put_in_place, write_model
+from writer import check_output, check_output_file, earlier_output, put_in_place, write_model
 import tpla
 
 # a latent norm is convert.py's linear carrier if its input's mean square stays below LINEAR * eps on every
@@ -577,7 +577,8 @@ def main():
         raise UserError("--tpla needs --batch 2 or more: half the windows train the TPLA form, half the MLA form")
     inputs = [student_dir, teacher_dir, *texts, *eval_paths(args)]
     check_output_file(state_path, inputs, "--state", kind="state")  # it is written over as training goes
-    replacing = check_output(out, [*inputs, state_path]).is_dir()  # an earlier output of ours
+    check_output(out, [*inputs, state_path])
+    replacing = earlier_output(out)
     from tokenizer import load_tokenizer
     tok = load_tokenizer(student_dir)
     ids = training_ids(texts, tok)

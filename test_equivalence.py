@@ -341,21 +341,53 @@ def test_user_errors(tiny, tmp_path):
 
 def test_progress_bar_clock_moves_while_an_item_runs(monkeypatch):
     """A layer of a large model takes minutes: the bar's elapsed time still moves (a thread redraws
-    it every second) though no item has finished, and stops once the bar is closed."""
+    it every second) though no item has finished; the thread ends when the bar is closed or dropped;
+    a bar still open when a script fails is closed before run()'s last line, which stands alone."""
+    import gc
     import io
-    from cli import progress_bar
+    import re
+    import threading
+    import weakref
+    import cli
     err = io.StringIO()
     monkeypatch.setattr(sys, "stderr", err)
+    def redraw_threads() -> set:
+        return {t for t in threading.enumerate() if t.name == "progress bar"}
+    progress_bar, threads = cli.progress_bar, redraw_threads()
     bar = progress_bar(total=3, desc="layers", unit="layer")
+    (redraw,) = redraw_threads() - threads
+
+    def elapsed() -> int:  # the largest elapsed time drawn so far, in seconds
+        return max((int(m) * 60 + int(s) for m, s in re.findall(r"0/3 \[(\d\d):(\d\d)", err.getvalue())), default=0)
     deadline = time.monotonic() + 60  # only a machine stalled for a minute fails this
-    while "0/3 [00:01" not in err.getvalue() and time.monotonic() < deadline:
+    while elapsed() < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     print(err.getvalue().split("\r")[-1])
-    assert "0/3 [00:01" in err.getvalue() and bar.n == 0
+    assert elapsed() >= 1 and bar.n == 0
     bar.close()
-    closed = err.getvalue()
-    time.sleep(1.5)
-    assert err.getvalue() == closed
+    redraw.join(60)
+    assert not redraw.is_alive(), "the redraw thread outlived its bar"
+
+    threads = redraw_threads()
+    dropped = weakref.ref(progress_bar(total=2, desc="dropped"))
+    (redraw,) = redraw_threads() - threads
+    gc.collect()
+    assert dropped() is None, "the redraw thread keeps its bar alive"
+    redraw.join(60)
+    assert not redraw.is_alive()
+
+    def main():
+        global _open_bar
+        _open_bar = progress_bar(total=2, desc="convert")  # open when main fails (a global: not collected first)
+        raise cli.UserError("boom")
+    term = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit):
+            cli.run(main)
+    finally:
+        signal.signal(signal.SIGTERM, term)
+    print(repr(err.getvalue()[-80:]))
+    assert err.getvalue().endswith("]\nerror: boom\n")
 
 
 # ----------------------------------------------------------------------------- bench.py (speed)

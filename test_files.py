@@ -555,7 +555,8 @@ def test_kill_during_the_write_leaves_old_or_new_output(llama, tmp_path):
     calib = _calib(tmp_path / "calib.txt")
     source = _digest(src)
     old_out = tmp_path / "old"
-    for replacing in (False, True):  # the summary says when the folder was an earlier output of ours
+    old_out.mkdir()  # an empty folder: nothing is replaced
+    for replacing in (False, True):  # the summary says when the folder held an earlier output of ours
         res = _script("convert.py", *_convert_argv(src, old_out, calib, rank=16))
         assert res.returncode == 0, res.stderr
         written = next(line for line in res.stdout.splitlines() if line.startswith("written"))

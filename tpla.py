@@ -78,7 +78,7 @@ from checkpoint import CheckpointReader, find_checkpoint, load_model
 from cli import UserError, progress_bar, run
 from fetch import ensure_default_conversion
 from model import MLA, Attention, Block, FeedForward, LatentCache, ModelArgs, MoE, Transformer, latent_attention
-from writer import check_output, write_model
+from writer import check_output, earlier_output, write_model
 
 MODES = ("tpla", "heads")
 TRANSFORMS = ("none", "hadamard", "pca", "pca-sorted")  # pca-sorted: shard 0 gets the top half of the energy
@@ -581,7 +581,8 @@ def main():
     check_parallel(CheckpointReader(folder).args, "tpla", a.world)  # before reading any text
     out = Path(a.out) if a.out else folder.parent / f"{folder.name}-tpla{a.world}"
     inputs = [a.calib_text] if a.calib_text else []
-    replacing = check_output(out, [folder, *inputs]).is_dir()  # an earlier output of ours
+    check_output(out, [folder, *inputs])
+    replacing = earlier_output(out)
     calib = calibration_ids(folder, a.calib_tokens, a.calib_len, a.calib_text)
     if len(calib) == 0:
         raise UserError(f"the calibration text has fewer than --calib-len {a.calib_len} tokens")

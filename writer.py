@@ -94,6 +94,12 @@ def check_output(out: str | Path, inputs=()) -> Path:
     return out
 
 
+def earlier_output(out: str | Path) -> bool:
+    """Whether `out` holds an earlier output of this project (its MARKER): after check_output, the
+    folder the new one will replace (an empty folder replaces nothing)."""
+    return (Path(out) / MARKER).is_file()
+
+
 def _written_files(folder: Path) -> set[str]:
     marker = folder / MARKER
     try:
