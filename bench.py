@@ -299,7 +299,8 @@ def speed(args, device: str, dtype: torch.dtype) -> dict:
     bw, flops = memory_bandwidth(device), matmul_throughput(device, dtype)
     print(f"machine: {torch.get_num_threads()} threads, memory read {bw:.1f} GB/s, "
           f"{dtype} matmul {flops:.0f} GFLOP/s")
-    print(f"contexts above {args.prefill} tokens are reached by filling the cache with random entries")
+    if max(contexts) > args.prefill:
+        print(f"contexts above {args.prefill} tokens are reached by filling the cache with random entries")
     result = {"bandwidth_gbs": round(bw, 2), "matmul_gflops": round(flops, 1), "device": device,
               "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(), "rounds": args.rounds,
               "synthetic_cache": True, "kv_bytes_per_token": {}, "weight_bytes": {}, "prefill": [], "decode": []}

@@ -787,16 +787,19 @@ def main():
     report = {"settings": settings, "source": str(folder), "out": str(out), "device": device}
     need = conversion_memory(a, len(calib), args.calib_len, device)
     free = available_memory(device)
-    print(f"cost: about {need['device'] / 2**30:.2f} GiB at the peak on {device}"
+    rss_before = peak_rss_mb()  # on a CPU the conversion's memory comes on top of what this process holds
+    report["estimate"] = {"peak_mb": round(need["device"] / 2**20 + (rss_before if device.startswith("cpu") else 0))}
+    print(f"cost: about {report['estimate']['peak_mb'] / 1024:.2f} GiB at the peak on {device}"
+          + (f" ({rss_before / 1024:.2f} GiB held already + {need['device'] / 2**30:.2f} for the conversion)"
+             if device.startswith("cpu") else "")
           + (f" and {need['host'] / 2**30:.2f} GiB on the CPU" if need["host"] else "")
-          + f" ({len(calib)} samples x {args.calib_len} tokens: {need['hidden'] / 2**30:.2f} GiB of activations); "
-          f"{free / 2**30:.1f} GiB free there; the time follows after two layers", file=sys.stderr)
+          + f"; {len(calib)} samples x {args.calib_len} tokens: {need['hidden'] / 2**30:.2f} GiB of activations; "
+          f"{free / 2**30:.1f} GiB free there"
+          + ("; the time follows after two layers" if a.n_layers > 2 else ""), file=sys.stderr)
     check_fits(need, free, device, len(calib), args.calib_len)
     if need["host"] > available_memory("cpu"):  # the writer's share, on the CPU
         raise UserError(f"writing the output needs about {need['host'] / 2**30:.1f} GiB of CPU memory, "
                         f"{available_memory('cpu') / 2**30:.1f} GiB is free")
-    rss_before = peak_rss_mb()
-    report["estimate"] = {"peak_mb": round(need["device"] / 2**20 + (rss_before if device.startswith("cpu") else 0))}
     before, after = 2 * a.n_kv_heads * a.head_dim, args.kv_lora_rank + args.rope_dim
     report.update(kv_values_per_token_per_layer={"before": before, "after": after},
                   compression=round(before / after, 2))
@@ -819,8 +822,10 @@ def main():
             total = (t_layers - t_start) + first + later * (a.n_layers - 1)
             report["estimate"]["seconds"] = round(total, 1)
             end = time.strftime("%H:%M:%S", time.localtime(time.time() + total - (now - t_start)))
-            bar.write(f"layer 0 took {first:.1f} s, layer 1 {later:.1f} s: about {total / 60:.1f} min for all "
-                      f"{a.n_layers} layers (before the evaluation), done about {end}", file=sys.stderr)
+            if a.n_layers > 2:  # with no layer left there is nothing to foretell
+                bar.write(f"layer 0 took {first:.1f} s, layer 1 {later:.1f} s: about {total / 60:.1f} min for all "
+                          f"{a.n_layers} layers{' (before the evaluation)' if eval_ids is not None else ''}, "
+                          f"done about {end}", file=sys.stderr)
 
     def finish(staged: Path, config: dict) -> dict:
         """The report, written into the folder before it is put in place (evaluated on it where it stands)."""

@@ -737,7 +737,7 @@ def main():
              f"{first_kl:.4f} -> {last_kl:.4f}" if len(losses) > 1 else f"{first_kl:.4f}")]
     for name in evals:
         before = report["before"].get("student", {}).get(name)
-        rows.append((f"perplexity {name} ({len(evals[name])} tokens)",
+        rows.append((f"perplexity {name} (first {len(evals[name])} tokens)",
                      f"teacher {report['before'].get('teacher', {}).get(name)}, student {before} -> {report['after'][name]}"))
         if "after_tpla" in report:
             rows.append((f"  ... TPLA x{args.tpla} decode (simulated)", f"{report['after_tpla'][name]}"))
