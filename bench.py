@@ -7,35 +7,34 @@
     torchrun --nproc_per_node=2 bench.py --synthetic deepseek-v2-lite --contexts 32768 --batch 4 --dtype bfloat16
 
 Speed. For each model, batch and context: the KV-cache bytes per token, prefill tokens/s (a real
-prefill of --prefill tokens), and decode ms/token (warm-up, then the median of --new-tokens steps).
-Contexts longer than the prefill are reached by filling the cache with random entries: decode
-cost does not depend on the values. MLA is timed in both forms: naive (expand the latent into
-per-head keys and values every step) and absorbed (attend over the latent itself).
-The same run measures the machine: memory read bandwidth and matmul throughput. Every decode
-point gets its roofline bound: a step must read every weight once and the whole cache once
-(memory_ms = bytes / bandwidth) and do its multiply-adds (compute_ms = flops / matmul
-throughput); roofline_ms is the larger. With --transformers, its Llama (GQA at 8K) and
-DeepSeek-V3 (MLA at 16K) code run the same weights in the same run, the baseline users have today.
+prefill of --prefill tokens), and decode ms/token. Contexts longer than the prefill are reached
+by filling the cache with random entries: decode cost does not depend on the values. MLA is
+timed in both forms: naive (expand the latent into per-head keys and values every step) and
+absorbed (attend over the latent itself). The same run measures the machine: memory read
+bandwidth and matmul throughput. Every decode point gets its roofline bound: a step must read
+every weight once and the whole cache once (memory_ms = bytes / bandwidth) and do its
+multiply-adds (compute_ms = flops / matmul throughput); roofline_ms is the larger. With
+--transformers, its Llama (GQA at 8K) and DeepSeek-V3 (MLA at 16K) code run the same weights in
+the same run, the baseline users have today.
 
 Repeatable ratios: both models are loaded, then --rounds rounds (3) time every point; at each
 point the two models' decode steps alternate one by one (GQA, MLA, MLA, GQA, ...) after a warm-up
 that reaches steady state, so the machine slowing down for a second slows both, and a round's
-speed-up is the median over its pairs of steps. A point's ms/token is the median over the rounds
-with its range; so is its speed-up. Naive MLA and the prefills run after the rounds. The memory
-bandwidth and the matmul rate are measured at the start and the end; a warning says when either
-moved by more than 15%, or when a speed-up's range over the rounds is wider than its distance from 1 (the machine
-was too busy to tell).
+speed-up is the median over its pairs of steps (interleaved_rounds, time_decode). A point's
+ms/token is the median over the rounds with its range; so is its speed-up. Naive MLA and the
+prefills run after the rounds. The memory bandwidth and the matmul rate are measured at the start
+and the end; a warning says when either moved by more than 15%, or when a speed-up's range over
+the rounds is wider than its distance from 1 (the machine was too busy to tell).
 
-Perplexity protocol (the same everywhere in this project, and the one the published
-comparison used): tokenize the text without BOS, cut it into non-overlapping windows of
---ctx tokens, drop a shorter tail, and average the next-token NLL over every predicted token
-(ctx - 1 per window).
+Under torchrun (or with --tp) the same protocol compares TPLA with head-parallel MLA on the same
+checkpoint and ranks (tp_speed); --synthetic times the paper's setting, the first --layers layers
+of DeepSeek-V2-Lite's shape (R = 512, r = 64, 16 heads, 64 routed experts of which 6 per token, 2
+shared, a dense first layer) with random weights, written once under assets/synthetic/ (nothing
+can be downloaded here; decode time does not depend on the values), each rank's weights and peak
+memory reported against the whole checkpoint's size.
 
-TPLA at the paper's setting (--synthetic deepseek-v2-lite, under torchrun): the first --layers
-layers of DeepSeek-V2-Lite's shape (R = 512, r = 64, 16 heads, 64 routed experts of which 6 per
-token, 2 shared, a dense first layer) with random weights, written once under assets/synthetic/
-(nothing can be downloaded here; decode time does not depend on the values). Each rank's
-weights and peak memory after loading are reported against the whole checkpoint's size.
+Perplexity: evaluate.py's protocol (non-overlapping windows of --ctx tokens); under --tp tpla the
+second half of every window is scored by real TPLA decode steps.
 
 The last stdout line is one JSON object with the headline figures (perplexity; each speed-up,
 median and range); --json FILE writes the whole record (every point, the machine, the roofline).
@@ -52,12 +51,95 @@ from pathlib import Path
 import torch
 
 import tpla
-from checkpoint import args_from_config, load_model, read_config
-from cli import UserError, init_distributed, launched, peak_rss_mb, pick_device, pick_dtype, run
+from checkpoint import load_model
+from cli import (UserError, first_on_rank_0, init_distributed, launched, peak_rss_mb, pick_device, pick_dtype,
+                 read_text, run)
 from evaluate import WindowBar, perplexity
-from fetch import SYNTHETIC, default_or, ensure_default_conversion, ensure_synthetic, read_text
+from fetch import SYNTHETIC, default_or, ensure_default_conversion, ensure_synthetic
 from model import MLA, MoE, Router
 from writer import check_output_file
+
+
+def main():
+    args = parse_args()
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    if args.ppl is not None:
+        result = ppl(args, device, dtype)
+    elif launched() or args.tp or args.synthetic:
+        result = tp_speed(args, device, dtype)
+    else:
+        result = speed(args, device, dtype)
+    if launched() and int(os.environ["RANK"]):
+        return  # rank 0 reports
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    if args.plot and "decode" in result:
+        plot(result, args.plot)
+    print(json.dumps(headline(result, args.json)))
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="checkpoint (speed: the MLA model, default the embedded model's default "
+                                  "conversion; --ppl: the model to score, default the embedded model)")
+    p.add_argument("--baseline", help="GQA checkpoint to compare against (default: the embedded model)")
+    p.add_argument("--contexts", default="1024,4096,16384,32768", help="comma-separated context lengths")
+    p.add_argument("--batch", default="1,4", help="comma-separated batch sizes")
+    p.add_argument("--new-tokens", type=int, default=8, help="timed decode steps per point and model (after a "
+                                                             "warm-up to steady state)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over every point, the compared models interleaved")
+    p.add_argument("--prefill", type=int, default=1024, help="tokens of the real prefill that is timed")
+    p.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
+    p.add_argument("--transformers", action="store_true",
+                   help="also time transformers' own decode of the same weights (Llama at 8K, DeepSeek-V3 at 16K, batch 1)")
+    p.add_argument("--json", help="also write the JSON result here")
+    p.add_argument("--plot", help="write a plot of ms/token against context to this PNG")
+    p.add_argument("--ppl", nargs="?", const="", metavar="TEXT",
+                   help="measure perplexity on this text file instead (no file: the embedded evaluation split)")
+    p.add_argument("--ctx", type=int, default=1024, help="perplexity window length in tokens")
+    p.add_argument("--max-tokens", type=int, help="perplexity: use only the first N tokens of the text")
+    p.add_argument("--synthetic", choices=sorted(k for k, c in SYNTHETIC.items() if c["model_type"].startswith("deepseek")),
+                   help="time TPLA against head-parallel on this real model's shape with random weights "
+                        "(written once under assets/synthetic/), instead of --ckpt")
+    p.add_argument("--layers", type=int, default=4, help="--synthetic: how many of the model's layers")
+    tpla.add_placement_flags(p)
+    args = p.parse_args()
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace):
+    """Everything about the command line that can fail, before any work; --contexts and --batch
+    become lists of ints."""
+    inputs = [p_ for p_ in (args.ckpt, args.baseline, args.ppl) if p_]
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_output_file(path, inputs, flag)
+    if args.synthetic and args.ppl is not None:
+        raise UserError("--synthetic has random weights: its perplexity means nothing; give --ckpt with --ppl")
+    if args.synthetic and not 1 <= args.layers <= SYNTHETIC[args.synthetic]["num_hidden_layers"]:
+        raise UserError(f"--layers {args.layers}: {args.synthetic} has {SYNTHETIC[args.synthetic]['num_hidden_layers']} layers")
+    if args.ppl is not None:
+        if args.ctx < 3:
+            raise UserError("--ctx must be at least 3")
+        return
+    try:
+        args.contexts = [int(c) for c in args.contexts.split(",")]
+        args.batch = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        raise UserError("--contexts and --batch take comma-separated integers, e.g. 1024,4096") from None
+    if min(args.contexts + args.batch) < 1 or min(args.new_tokens, args.prefill, args.layers, args.rounds) < 1:
+        raise UserError("contexts, batch sizes, --new-tokens, --prefill, --layers and --rounds must be positive")
+    if args.synthetic and args.ckpt:
+        raise UserError("--synthetic and --ckpt: give one of them")
+    if args.plot:
+        pyplot()  # fail now, not after the benchmark
+    if args.transformers and importlib.util.find_spec("transformers") is None:
+        raise UserError("--transformers needs transformers: pip install transformers")
+
+
+# ----------------------------------------------------------------------------- the machine
 
 def sig(x: float, digits: int = 4) -> float:
     """x to `digits` significant digits: milliseconds of a 100 KB model and of a 32K cache alike."""
@@ -151,7 +233,7 @@ def step_flops(model, context: int, batch: int) -> int:
         if not isinstance(a, MLA):
             attn += 2 * a.n_heads * a.head_dim  # q.k and p.v for every query head
         elif isinstance(a, tpla.TPLA):  # every head, over this rank's latent shard and rope dims
-            attn += a.n_heads * (2 * a.w_uk.shape[-1] + len(a.rope_dims))
+            attn += a.n_heads * (2 * a.w_uk.shape[-1] + a.r)
         elif a.impl == "naive":  # expand the latent into keys and values, then attend per head
             attn += a.R * a.n_heads * (a.d_nope + a.d_v) + a.n_heads * (a.d_nope + a.r + a.d_v)
         else:  # q.[c; k_pe] and p.c per head
@@ -281,129 +363,261 @@ def transformers_decode_ms(folder: Path, context: int, batch: int, steps: int, d
     return 1e3 * statistics.median(times)
 
 
-# ----------------------------------------------------------------------------- the speed benchmark
+# ----------------------------------------------------------------------------- the speed benchmarks
 
 def speed(args, device: str, dtype: torch.dtype) -> dict:
     """GQA against its MLA conversion, decode ms/token at every (batch, context): both models
-    loaded first, then --rounds rounds over every point (eager, and compiled with --compile),
-    each timing GQA's and MLA absorbed's decode steps alternately, one by one (time_decode). Each
-    point: median and range over the rounds; each speed-up is the median over a round's pairs of
-    steps, then its median and range over the rounds. Naive MLA, the slow reference, runs once per point after the rounds, and the
-    prefills last, so their multi-gigabyte expansions cannot slow what is compared."""
+    loaded first, then --rounds rounds over every point (eager, and compiled with --compile), each
+    timing GQA's and MLA absorbed's decode steps alternately, one by one (interleaved_rounds).
+    Naive MLA, the slow reference, runs once per point after the rounds, and the prefills last, so
+    their multi-gigabyte expansions cannot slow what is compared."""
     from generate import compile_decode_step, decode_one_token
-    gqa_folder = default_or(args.baseline)
-    mla_folder = Path(args.ckpt) if args.ckpt else ensure_default_conversion()
-    contexts = [int(c) for c in args.contexts.split(",")]
-    batches = [int(b) for b in args.batch.split(",")]
-
-    bw, flops = memory_bandwidth(device), matmul_throughput(device, dtype)
-    print(f"machine: {torch.get_num_threads()} threads, memory read {bw:.1f} GB/s, "
-          f"{dtype} matmul {flops:.0f} GFLOP/s")
-    if max(contexts) > args.prefill:
+    folders = {"gqa": default_or(args.baseline), "mla": Path(args.ckpt) if args.ckpt else ensure_default_conversion()}
+    result, machine = new_result(args, device, dtype)
+    if max(args.contexts) > args.prefill:
         print(f"contexts above {args.prefill} tokens are reached by filling the cache with random entries")
-    result = {"bandwidth_gbs": round(bw, 2), "matmul_gflops": round(flops, 1), "device": device,
-              "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(), "rounds": args.rounds,
-              "synthetic_cache": True, "kv_bytes_per_token": {}, "weight_bytes": {}, "prefill": [], "decode": []}
-    models = {}
-    for name, folder in (("gqa", gqa_folder), ("mla", mla_folder)):
-        models[name], _ = load_model(folder, device=device, dtype=dtype)
-        result["kv_bytes_per_token"][name] = models[name].kv_bytes_per_token()
-        result["weight_bytes"][name] = weight_bytes(models[name])
+    models = {name: load_model(folder, device=device, dtype=dtype)[0] for name, folder in folders.items()}
     if not models["mla"].args.is_mla or models["gqa"].args.is_mla:
         raise UserError("bench.py compares a GQA --baseline with an MLA --ckpt")
+    for name, model in models.items():
+        result["kv_bytes_per_token"][name] = model.kv_bytes_per_token()
+        result["weight_bytes"][name] = weight_bytes(model)
     rate = latent_score_throughput(models["mla"].layers[0].attention, device, dtype)
     result["latent_score_gflops"] = round(rate, 1)
     print(f"absorbed MLA's score matmul ({models['mla'].layers[0].attention.n_heads} rows per sequence) "
-          f"runs at {rate:.0f} GFLOP/s here, {rate / flops:.0%} of the square rate")
+          f"runs at {rate:.0f} GFLOP/s here, {rate / machine[1]:.0%} of the square rate")
     set_mla_impl(models["mla"], "absorb")
-
     steps = {"eager": decode_one_token}
     if args.compile:
         torch._dynamo.config.cache_size_limit = 256  # one graph per cache shape, by design
         steps["compiled"] = compile_decode_step(device)
-    times, ratios = {}, {}
-    for rnd in range(args.rounds):
-        for batch in batches:
-            for context in contexts:
-                for mode in steps if rnd % 2 == 0 else list(steps)[::-1]:
-                    # GQA and MLA absorbed step by step, alternating: each pair saw the same machine
-                    gqa, mla = time_decode(steps[mode], [models["gqa"], models["mla"]], context, batch,
-                                           args.new_tokens, device)
-                    times.setdefault(("gqa", batch, context, mode), []).append(statistics.median(gqa))
-                    times.setdefault(("mla_absorbed", batch, context, mode), []).append(statistics.median(mla))
-                    ratio = statistics.median(g / m for g, m in zip(gqa, mla))
-                    ratios.setdefault((batch, context, mode), []).append(ratio)
-                    print(f"round {rnd + 1}/{args.rounds}: {mode} batch {batch} context {context}: gqa "
-                          f"{statistics.median(gqa):.1f}, mla_absorbed {statistics.median(mla):.1f} ms/token, "
-                          f"{ratio:.2f}x", file=sys.stderr)
+    times, ratios = interleaved_rounds(steps, {"gqa": models["gqa"], "mla_absorbed": models["mla"]}, args, device)
     warnings = machine_drift(result, device, dtype)  # measured again, now that the compared points are done
-    set_mla_impl(models["mla"], "naive")  # the reference, once per point, after the rounds
-    for batch in batches:
-        for context in contexts:
-            ms = time_decode_ms(decode_one_token, models["mla"], context, batch, args.new_tokens, device)
-            times["mla_naive", batch, context, "eager"] = [ms]
-            print(f"mla_naive eager batch {batch} context {context}: {ms:.1f} ms/token", file=sys.stderr)
-    for name, model in models.items():
-        for batch in batches:
-            tps = prefill_tokens_per_s(model, batch, args.prefill, device)
-            result["prefill"].append({"model": name, "batch": batch, "tokens": args.prefill,
-                                      "tokens_per_s": round(tps, 1)})
-            print(f"{name}: prefill {args.prefill} tokens x batch {batch}: {tps:.0f} tokens/s", file=sys.stderr)
-
-    header = f"{'model':<13}{'batch':>6}{'context':>9}{'mode':>10}{'ms/token':>10}{'range':>17}{'memory_ms':>11}" \
-             f"{'compute_ms':>12}{'x roofline':>12}{'cache MB':>10}"
-    rows = []
+    times.update(naive_and_prefill(result, models, args, device, decode_one_token))
     for (label, batch, context, mode), ms in sorted(times.items(), key=lambda kv: (kv[0][0], kv[0][3], kv[0][1], kv[0][2])):
         model = models["gqa" if label == "gqa" else "mla"]
         set_mla_impl(model, "naive" if label == "mla_naive" else "absorb")
-        mem_ms = step_bytes(model, context, batch) / bw / 1e6
-        comp_ms = step_flops(model, context, batch) / flops / 1e6
-        roof = max(mem_ms, comp_ms)
-        cache_mb = batch * context * model.kv_bytes_per_token() / 1e6
-        s_ = spread(ms)
-        result["decode"].append({
-            "model": label, "context": context, "batch": batch, "compiled": mode == "compiled",
-            "ms_per_token": s_["median"], "ms_min": s_["min"], "ms_max": s_["max"], "roofline_ms": sig(roof),
-            "memory_ms": sig(mem_ms), "compute_ms": sig(comp_ms), "cache_mb": sig(cache_mb)})
-        rows.append(f"{label:<13}{batch:>6}{context:>9}{mode:>10}{s_['median']:>10.1f}"
-                    f"{s_['min']:>8.1f}-{s_['max']:<8.1f}{mem_ms:>11.1f}{comp_ms:>12.1f}{s_['median'] / roof:>12.2f}"
-                    f"{cache_mb:>10.0f}")
-    for mode in steps:
-        for batch in batches:
-            for context in contexts:
-                s_ = spread(ratios[batch, context, mode])
-                result.setdefault("speedup", []).append({"batch": batch, "context": context, "compiled": mode == "compiled",
-                                                         "measured": s_["median"], "min": s_["min"], "max": s_["max"]})
-                if args.rounds > 1 and s_["max"] - s_["min"] > abs(s_["median"] - 1):
-                    warnings.append(f"{mode} batch {batch} context {context}: the speed-up's range over the rounds "
-                                    f"({s_['min']:.2f}-{s_['max']:.2f}) is wider than its distance from 1")
-
+        result["decode"].append(point(machine, model, model.kv_bytes_per_token(), label, batch, context, ms,
+                                      compiled=mode == "compiled"))
+    for mode, batch, context in ((m, b, c) for m in steps for b in args.batch for c in args.contexts):
+        record, warning = speedup(ratios[batch, context, mode], args.rounds, f"{mode} batch {batch} context {context}")
+        result.setdefault("speedup", []).append({"batch": batch, "context": context, "compiled": mode == "compiled",
+                                                 **record})
+        warnings += [warning] if warning else []
     if args.transformers:
-        result["transformers"] = []
-        for kind, folder, context, ours in (("llama", gqa_folder, 8192, "gqa"),
-                                            ("deepseek_v3", mla_folder, 16384, "mla_absorbed")):
-            theirs = transformers_decode_ms(folder, context, 1, min(args.new_tokens, 4), dtype)
-            mine = next((r["ms_per_token"] for r in result["decode"] if r["model"] == ours
-                         and r["context"] == context and r["batch"] == 1 and not r["compiled"]), None)
-            if mine is None:  # not on the grid: measure ours at the same point
-                model = models["gqa" if ours == "gqa" else "mla"]
-                set_mla_impl(model, "absorb")
-                mine = time_decode_ms(decode_one_token, model, context, 1, args.new_tokens, device)
-            result["transformers"].append({"model": kind, "context": context, "batch": 1,
-                                           "ms_per_token": round(theirs, 1), "ours_ms_per_token": round(mine, 1),
-                                           "speedup": round(theirs / mine, 2)})
-            print(f"transformers {kind}, context {context}, batch 1: {theirs:.1f} ms/token; ours {mine:.1f} "
-                  f"({theirs / mine:.2f}x)", file=sys.stderr)
-
-    print(header + f"   ({args.rounds} rounds)")
-    print("\n".join(rows))
+        result["transformers"] = against_transformers(result, models, folders, args, device, dtype)
+    print_points(result, f"({args.rounds} rounds)")
     print(speedup_table(result))
-    for w in warnings:
-        print(f"warning: {w}", file=sys.stderr)
-    result["warnings"] = warnings
+    finish_warnings(result, warnings)
     result["peak_rss_mb"] = round(peak_rss_mb())
     return result
 
+
+def tp_speed(args, device: str, dtype: torch.dtype) -> dict:
+    """Under torchrun: decode ms/token of head-parallel MLA and of TPLA, same checkpoint, same
+    ranks, one run, by the same protocol (interleaved_rounds, in lockstep: the ranks' collectives
+    must match). Times are rank 0's (the all-reduces keep the ranks in step); bytes are per rank,
+    the cache the largest rank's (heads split unevenly: what has to fit)."""
+    from generate import decode_one_token
+    rank, world, device = init_distributed(device)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    ckpt = first_on_rank_0(ensure_synthetic, args.synthetic, args.layers, dtype) if args.synthetic else args.ckpt
+    where = tpla.place(ckpt, args.tp, args.tpla_transform, device)
+    result, machine = new_result(args, device, dtype, world, say)
+    result.update(world_size=world, tpla_transform=args.tpla_transform)
+    models = {}
+    for mode in [args.tp] if args.tp else ["heads", "tpla"]:
+        models[mode] = model = where.load(dtype, mode)
+        per_rank = gather(model.kv_bytes_per_token(), world)  # heads split unevenly (SmolLM2's 3 KV heads on 2 ranks)
+        result.setdefault("kv_bytes_per_token_per_rank", {})[mode] = per_rank
+        result["kv_bytes_per_token"][mode] = max(per_rank)
+        result["weight_bytes"][mode] = weight_bytes(model)
+        if "ranks" not in result:  # what each rank holds after loading one model
+            report_ranks(result, model, where.folder, rank, world, say)
+    times, ratios = interleaved_rounds({"eager": decode_one_token}, models, args, device, lockstep=True, say=say)
+    torch.distributed.barrier()
+    warnings = machine_drift(result, device, dtype)
+    for (mode, batch, context, _), ms in sorted(times.items()):
+        result["decode"].append(point(machine, models[mode], result["kv_bytes_per_token"][mode], mode, batch, context,
+                                      ms, world_size=world))
+    for batch, context in ((b, c) for b in args.batch for c in args.contexts if len(models) == 2):
+        record, warning = speedup(ratios[batch, context, "eager"], args.rounds, f"batch {batch} context {context}")
+        m = step_bytes(models["heads"], context, batch) / step_bytes(models["tpla"], context, batch)
+        f = step_flops(models["heads"], context, batch) / step_flops(models["tpla"], context, batch)
+        result.setdefault("tpla_speedup", []).append({"batch": batch, "context": context, **record,
+                                                      "in_bytes": sig(m, 3), "in_flops": sig(f, 3)})
+        say(f"tpla over heads, batch {batch} context {context}: {record['measured']:.2f}x measured "
+            f"({record['min']:.2f}-{record['max']:.2f} over {args.rounds} rounds), {m:.2f}x in bytes, {f:.2f}x in flops")
+        warnings += [warning] if warning else []
+    print_points(result, f"(rank 0's times and bytes, the largest rank's cache; {world} ranks, {args.rounds} rounds)", say)
+    finish_warnings(result, warnings, say)
+    return result
+
+
+def new_result(args, device: str, dtype: torch.dtype, world: int = 1, say=print) -> tuple[dict, tuple]:
+    """The run's record, and the machine measured at the start: (memory read bandwidth in GB/s,
+    every rank at once: its share of the machine's; matmul GFLOP/s in the models' dtype)."""
+    if world > 1:
+        torch.distributed.barrier()
+    bw = memory_bandwidth(device)
+    if world > 1:
+        torch.distributed.barrier()
+    flops = matmul_throughput(device, dtype)
+    say(f"machine{f', per rank with {world} ranks running' if world > 1 else ''}: {torch.get_num_threads()} "
+        f"threads, memory read {bw:.1f} GB/s, {dtype} matmul {flops:.0f} GFLOP/s")
+    return {"bandwidth_gbs": round(bw, 2), "matmul_gflops": round(flops, 1), "device": device,
+            "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(), "rounds": args.rounds,
+            "synthetic_cache": True, "kv_bytes_per_token": {}, "weight_bytes": {}, "prefill": [], "decode": []}, (bw, flops)
+
+
+def interleaved_rounds(steps: dict, models: dict, args, device: str, lockstep: bool = False, say=print):
+    """--rounds rounds over every (batch, context, step) point; at each, the models' decode steps
+    alternate one by one (time_decode), and every other round takes the steps and the models in
+    the reverse order, so neither always runs second. Returns each (model, batch, context, step)'s
+    medians, one per round, and each (batch, context, step)'s speed-ups of the first model over
+    the second (when there are two), one per round: the median over the round's pairs of steps."""
+    times, ratios = {}, {}
+    for rnd in range(args.rounds):
+        order = list(models) if rnd % 2 == 0 else list(models)[::-1]
+        for batch in args.batch:
+            for context in args.contexts:
+                for mode in steps if rnd % 2 == 0 else list(steps)[::-1]:
+                    ms = dict(zip(order, time_decode(steps[mode], [models[m] for m in order], context, batch,
+                                                     args.new_tokens, device, lockstep=lockstep)))
+                    for name in models:
+                        times.setdefault((name, batch, context, mode), []).append(statistics.median(ms[name]))
+                    line = ", ".join(f"{name} {statistics.median(ms[name]):.1f}" for name in models)
+                    if len(models) == 2:
+                        a, b = (ms[name] for name in models)
+                        ratios.setdefault((batch, context, mode), []).append(statistics.median(x / y for x, y in zip(a, b)))
+                        line += f" ms/token, {ratios[batch, context, mode][-1]:.2f}x"
+                    say(f"round {rnd + 1}/{args.rounds}: {mode} batch {batch} context {context}: {line}", file=sys.stderr)
+    return times, ratios
+
+
+def naive_and_prefill(result: dict, models: dict, args, device: str, step) -> dict:
+    """After the compared rounds: naive MLA once per point (its times, to add to the points), and
+    every model's prefill tokens/s (into result["prefill"])."""
+    set_mla_impl(models["mla"], "naive")
+    times = {}
+    for batch in args.batch:
+        for context in args.contexts:
+            ms = time_decode_ms(step, models["mla"], context, batch, args.new_tokens, device)
+            times["mla_naive", batch, context, "eager"] = [ms]
+            print(f"mla_naive eager batch {batch} context {context}: {ms:.1f} ms/token", file=sys.stderr)
+    for name, model in models.items():
+        for batch in args.batch:
+            tps = prefill_tokens_per_s(model, batch, args.prefill, device)
+            result["prefill"].append({"model": name, "batch": batch, "tokens": args.prefill, "tokens_per_s": round(tps, 1)})
+            print(f"{name}: prefill {args.prefill} tokens x batch {batch}: {tps:.0f} tokens/s", file=sys.stderr)
+    return times
+
+
+def point(machine: tuple, model, kv_bytes: int, label: str, batch: int, context: int, ms: list, **extra) -> dict:
+    """One decode point of the record: ms/token (median and range over the rounds) against its
+    roofline, from the machine measured at the start (bandwidth, matmul rate), the model's weights
+    and kv_bytes per token."""
+    bw, flops = machine
+    mem_ms = (weight_bytes(model, batch) + batch * context * kv_bytes) / bw / 1e6
+    comp_ms = step_flops(model, context, batch) / flops / 1e6
+    s_ = spread(ms)
+    return {"model": label, "context": context, "batch": batch, "compiled": extra.pop("compiled", False),
+            "ms_per_token": s_["median"], "ms_min": s_["min"], "ms_max": s_["max"],
+            "roofline_ms": sig(max(mem_ms, comp_ms)), "memory_ms": sig(mem_ms), "compute_ms": sig(comp_ms),
+            "cache_mb": sig(batch * context * kv_bytes / 1e6), **extra}
+
+
+def speedup(ratios: list, rounds: int, where: str) -> tuple[dict, str | None]:
+    """A speed-up's median and range over the rounds, and a warning when the range is wider than
+    its distance from 1 (the machine was too busy to tell)."""
+    s_ = spread(ratios)
+    record = {"measured": s_["median"], "min": s_["min"], "max": s_["max"]}
+    if rounds > 1 and s_["max"] - s_["min"] > abs(s_["median"] - 1):
+        return record, (f"{where}: the speed-up's range over the rounds ({s_['min']:.2f}-{s_['max']:.2f}) is wider "
+                        "than its distance from 1")
+    return record, None
+
+
+def print_points(result: dict, note: str, say=print):
+    say(f"{'model':<13}{'batch':>6}{'context':>9}{'mode':>10}{'ms/token':>10}{'range':>17}{'memory_ms':>11}"
+        f"{'compute_ms':>12}{'x roofline':>12}{'cache MB':>10}   {note}")
+    for r in result["decode"]:
+        say(f"{r['model']:<13}{r['batch']:>6}{r['context']:>9}{'compiled' if r['compiled'] else 'eager':>10}"
+            f"{r['ms_per_token']:>10.1f}{r['ms_min']:>8.1f}-{r['ms_max']:<8.1f}{r['memory_ms']:>11.1f}"
+            f"{r['compute_ms']:>12.1f}{r['ms_per_token'] / r['roofline_ms']:>12.2f}{r['cache_mb']:>10.0f}")
+
+
+def finish_warnings(result: dict, warnings: list, say=print):
+    for w in warnings:
+        say(f"warning: {w}", file=sys.stderr)
+    result["warnings"] = warnings
+
+
+def gather(value, world: int) -> list:
+    """Every rank's value, on every rank."""
+    out = [None] * world
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+def report_ranks(result: dict, model, folder: Path, rank: int, world: int, say):
+    """What each rank holds after loading, against the whole checkpoint: its weights and peak memory."""
+    held = gather({"rank": rank, "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+                   "peak_rss_mb": round(peak_rss_mb())}, world)
+    whole = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    result.update(checkpoint_bytes=whole, ranks=held)
+    for h in held:
+        say(f"rank {h['rank']}: weights {h['param_bytes'] / 1e9:.2f} GB ({h['param_bytes'] / whole:.0%} of the "
+            f"checkpoint's {whole / 1e9:.2f} GB), peak memory after loading {h['peak_rss_mb'] / 1e3:.2f} GB")
+
+
+def against_transformers(result: dict, models: dict, folders: dict, args, device: str, dtype: torch.dtype) -> list:
+    """transformers' own decode of the same weights (Llama at 8K, DeepSeek-V3 at 16K, batch 1)
+    against ours at the same point (measured now if it is not on the grid)."""
+    from generate import decode_one_token
+    rows = []
+    for kind, name, context, ours in (("llama", "gqa", 8192, "gqa"), ("deepseek_v3", "mla", 16384, "mla_absorbed")):
+        theirs = transformers_decode_ms(folders[name], context, 1, min(args.new_tokens, 4), dtype)
+        mine = next((r["ms_per_token"] for r in result["decode"] if r["model"] == ours
+                     and r["context"] == context and r["batch"] == 1 and not r["compiled"]), None)
+        if mine is None:  # not on the grid: measure ours at the same point
+            set_mla_impl(models[name], "absorb")
+            mine = time_decode_ms(decode_one_token, models[name], context, 1, args.new_tokens, device)
+        rows.append({"model": kind, "context": context, "batch": 1, "ms_per_token": round(theirs, 1),
+                     "ours_ms_per_token": round(mine, 1), "speedup": round(theirs / mine, 2)})
+        print(f"transformers {kind}, context {context}, batch 1: {theirs:.1f} ms/token; ours {mine:.1f} "
+              f"({theirs / mine:.2f}x)", file=sys.stderr)
+    return rows
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+def ppl(args, device: str, dtype: torch.dtype) -> dict:
+    """Perplexity of --ckpt on --ppl's text (evaluate.perplexity); under --tp tpla the second half of
+    every window by TPLA decode steps (TPLA is exact in its prefill form only)."""
+    from fetch import ensure_texts
+    from tokenizer import load_tokenizer
+    path = args.ppl or ensure_texts()[1]
+    text = read_text(path)
+    where = tpla.place(args.ckpt, args.tp, args.tpla_transform, device)
+    ids = load_tokenizer(where.folder).encode(text)[: args.max_tokens]
+    model = where.load(dtype)
+    t0 = time.perf_counter()
+    bar = WindowBar("perplexity" + (f" ({where.mode} x{where.world})" if where.mode else ""), disable=where.rank != 0)
+    result = perplexity(model, ids, args.ctx, bar, decode_form=where.mode == "tpla")
+    result.update(ckpt=str(where.folder), text=str(path), seconds=round(time.perf_counter() - t0, 1))
+    if where.mode:
+        result.update(tp=where.mode, world_size=where.world)
+        if where.mode == "tpla":
+            result.update(tpla_transform=where.transform)
+    if where.rank == 0:
+        print(f"perplexity {result['ppl']:.4f} over {result['tokens']} predicted tokens "
+              f"({result['windows']} windows of {args.ctx}), {result['ppl_decode']:.4f} over the "
+              f"{result['tokens_decode']} of the second halves, in {result['seconds']}s")
+    return result
+
+
+# ----------------------------------------------------------------------------- the report
 
 def machine_drift(result: dict, device: str, dtype: torch.dtype, limit: float = 0.15) -> list[str]:
     """Measure the memory bandwidth and the matmul rate again at the end of a run (into result's
@@ -423,122 +637,6 @@ def machine_drift(result: dict, device: str, dtype: torch.dtype, limit: float = 
 def spread(xs: list[float]) -> dict:
     """Median and range of repeated measurements."""
     return {"median": sig(statistics.median(xs)), "min": sig(min(xs)), "max": sig(max(xs))}
-
-
-def tp_speed(args, device: str, dtype: torch.dtype) -> dict:
-    """Under torchrun: decode ms/token of head-parallel MLA and of TPLA, same checkpoint, same ranks,
-    one run. Both models are loaded first; then --rounds rounds, each timing every point of both,
-    the two modes in alternating order, so neither always runs second (after the other's caches)
-    and a slow spell of the machine falls on both. Each point: median and range over the rounds;
-    the speed-up is computed per round, then its median and range. Times are rank 0's (the
-    all-reduces keep the ranks in step); bytes are per rank."""
-    import torch.distributed as dist
-    from generate import decode_one_token
-    rank, world, device = init_distributed(device)
-    say = print if rank == 0 else (lambda *a, **k: None)
-    folder = synthetic_checkpoint(args.synthetic, args.layers, dtype) if args.synthetic else tpla.checkpoint_or_default(args.ckpt)
-    contexts = [int(c) for c in args.contexts.split(",")]
-    batches = [int(b) for b in args.batch.split(",")]
-    dist.barrier()
-    bw = memory_bandwidth(device)  # every rank at once: its share of the machine's bandwidth
-    dist.barrier()
-    flops = matmul_throughput(device, dtype)
-    say(f"machine, per rank with {world} ranks running: {torch.get_num_threads()} threads, memory read "
-        f"{bw:.1f} GB/s, {dtype} matmul {flops:.0f} GFLOP/s")
-    result = {"bandwidth_gbs": round(bw, 2), "matmul_gflops": round(flops, 1), "device": device,
-              "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(), "world_size": world,
-              "synthetic_cache": True, "tpla_transform": args.tpla_transform, "tpla_rope": args.tpla_rope,
-              "rounds": args.rounds, "kv_bytes_per_token": {}, "weight_bytes": {}, "prefill": [], "decode": []}
-    modes = [args.tp] if args.tp else ["heads", "tpla"]
-    models = {}
-    for mode in modes:
-        models[mode], _ = tpla.load_parallel(folder, mode, rank, world, device, dtype, args.tpla_transform,
-                                             args.tpla_rope, args.tpla_rescale)
-        per_rank = [None] * world  # heads split unevenly (SmolLM2's 3 KV heads on 2 ranks): every rank's cache
-        dist.all_gather_object(per_rank, models[mode].kv_bytes_per_token())
-        result.setdefault("kv_bytes_per_token_per_rank", {})[mode] = per_rank
-        result["kv_bytes_per_token"][mode] = max(per_rank)  # the largest rank's, which decides what fits
-        result["weight_bytes"][mode] = weight_bytes(models[mode])
-        if "ranks" not in result:  # what each rank holds, against the whole checkpoint, after the first load
-            held = [None] * world
-            dist.all_gather_object(held, {"rank": rank, "param_bytes": sum(p.numel() * p.element_size()
-                                                                          for p in models[mode].parameters()),
-                                          "peak_rss_mb": round(peak_rss_mb())})
-            whole = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-            result.update(checkpoint_bytes=whole, ranks=held)
-            for h in held:
-                say(f"rank {h['rank']}: weights {h['param_bytes'] / 1e9:.2f} GB ({h['param_bytes'] / whole:.0%} of the "
-                    f"checkpoint's {whole / 1e9:.2f} GB), peak memory after loading {h['peak_rss_mb'] / 1e3:.2f} GB")
-    times = {(mode, b, c): [] for mode in modes for b in batches for c in contexts}
-    ratios = {(b, c): [] for b in batches for c in contexts}
-    for rnd in range(args.rounds):
-        for batch in batches:
-            for context in contexts:
-                # the modes step by step, alternating: each pair of steps saw the same machine
-                order = modes if rnd % 2 == 0 else modes[::-1]
-                ms = dict(zip(order, time_decode(decode_one_token, [models[m] for m in order], context, batch,
-                                                 args.new_tokens, device, lockstep=True)))
-                for mode in modes:
-                    times[mode, batch, context].append(statistics.median(ms[mode]))
-                    say(f"round {rnd + 1}/{args.rounds}: {mode:<6} batch {batch} context {context}: "
-                        f"{statistics.median(ms[mode]):.1f} ms/token", file=sys.stderr)
-                if len(modes) == 2:
-                    ratios[batch, context].append(statistics.median(h / t for h, t in zip(ms["heads"], ms["tpla"])))
-    dist.barrier()
-    warnings = machine_drift(result, device, dtype)
-    rows = []
-    for (mode, batch, context), ms in times.items():
-        model = models[mode]
-        # the rank whose cache is largest (heads split unevenly) bounds the step: its bytes, rank 0's weights
-        mem_ms = (weight_bytes(model, batch) + batch * context * result["kv_bytes_per_token"][mode]) / bw / 1e6
-        comp_ms = step_flops(model, context, batch) / flops / 1e6
-        cache_mb = batch * context * result["kv_bytes_per_token"][mode] / 1e6  # the largest rank's
-        s_ = spread(ms)
-        result["decode"].append({
-            "model": mode, "context": context, "batch": batch, "compiled": False,
-            "ms_per_token": s_["median"], "ms_min": s_["min"], "ms_max": s_["max"], "roofline_ms": sig(max(mem_ms, comp_ms)),
-            "memory_ms": sig(mem_ms), "compute_ms": sig(comp_ms), "cache_mb": sig(cache_mb), "world_size": world})
-        rows.append(f"{mode:<8}{batch:>6}{context:>9}{s_['median']:>10.1f}{s_['min']:>8.1f}-{s_['max']:<8.1f}"
-                    f"{mem_ms:>10.1f}{comp_ms:>12.1f}{cache_mb:>10.0f}")
-    say(f"{'model':<8}{'batch':>6}{'context':>9}{'ms/token':>10}{'range':>17}{'memory_ms':>10}"
-        f"{'compute_ms':>12}{'cache MB':>10}   (rank 0's times and bytes, the largest rank's cache; {world} ranks, "
-        f"{args.rounds} rounds)")
-    say("\n".join(rows))
-    for batch in batches:
-        for context in contexts:
-            if len(modes) < 2:
-                continue
-            s_ = spread(ratios[batch, context])
-            m = step_bytes(models["heads"], context, batch) / step_bytes(models["tpla"], context, batch)
-            f = step_flops(models["heads"], context, batch) / step_flops(models["tpla"], context, batch)
-            result.setdefault("tpla_speedup", []).append({"batch": batch, "context": context, "measured": s_["median"],
-                                                          "min": s_["min"], "max": s_["max"], "in_bytes": sig(m, 3),
-                                                          "in_flops": sig(f, 3)})
-            say(f"tpla over heads, batch {batch} context {context}: {s_['median']:.2f}x measured "
-                f"({s_['min']:.2f}-{s_['max']:.2f} over {args.rounds} rounds), {m:.2f}x in bytes, {f:.2f}x in flops")
-            if args.rounds > 1 and s_["max"] - s_["min"] > abs(s_["median"] - 1):
-                warnings.append(f"batch {batch} context {context}: the speed-up's range over the rounds "
-                                f"({s_['min']:.2f}-{s_['max']:.2f}) is wider than its distance from 1")
-    for w in warnings:
-        say(f"warning: {w}", file=sys.stderr)
-    result["warnings"] = warnings
-    return result
-
-
-def synthetic_checkpoint(name: str, layers: int, dtype: torch.dtype) -> Path:
-    """fetch.ensure_synthetic on rank 0 (the others wait): the first `layers` layers of a real
-    model's shape with random weights, written the first time and reused after."""
-    import torch.distributed as dist
-    box = [None]
-    if dist.get_rank() == 0:
-        try:
-            box = [str(ensure_synthetic(name, layers, dtype))]
-        except UserError as e:
-            box = [e]
-    dist.broadcast_object_list(box, src=0)
-    if isinstance(box[0], UserError):
-        raise box[0]
-    return Path(box[0])
 
 
 def speedup_table(result: dict) -> str:
@@ -589,83 +687,6 @@ def plot(result: dict, path: str):
     fig.savefig(path, dpi=110)
 
 
-# ----------------------------------------------------------------------------- command line
-
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="checkpoint (speed: the MLA model, default the embedded model's default "
-                                  "conversion; --ppl: the model to score, default the embedded model)")
-    p.add_argument("--baseline", help="GQA checkpoint to compare against (default: the embedded model)")
-    p.add_argument("--contexts", default="1024,4096,16384,32768", help="comma-separated context lengths")
-    p.add_argument("--batch", default="1,4", help="comma-separated batch sizes")
-    p.add_argument("--new-tokens", type=int, default=8, help="timed decode steps per point and model (after a "
-                                                             "warm-up to steady state)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds over every point, the compared models interleaved")
-    p.add_argument("--prefill", type=int, default=1024, help="tokens of the real prefill that is timed")
-    p.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
-    p.add_argument("--transformers", action="store_true",
-                   help="also time transformers' own decode of the same weights (Llama at 8K, DeepSeek-V3 at 16K, batch 1)")
-    p.add_argument("--no-transformers", dest="transformers", action="store_false", help=argparse.SUPPRESS)
-    p.add_argument("--json", help="also write the JSON result here")
-    p.add_argument("--plot", help="write a plot of ms/token against context to this PNG")
-    p.add_argument("--ppl", nargs="?", const="", metavar="TEXT",
-                   help="measure perplexity on this text file instead (no file: the embedded evaluation split)")
-    p.add_argument("--ctx", type=int, default=1024, help="perplexity window length in tokens")
-    p.add_argument("--max-tokens", type=int, help="perplexity: use only the first N tokens of the text")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU)")
-    p.add_argument("--tp", choices=tpla.MODES, help="tensor parallelism under torchrun (speed: only this mode; "
-                                                   "default both; --ppl: default tpla for MLA, heads for GQA)")
-    p.add_argument("--tpla-transform", choices=tpla.TRANSFORMS, default=tpla.DEFAULT_TRANSFORM,
-                   help="orthogonal transform of the latent before TPLA splits it (a checkpoint rotated by "
-                        "python tpla.py has its fitted one already: use none)")
-    p.add_argument("--tpla-rope", choices=("full", "split"), default=tpla.ROPE,
-                   help="TPLA: every rank keeps the whole rope key (full) or its share of the rotary pairs (split)")
-    p.add_argument("--synthetic", choices=sorted(k for k, c in SYNTHETIC.items() if c["model_type"].startswith("deepseek")),
-                   help="time TPLA against head-parallel on this real model's shape with random weights "
-                        "(written once under assets/synthetic/), instead of --ckpt")
-    p.add_argument("--layers", type=int, default=4, help="--synthetic: how many of the model's layers")
-    p.add_argument("--tpla-rescale", action=argparse.BooleanOptionalAction, default=tpla.RESCALE,
-                   help="TPLA: scale each shard's partial scores by the world size")
-    args = p.parse_args()
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    inputs = [p_ for p_ in (args.ckpt, args.baseline, args.ppl) if p_]
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path:
-            check_output_file(path, inputs, flag)
-
-    if args.synthetic and args.ppl is not None:
-        raise UserError("--synthetic has random weights: its perplexity means nothing; give --ckpt with --ppl")
-    if args.synthetic and not 1 <= args.layers <= SYNTHETIC[args.synthetic]["num_hidden_layers"]:
-        raise UserError(f"--layers {args.layers}: {args.synthetic} has {SYNTHETIC[args.synthetic]['num_hidden_layers']} layers")
-    if args.ppl is None:
-        try:
-            contexts = [int(c) for c in args.contexts.split(",")]
-            batches = [int(b) for b in args.batch.split(",")]
-        except ValueError:
-            raise UserError("--contexts and --batch take comma-separated integers, e.g. 1024,4096") from None
-        if min(contexts + batches) < 1 or min(args.new_tokens, args.prefill, args.layers, args.rounds) < 1:
-            raise UserError("contexts, batch sizes, --new-tokens, --prefill, --layers and --rounds must be positive")
-        if args.synthetic and args.ckpt:
-            raise UserError("--synthetic and --ckpt: give one of them")
-        if args.plot:
-            pyplot()  # fail now, not after the benchmark
-        if args.transformers and importlib.util.find_spec("transformers") is None:
-            raise UserError("--transformers needs transformers: pip install transformers")
-        parallel = launched() or args.tp or args.synthetic
-        result = tp_speed(args, device, dtype) if parallel else speed(args, device, dtype)
-    else:
-        result = ppl(args, device, dtype)
-    if launched() and int(os.environ["RANK"]):
-        return  # rank 0 reports
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-    if args.plot and "decode" in result:
-        plot(result, args.plot)
-    print(json.dumps(headline(result, args.json)))
-
-
 HEADLINE = ("ppl", "tokens", "ppl_decode", "tokens_decode", "tp", "world_size", "device", "dtype", "bandwidth_gbs",
             "bandwidth_end_gbs", "kv_bytes_per_token", "speedup", "tpla_speedup", "warnings")
 
@@ -680,46 +701,6 @@ def headline(result: dict, json_path: str | None) -> dict:
             keep[key] = [{k: v for k, v in r.items() if k in ("batch", "context", "compiled", "measured", "min", "max")}
                          for r in keep[key]]
     return {**keep, "json": json_path} if json_path else keep
-
-
-def ppl(args, device: str, dtype: torch.dtype) -> dict:
-    if args.ctx < 3:
-        raise UserError("--ctx must be at least 3")
-    from tokenizer import load_tokenizer
-    if args.ppl == "":
-        from fetch import ensure_texts
-        args.ppl = ensure_texts()[1]
-    text = read_text(args.ppl)
-    rank, mode = 0, None
-    parallel = launched() or args.tp
-    if parallel:
-        rank, world, device = init_distributed(device)
-    folder = tpla.checkpoint_or_default(args.ckpt) if parallel else default_or(args.ckpt)
-    config = args_from_config(read_config(folder))  # what can fail before the weights are read, first
-    if parallel:
-        mode = args.tp or ("tpla" if config.is_mla else "heads")
-        tpla.check_parallel(config, mode, world, args.tpla_transform, args.tpla_rope)
-    ids = load_tokenizer(folder).encode(text)[: args.max_tokens]
-    if parallel:
-        model, folder = tpla.load_parallel(folder, mode, rank, world, device, dtype, args.tpla_transform,
-                                           args.tpla_rope, args.tpla_rescale)
-    else:
-        model, folder = load_model(folder, device=device, dtype=dtype)
-
-    t0 = time.perf_counter()
-    # TPLA is exact in its prefill (MLA) form only: score the second halves by TPLA decode steps
-    bar = WindowBar("perplexity" + (f" ({mode} x{world})" if mode else ""), disable=rank != 0)
-    result = perplexity(model, ids, args.ctx, bar, decode_form=mode == "tpla")
-    result.update(ckpt=str(folder), text=str(args.ppl), seconds=round(time.perf_counter() - t0, 1))
-    if mode:
-        result.update(tp=mode, world_size=world)
-        if mode == "tpla":
-            result.update(tpla_transform=args.tpla_transform, tpla_rope=args.tpla_rope, tpla_rescale=args.tpla_rescale)
-    if rank == 0:
-        print(f"perplexity {result['ppl']:.4f} over {result['tokens']} predicted tokens "
-              f"({result['windows']} windows of {args.ctx}), {result['ppl_decode']:.4f} over the "
-              f"{result['tokens_decode']} of the second halves, in {result['seconds']}s")
-    return result
 
 
 if __name__ == "__main__":

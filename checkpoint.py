@@ -3,7 +3,8 @@
 What is in here:
 - find_checkpoint: `--ckpt` may name the folder or any file in it.
 - args_from_config: a `config.json` (llama, qwen2, mistral, mixtral, deepseek_v2/v3, mistral4) -> ModelArgs,
-  every field it needs checked for presence and type.
+  every field it needs checked for presence and type; mla_config, its inverse for what convert.py
+  writes (stock DeepSeek-V3, or Mistral4 for Mixtral).
 - HF_NAMES / hf_name: the one mapping from our parameter names to Hugging Face's; STACKED_EXPERTS:
   how mistral4 (MLA + Mixtral's router, what convert.py writes for Mixtral) stacks experts;
   checkpoint_tensors: every tensor a config declares, with its shape.
@@ -19,13 +20,12 @@ What is in here:
 - load_model: build on the meta device, then stream tensors one at a time from the
   safetensors file(s), so memory never holds two copies of the weights.
 """
-import json
 import math
 from pathlib import Path
 
 import torch
 
-from cli import UserError
+from cli import UserError, read_json
 from model import ModelArgs, Transformer
 
 
@@ -48,17 +48,6 @@ def find_checkpoint(path: str | Path) -> Path:
         where = f"{path} is a file in {folder.absolute()}, which has" if folder != path else f"{folder}: a folder with"
         raise UserError(f"{where} no config.json; expected a Hugging Face checkpoint folder or a file in one")
     return folder
-
-
-def read_json(path: Path, data: bytes | None = None):
-    """A JSON file (or its bytes), or UserError in one line: unreadable, not UTF-8, not JSON, or JSON
-    that Python refuses (integers of thousands of digits, nesting thousands deep)."""
-    try:
-        return json.loads((data if data is not None else path.read_bytes()).decode("utf-8"))
-    except OSError as e:
-        raise UserError(f"{path}: cannot read it ({e.strerror})") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
-        raise UserError(f"{path}: not valid JSON ({str(e)[:120]})") from None
 
 
 def read_config(folder: Path) -> dict:
@@ -283,6 +272,76 @@ def rope_interleaved(args: ModelArgs) -> bool:
     """Whether the checkpoint's q_pe / k_pe rows are interleaved pairs (DeepSeek) or halves (HF Llama)."""
     kind = model_kind(args.extra)
     return kind == "deepseek_v2" or (kind in ("deepseek_v3", "mistral4") and args.extra.get("rope_interleave", True))
+
+
+# ----------------------------------------------------------------------------- writing a config: the inverse
+
+# what convert.py declares for a converted model; args_from_config reads each back to the same ModelArgs
+
+def _mla_fields(args: ModelArgs, dtype: torch.dtype) -> dict:
+    """The config fields DeepSeek-V3 and Mistral4 share: the trunk and the MLA attention."""
+    src = args.extra
+    return {
+        "hidden_size": args.dim, "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_heads,
+        "kv_lora_rank": args.kv_lora_rank, "q_lora_rank": args.q_lora_rank or None,
+        "qk_nope_head_dim": args.qk_nope_head_dim, "qk_rope_head_dim": args.qk_rope_head_dim,
+        "v_head_dim": args.v_head_dim, "rope_interleave": True,
+        "attention_bias": args.qkv_bias, "rms_norm_eps": args.norm_eps, "hidden_act": "silu",
+        "vocab_size": args.vocab_size, "max_position_embeddings": args.max_seq_len,
+        "tie_word_embeddings": args.tie_embeddings,
+        "bos_token_id": src.get("bos_token_id"), "eos_token_id": src.get("eos_token_id"),
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def deepseek_config(args: ModelArgs, dtype: torch.dtype) -> dict:
+    rope = {"rope_theta": args.rope_theta, "rope_type": "default", **(args.rope_scaling or {})}
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", **_mla_fields(args, dtype),
+        "intermediate_size": args.hidden_dim, "moe_intermediate_size": args.hidden_dim,
+        # every layer dense, in the form each engine reads as dense: transformers and vLLM by
+        # first_k_dense_replace, llama.cpp by 0 experts (it requires fewer expert groups than
+        # experts, and no groups at all for 0)
+        "first_k_dense_replace": args.n_layers, "moe_layer_freq": 1,
+        "n_routed_experts": 0, "n_shared_experts": 0, "num_experts_per_tok": None, "n_group": None, "topk_group": None,
+        "rope_parameters": rope, "num_nextn_predict_layers": 0,
+    }
+
+
+def mistral4_config(args: ModelArgs, dtype: torch.dtype) -> dict:
+    """Stock Mistral4 for a converted Mixtral. Its router (softmax over all experts, best of n_group
+    groups, top k, renormalised if norm_topk_prob, times routed_scaling_factor) is Mixtral's with
+    one group, renormalisation and scaling 1; it always adds a shared expert of n_shared_experts *
+    moe_intermediate_size rows, none here. Two things in its attention need care:
+    - its "default" RoPE spans all qk_nope + qk_rope dims; the other types honour
+      partial_rotary_factor, so a source without scaling gets "linear" with factor 1: plain RoPE.
+    - it multiplies queries by 1 + llama_4_scaling_beta * log(1 + floor(pos / original_max_position_embeddings)):
+      beta 0 makes that exactly 1. The field must still be a number (transformers logs that linear
+      RoPE does not expect it; Mistral4 reads it all the same)."""
+    r, head_dim = args.qk_rope_head_dim, args.qk_nope_head_dim + args.qk_rope_head_dim
+    rope = {"rope_theta": args.rope_theta, **(args.rope_scaling or {"rope_type": "linear", "factor": 1.0}),
+            "partial_rotary_factor": _fraction(r, head_dim), "llama_4_scaling_beta": 0.0}
+    rope.setdefault("original_max_position_embeddings", args.max_seq_len)
+    return {
+        "architectures": ["Mistral4ForCausalLM"], "model_type": "mistral4", **_mla_fields(args, dtype),
+        "intermediate_size": args.hidden_dim, "moe_intermediate_size": args.hidden_dim,
+        "n_routed_experts": args.n_experts, "num_experts_per_tok": args.n_experts_per_tok,
+        "n_shared_experts": 0, "n_group": 1, "topk_group": 1, "norm_topk_prob": True, "routed_scaling_factor": 1.0,
+        "first_k_dense_replace": 0, "rope_parameters": rope, "pad_token_id": args.extra.get("pad_token_id"),
+    }
+
+
+def _fraction(part: int, whole: int) -> float:
+    """part / whole, nudged up where needed so that int(whole * f) == part, as transformers computes the rotary dim."""
+    f = part / whole
+    return f if int(whole * f) == part else math.nextafter(f, 1.0)
+
+
+def mla_config(args: ModelArgs, dtype: torch.dtype, settings: dict) -> dict:
+    """The config.json of a converted model: stock DeepSeek-V3, or Mistral4 for a mixture of experts;
+    `settings`, what the conversion did, under "transmla"."""
+    return {**(mistral4_config if args.n_experts else deepseek_config)(args, dtype), "transmla": settings}
 
 
 # ----------------------------------------------------------------------------- names

@@ -1,6 +1,7 @@
 """What every script's command line shares: the rules for failing, and the device and dtype flags.
 
-- UserError: a mistake in what the user asked for, or a file we cannot use.
+- UserError: a mistake in what the user asked for, or a file we cannot use; read_text and
+  read_json read a file or say in one line why they cannot.
 - run(main): how a script fails. A UserError, an OSError (disk full, permission denied), running
   out of memory or a closed standard output is one line on stderr and exit 1; SIGTERM unwinds like Ctrl-C (so
   temporary folders go), exit 143; anything else is a bug and keeps its traceback. Under torchrun
@@ -8,11 +9,14 @@
 - temporary_folder, remove_temporary: a scratch folder that goes however the process ends, short
   of kill -9 (a signal between its making and the code that would remove it included).
 - pick_device, pick_dtype: --device and --dtype, with defaults that suit the hardware.
-- progress_bar: a tqdm bar on stderr whose clock moves while a long item runs.
+- progress_bar: a tqdm bar on stderr whose clock moves while a long item runs; a line every
+  LOG_INTERVAL seconds instead where stderr is a file or a pipe.
 - init_distributed, leave_process_group: join torchrun's process group (or make one of a single
-  rank, so one process runs the same code) and leave it.
+  rank, so one process runs the same code) and leave it; first_on_rank_0: what one rank makes
+  for all (the default conversion) made once.
 """
 import atexit
+import json
 import os
 import shutil
 import secrets
@@ -29,6 +33,33 @@ import torch
 class UserError(Exception):
     """A mistake in what the user asked for, or a file we cannot use: run() prints it as one line
     and exits 1."""
+
+
+def read_text(path: str | Path) -> str:
+    """A text file as UTF-8; UserError in one line where it cannot be read."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not a text file") from None
+    except PermissionError:
+        raise UserError(f"{path}: permission denied") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start} cannot be decoded)") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def read_json(path: Path, data: bytes | None = None):
+    """A JSON file (or its bytes), or UserError in one line: unreadable, not UTF-8, not JSON, or JSON
+    that Python refuses (integers of thousands of digits, nesting thousands deep)."""
+    try:
+        return json.loads((data if data is not None else path.read_bytes()).decode("utf-8"))
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise UserError(f"{path}: not valid JSON ({str(e)[:120]})") from None
 
 
 _TEMPORARY: set[Path] = set()  # scratch folders this process made and has not removed yet
@@ -98,27 +129,52 @@ def pick_dtype(name: str | None, device: str) -> torch.dtype:
 
 
 _BARS = weakref.WeakSet()  # the progress bars open in this process: run() closes them before its last line
+LOG_INTERVAL = 30.0  # seconds between the lines of a bar written to a file or a pipe (not a terminal)
 
 
 def progress_bar(**kw):
-    """A tqdm bar on stderr (kw: tqdm's) whose clock keeps moving while one long item runs (a layer
-    of an 8B model takes minutes on a CPU): a daemon thread redraws it every second until it is
-    closed (tqdm's close() disables it) or dropped. One still open when the script ends (an error,
-    Ctrl-C) is closed by run(), so the line that ends the run stands on a line of its own."""
+    """A tqdm bar on stderr (kw: tqdm's). On a terminal it redraws in place, and a daemon thread
+    redraws it every second until it is closed (tqdm's close() disables it) or dropped, so its
+    clock keeps moving while one long item runs (a layer of an 8B model takes minutes on a CPU).
+    Written to a file or a pipe (CI, nohup, a cluster's log), where every redraw would stay in the
+    log, it writes a line of its own at most every LOG_INTERVAL seconds, and when it ends. One
+    still open when the script ends (an error, Ctrl-C) is closed by run(), so the line that ends
+    the run stands on a line of its own."""
     from tqdm import tqdm
-    bar = tqdm(file=sys.stderr, **kw)
+    tty = sys.stderr.isatty()
+    if not tty:
+        kw.setdefault("mininterval", LOG_INTERVAL)
+    bar = tqdm(file=sys.stderr if tty else LogLines(sys.stderr), **kw)
     if not bar.disable:
         _BARS.add(bar)
-        threading.Thread(target=_redraw, args=(weakref.ref(bar),), name="progress bar", daemon=True).start()
+        threading.Thread(target=_redraw, args=(weakref.ref(bar), 1.0 if tty else LOG_INTERVAL),
+                         name="progress bar", daemon=True).start()
     return bar
 
 
-def _redraw(ref) -> None:
-    """Every second, redraw the bar `ref` points to, until it is closed or gone. It holds no
-    reference across the wait (a dropped bar is collected, and closes itself), and it looks at the
-    bar under tqdm's lock, so a bar closed meanwhile is never drawn again after its last line."""
+class LogLines:
+    """A file for tqdm that is not a terminal: each redraw (tqdm writes a carriage return, the bar
+    and spaces over the last one) becomes a line of its own."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def write(self, s: str):
+        for part in s.split("\r"):
+            if part.strip():
+                self.file.write(part.rstrip() + "\n")
+
+    def flush(self):
+        self.file.flush()
+
+
+def _redraw(ref, interval: float) -> None:
+    """Every `interval` seconds, redraw the bar `ref` points to, until it is closed or gone. It
+    holds no reference across the wait (a dropped bar is collected, and closes itself), and it
+    looks at the bar under tqdm's lock, so a bar closed meanwhile is never drawn again after its
+    last line."""
     while True:
-        time.sleep(1.0)
+        time.sleep(interval)
         bar = ref()
         if bar is None:
             return
@@ -254,3 +310,21 @@ def init_distributed(device: str) -> tuple[int, int, str]:
     else:  # ranks on one machine share its cores: without this each would start a thread per core
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def first_on_rank_0(fn, *args):
+    """fn(*args) on rank 0, then on the other ranks: what it makes on first use (the default
+    conversion, the texts, a synthetic checkpoint) is made once, and the others find it made and
+    get their own result (their own paths). A UserError on rank 0 reaches every rank, so each
+    says it and leaves, and none waits for a rank that has gone. Needs the process group."""
+    import torch.distributed as dist
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            result = fn(*args)
+        except UserError as e:
+            box = [str(e)]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise UserError(box[0])
+    return result if dist.get_rank() == 0 else fn(*args)

@@ -24,20 +24,23 @@ The steps, each one function below (test_equivalence.py proves the exact ones ex
                 that absorbs what the dropped RoPE and the dropped latent dims did to the scores
                 and the values, as far as it can.               (--output-fit, default)
 
-Every map acts on x1 = [x ; 1], so biases (Qwen2) ride through every step as a last column.
-Statistics are float64 second moments of the attention input, gathered layer by layer while the
-calibration text streams through the original model: peak memory is one layer plus activations.
+A Recipe names the method's settings (OFFICIAL: TransMLA's; FITTED: the default); convert_layer,
+right after the five steps, is the whole method for one layer: a pure function of the original
+block, its calibration activations and the recipe. Every map acts on x1 = [x ; 1], so biases
+(Qwen2) ride through every step as a last column. Statistics are float64 second moments of the
+attention input. convert_layers streams the calibration text through the original model layer
+by layer (peak memory: one layer plus the activations) and write_checkpoint streams the converted
+layers into a stock folder; then the checks, the cost of a run, and the command line.
 
 Written with stock DeepSeek in mind (transformers, vLLM, SGLang load it without custom code):
 - Stock DeepSeek always applies RMSNorm (eps 1e-6) to the latent. We scale the latent down to an
   RMS of 3e-5 (--latent-rms): there RMSNorm(c) = w * c / sqrt(eps + mean(c^2)) is linear to
-  0.045% for a token of average size, and w = sqrt(eps) / scale undoes the scaling. The smallness
-  is shared between the attention's input (its norm weight times s1, q_proj and
-  kv_a_proj_with_mqa divided by s1) and kv_a_proj_with_mqa's latent rows, so that neither falls
-  below what float16 and llama.cpp's 8-bit blocks hold (balance_input). The trade, measured in
-  docs/latent_scale.md: smaller is more exact in fp32 (1e-10: to fp32 precision, for fp32 and
-  bf16 only); larger makes the norm less linear; 3e-5 costs fp32 nothing measurable and fp16 and
-  q8_0 no more than they cost the original (test_engines.py).
+  s^2 / (2 eps) = 0.045% for a token of average size, and w = sqrt(eps) / scale undoes the
+  scaling. The smallness is shared between the attention's input (its norm weight times s1,
+  q_proj and kv_a_proj_with_mqa divided by s1) and kv_a_proj_with_mqa's latent rows, so that
+  neither falls below what float16 and llama.cpp's 8-bit blocks hold (balance_input). Smaller is
+  more exact in fp32 (1e-10: to fp32 precision, for fp32 and bf16 only); larger makes the norm
+  less linear; what each costs is measured in docs/latent_scale.md.
 - Engines read that eps differently (transformers fixes 1e-6; vLLM, SGLang and llama.cpp take
   rms_norm_eps), so the folder's rms_norm_eps is 1e-6 (ENGINE_EPS) and the residual stream is
   scaled by alpha = sqrt(1e-6 / source eps) (embeddings, o_proj, down_proj): RMSNorm(alpha h;
@@ -50,7 +53,7 @@ Written with stock DeepSeek in mind (transformers, vLLM, SGLang load it without 
   and V3 scores with a sigmoid, but stock Mistral4 has V3's attention and, with one expert group,
   no shared expert and scaling 1, exactly Mixtral's router: Mixtral becomes a mistral4 folder, its
   router and expert weights unchanged, the experts stacked as Mistral4 stores them (see
-  mistral4_config for what else must be set, and why). transformers 5.23 loads it with
+  checkpoint.mistral4_config for what else must be set, and why). transformers 5.23 loads it with
   Mistral4ForCausalLM (it does not list mistral4 under AutoModelForCausalLM).
 - Mistral's and Mixtral's sliding window is dropped (neither format has one): the converted model
   attends to the whole context, identical to the original within the window.
@@ -67,14 +70,15 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import CheckpointReader, args_from_config, checkpoint_tensors, hf_name, load_model
-from cli import UserError, peak_rss_mb, pick_device, pick_dtype, progress_bar, run
-from model import Block, ModelArgs, Transformer, rope_frequencies, rope_table
+from checkpoint import CheckpointReader, args_from_config, checkpoint_tensors, hf_name, load_model, mla_config
+from cli import UserError, peak_rss_mb, pick_device, pick_dtype, progress_bar, read_text, run
+from fetch import default_or
+from model import Block, ModelArgs, Transformer, attention_mask, rope_frequencies, rope_table
 from writer import CheckpointWriter, check_output, earlier_output
 
 # the precision of the statistics and fits (second moments, eigendecompositions, least squares):
-# float64, since the eigenvalues they rank span ten or more orders of magnitude. In float32 the
-# embedded model's conversion scores perplexity 180.8 instead of 50.3 (docs/fit_precision.py)
+# float64, since the eigenvalues they rank span ten or more orders of magnitude (what float32
+# would cost: docs/fit_precision.py)
 FIT = torch.float64
 
 # RMS of the latent before its (stock, unavoidable) RMSNorm, far enough below sqrt(eps) = 1e-3 that
@@ -87,12 +91,25 @@ FP16_LATENT_RMS = 1e-5  # the smallest latent RMS float16 stores without losing 
 # fixed 1e-6, vLLM, SGLang and llama.cpp with rms_norm_eps; the written rms_norm_eps is this
 ENGINE_EPS = 1e-6
 
-# --method: a recipe of the choices below; single flags override it. "transmla" is the official
-# method, kept as the reference; "fitted" fits the latent and o_proj to what attention computes.
-METHODS = {
-    "transmla": dict(rope_select="key", latent_fit="bkv", output_fit=False),
-    "fitted": dict(rope_select="key", latent_fit="attention", output_fit=True),
-}
+
+@dataclass(frozen=True)
+class Recipe:
+    """The method's settings: the cache it aims for and how each lossy step is done. A step whose
+    setting is None is skipped, and the conversion stays exact there (the equivalence tests'
+    intermediate models)."""
+    kv_lora_rank: int = 64  # R: latent values cached per token per layer
+    rope_dim: int = 32  # r: dims of the shared rope key (qk_rope_head_dim)
+    freqfold: int = 4  # F: adjacent RoPE frequencies folded into one PCA
+    q_lora_rank: int = 0  # a low-rank query of this rank (0: full rank)
+    rope_select: str | None = "key"  # step 2's basis: "key" energy (TransMLA) or "score" energy; None: no RoRoPE
+    latent_fit: str | None = "attention"  # step 3: "bkv" (TransMLA) or "attention"; None: the whole latent
+    output_fit: bool = True  # step 5: o_proj refitted by least squares
+    latent_rms: float = LATENT_RMS  # the latent's RMS under its RMSNorm (to_deepseek)
+
+
+OFFICIAL = Recipe(latent_fit="bkv", output_fit=False)  # the official TransMLA method, step for step
+FITTED = Recipe()  # the latent and o_proj fitted to what attention computes: the default
+METHODS = {"transmla": OFFICIAL, "fitted": FITTED}
 
 
 @dataclass
@@ -126,6 +143,16 @@ def top_eigvecs(cov: torch.Tensor, k: int) -> torch.Tensor:
     """The k leading eigenvectors of a symmetric matrix, as columns, largest eigenvalue first."""
     _, vecs = torch.linalg.eigh(cov)
     return vecs.flip(-1)[:, :k]
+
+
+def second_moments(norm, h: torch.Tensor) -> torch.Tensor:
+    """E[x1 x1^T] in float64, x1 = [norm(h) ; 1]: every statistic the steps need, since each map is linear in x1."""
+    cov = torch.zeros(h.shape[-1] + 1, h.shape[-1] + 1, dtype=FIT)
+    for b in range(0, len(h), 8):
+        x = norm(h[b:b + 8]).reshape(-1, h.shape[-1]).to(FIT)
+        x1 = torch.cat([x, torch.ones(len(x), 1, dtype=FIT)], 1)
+        cov += x1.T @ x1
+    return cov / (h.shape[0] * h.shape[1])
 
 
 # ----------------------------------------------------------------------------- step 1
@@ -320,38 +347,25 @@ def mla_args(gqa: ModelArgs, layer: LayerMLA, params: dict) -> ModelArgs:
                    sliding_window=None)  # stock DeepSeek has no sliding window: attend to everything
 
 
-# ----------------------------------------------------------------------------- streaming the model
-
-def calibration_samples(documents: list[str], tokenizer, length: int, max_samples: int | None = None,
-                        seed: int = 42) -> torch.Tensor:
-    """Calibration samples of `length` tokens, built as the official code builds them: start at a
-    random unused document, append the following unused ones ("\n\n" between) until the sample
-    is long enough, truncate, and drop a sample that runs out of documents before that."""
-    torch.manual_seed(seed)
-    left, samples = list(range(len(documents))), []
-    while left and (max_samples is None or len(samples) < max_samples):
-        start = int(torch.randint(0, len(left), (1,)))
-        ids, end = [], start
-        while len(ids) < length and end < len(left):
-            ids += tokenizer.encode(("\n\n" if ids else "") + documents[left[end]])
-            end += 1
-        left = left[:start] + left[end:]
-        if len(ids) >= length:
-            samples.append(ids[:length])
-    if not samples:
-        raise UserError(f"the calibration text has no run of documents as long as {length} tokens")
-    return torch.tensor(samples)
+def balance_input(params: dict, rest: dict, cov: torch.Tensor, R: int) -> float:
+    """Share the latent's smallness between the attention's input and the latent rows of
+    kv_a_proj_with_mqa: the input norm's weight times s1, every map reading it (q_proj or q_a_proj,
+    kv_a_proj_with_mqa; their bias columns not) divided by s1, with s1 chosen so the input (over
+    the calibration tokens) and the latent rows have the same RMS. Exact; both then sit far above
+    float16's smallest normal (6e-5) and q8_0's block scales, where latent rows of RMS ~1e-6
+    would not. Edits params and rest in place; returns s1."""
+    D = cov.shape[0] - 1
+    x_rms = math.sqrt(cov.diagonal()[:D].sum().item() / D)
+    w_rms = params["wkv_a.weight"][:R].pow(2).mean().sqrt().item()
+    s1 = math.sqrt(w_rms / x_rms)
+    rest["attention_norm.weight"] = (rest["attention_norm.weight"].double() * s1).float()
+    for k in ("wq.weight", "wq_a.weight", "wkv_a.weight"):
+        if k in params:
+            params[k] = params[k] / s1
+    return s1
 
 
-def second_moments(norm, h: torch.Tensor) -> torch.Tensor:
-    """E[x1 x1^T] in float64, x1 = [norm(h) ; 1]: every statistic the steps need, since each map is linear in x1."""
-    cov = torch.zeros(h.shape[-1] + 1, h.shape[-1] + 1, dtype=FIT)
-    for b in range(0, len(h), 8):
-        x = norm(h[b:b + 8]).reshape(-1, h.shape[-1]).to(FIT)
-        x1 = torch.cat([x, torch.ones(len(x), 1, dtype=FIT)], 1)
-        cov += x1.T @ x1
-    return cov / (h.shape[0] * h.shape[1])
-
+# ----------------------------------------------------------------------------- step 5
 
 def refit_output(block: Block, converted: Block, h: torch.Tensor, rope_gqa: tuple, rope: tuple,
                  mask: torch.Tensor, damp: float = 1e-3) -> torch.Tensor:
@@ -377,28 +391,24 @@ def refit_output(block: Block, converted: Block, h: torch.Tensor, rope_gqa: tupl
     return torch.linalg.solve(own + ridge, cross.T).T
 
 
-def balance_input(params: dict, rest: dict, cov: torch.Tensor, R: int) -> float:
-    """Share the latent's smallness between the attention's input and the latent rows of
-    kv_a_proj_with_mqa: the input norm's weight times s1, every map reading it (q_proj or q_a_proj,
-    kv_a_proj_with_mqa; their bias columns not) divided by s1, with s1 chosen so the input (over
-    the calibration tokens) and the latent rows have the same RMS. Exact; both then sit far above
-    float16's smallest normal (6e-5) and q8_0's block scales, where latent rows of RMS ~1e-6
-    would not. Edits params and rest in place; returns s1."""
-    D = cov.shape[0] - 1
-    x_rms = math.sqrt(cov.diagonal()[:D].sum().item() / D)
-    w_rms = params["wkv_a.weight"][:R].pow(2).mean().sqrt().item()
-    s1 = math.sqrt(w_rms / x_rms)
-    rest["attention_norm.weight"] = (rest["attention_norm.weight"].double() * s1).float()
-    for k in ("wq.weight", "wq_a.weight", "wkv_a.weight"):
-        if k in params:
-            params[k] = params[k] / s1
-    return s1
+# ----------------------------------------------------------------------------- one layer: the whole method
+
+@dataclass
+class ConvertedLayer:
+    """One converted layer: what the writer writes, the next layers' calibration needs, and a test
+    runs. params and rest are on the device the conversion ran on until convert_layers moves them."""
+    block: Block  # float32, MLA attention and the original's feed-forward
+    params: dict  # its attention's parameters, our names, float64 (to_deepseek, balance_input, refit_output)
+    rest: dict  # its other parameters (norms, feed-forward), the attention norm scaled by input_scale
+    args: ModelArgs  # of the converted model
+    input_scale: float  # the scale balance_input put on the attention's input
+    pairs: list  # k_pe's pair m turns at frequency number pairs[m] of the original head_dim RoPE
+    partial: Block | None = None  # the partial-RoPE block (steps 1-2), whose outputs calibrate the next latent
 
 
 def mla_block(gqa: ModelArgs, layer: LayerMLA, block: Block, cov: torch.Tensor, q_lora_rank: int,
-              latent_rms: float = LATENT_RMS):
-    """A float32 Block with MLA attention for `layer` and the rest of `block`; also its params, args
-    and the scale balance_input put on the attention's input."""
+              latent_rms: float = LATENT_RMS) -> ConvertedLayer:
+    """`layer` as a float32 Block in the stock layout (to_deepseek, balance_input) with the rest of `block`."""
     params = to_deepseek(layer, block.attention, cov, q_lora_rank, gqa.qkv_bias or gqa.o_bias,
                          ModelArgs.latent_norm_eps, latent_rms)
     args = mla_args(gqa, layer, params)
@@ -407,186 +417,143 @@ def mla_block(gqa: ModelArgs, layer: LayerMLA, block: Block, cov: torch.Tensor, 
     with torch.device("meta"):
         new = Block(args)
     new.load_state_dict({**{f"attention.{k}": v.float() for k, v in params.items()}, **rest}, assign=True)
-    return new, params, rest, args, input_scale
-
-
-def _run(block: Block, h: torch.Tensor, rope: tuple, mask: torch.Tensor) -> torch.Tensor:
-    for b in range(0, len(h), 8):
-        h[b:b + 8] = block(h[b:b + 8], *rope, mask)
-    return h
+    return ConvertedLayer(new, params, rest, args, input_scale, list(layer.pairs))
 
 
 @torch.no_grad()
-def convert_layers(reader: CheckpointReader, calib: torch.Tensor, rope_dim: int, kv_lora_rank: int,
-                   freqfold: int, q_lora_rank: int = 0, upto: str = "bkv_pca", progress=None,
-                   rope_select: str = "key", latent_fit: str = "bkv", output_fit: bool = False,
-                   latent_rms: float = LATENT_RMS, device: str = "cpu"):
-    """Stream the calibration samples through the model one layer at a time and convert each layer;
-    yield (i, converted attention params, the layer's other params, converted ModelArgs, the
-    attention input's scale (balance_input), the converted float32 Block), all on the CPU.
+def convert_layer(block: Block, gqa: ModelArgs, h: torch.Tensor, h_partial: torch.Tensor | None,
+                  recipe: Recipe) -> ConvertedLayer:
+    """Steps 1-5 on one GQA block of a model of config `gqa`: a pure function of the block, its
+    calibration activations and the recipe, run where h is (a GPU: minutes for a 7B model).
+    h (N, T, D): the original model's hidden states at the block's input; h_partial: the
+    partial-RoPE model's (the conversion's layers before this one with RoRoPE alone), on which,
+    as in the official code, the latent is fitted (needed when recipe.latent_fit is set).
+    Forward passes in float32; second moments and every fit in FIT (float64): the eigenvalues
+    that RoRoPE and the PCA rank span 10 or more orders of magnitude."""
+    with torch.device(h.device):  # every tensor the steps make, beside h
+        cov = second_moments(block.attention_norm, h)
+        layer = gqa_as_mla(block.attention, gqa.n_kv_heads, gqa.head_dim)  # 1
+        if recipe.rope_select:
+            layer = rorope(layer, cov, recipe.rope_dim, recipe.freqfold, gqa.n_kv_heads, recipe.rope_select)  # 2
+        partial = None
+        if recipe.latent_fit:  # 3, on the partial-RoPE model's own activations
+            partial = mla_block(gqa, layer, block, cov, 0).block
+            cov = second_moments(block.attention_norm, h_partial)
+            if recipe.latent_fit == "attention":
+                layer = attention_pca(layer, cov, recipe.kv_lora_rank, block.attention.wo.weight)
+            else:
+                layer = bkv_pca(layer, cov, recipe.kv_lora_rank)
+        out = mla_block(gqa, layer, block, cov, recipe.q_lora_rank, recipe.latent_rms)  # 4
+        if recipe.output_fit:  # 5, on the original model's activations
+            T = h.shape[1]
+            inv_freq = rope_frequencies(gqa.head_dim, gqa.rope_theta, gqa.rope_scaling)
+            pos = torch.arange(T)
+            w = refit_output(block, out.block, h, rope_table(inv_freq, T),
+                             rope_table(inv_freq[torch.tensor(layer.pairs)], T), attention_mask(pos, pos))
+            out.params["wo.weight"] = w
+            out.block.attention.wo.weight.data.copy_(w)
+    return replace(out, partial=partial)
 
-    As in the official code, RoRoPE is fitted on the original model's activations and the latent
-    on the partial-RoPE model's own (each layer sees what the partial-RoPE layers before it
-    produce), so two streams of hidden states run side by side.
-    rope_select picks rorope's basis (key or score), latent_fit the latent (bkv_pca or
-    attention_pca); output_fit refits o_proj on the original model's activations (refit_output);
-    latent_rms is the latent's size under its RMSNorm (to_deepseek).
 
-    device: where the work runs (a CUDA GPU: minutes for a 7B model). The hidden states and one
-    layer live there; the forward passes are float32, the statistics (second_moments) and every
-    fit (eigendecompositions, least squares) float64, where float32's 7 digits would not do: the
-    eigenvalues that RoRoPE and the PCA rank span 10 or more orders of magnitude. Each converted
-    layer comes back to the CPU for the writer."""
+# ----------------------------------------------------------------------------- streaming the model
+
+def calibration_samples(documents: list[str], tokenizer, length: int, max_samples: int | None = None,
+                        seed: int = 42) -> torch.Tensor:
+    """Calibration samples of `length` tokens, built as the official code builds them: start at a
+    random unused document, append the following unused ones ("\n\n" between) until the sample
+    is long enough, truncate, and drop a sample that runs out of documents before that."""
+    torch.manual_seed(seed)
+    left, samples = list(range(len(documents))), []
+    while left and (max_samples is None or len(samples) < max_samples):
+        start = int(torch.randint(0, len(left), (1,)))
+        ids, end = [], start
+        while len(ids) < length and end < len(left):
+            ids += tokenizer.encode(("\n\n" if ids else "") + documents[left[end]])
+            end += 1
+        left = left[:start] + left[end:]
+        if len(ids) >= length:
+            samples.append(ids[:length])
+    if not samples:
+        raise UserError(f"the calibration text has no run of documents as long as {length} tokens")
+    return torch.tensor(samples)
+
+
+@torch.no_grad()
+def convert_layers(reader: CheckpointReader, calib: torch.Tensor, recipe: Recipe, device: str = "cpu", progress=None):
+    """Stream the calibration samples calib (N, T) through the model one layer at a time and
+    convert each layer (convert_layer); yield the ConvertedLayers, in order, on the CPU.
+
+    Two streams of hidden states run side by side on `device`: the original model's, which the
+    RoRoPE basis and refit_output are fitted on, and the partial-RoPE model's (each layer sees
+    what the partial-RoPE layers before it produce), which the latent is fitted on. Memory: one
+    layer, its fits and the two streams (conversion_memory). progress(), if given, after each
+    layer is written."""
     gqa = reader.args
+    T = calib.shape[1]
     with torch.device("meta"):
         emb = torch.nn.Embedding(gqa.vocab_size, gqa.dim)
     reader.fill(emb, "tok_embeddings.", device=device)
-    h = emb(calib.to(device))  # (N, T, D) hidden states of the original model
-    h_partial = h.clone() if upto == "bkv_pca" else None  # ... and of the partial-RoPE model
+    h = emb(calib.to(device))  # (N, T, D)
+    h_partial = h.clone() if recipe.latent_fit else None
     del emb
     for i in range(gqa.n_layers):
-        with torch.device(device):  # every tensor the steps make, on the device; not while we yield
-            done, h, h_partial = _convert_layer(reader, i, h, h_partial, rope_dim, kv_lora_rank, freqfold,
-                                                       q_lora_rank, upto, rope_select, latent_fit, output_fit,
-                                                       latent_rms)
-        params, rest, args, input_scale, converted = done
-        yield (i, {k: v.cpu() for k, v in params.items()}, {k: v.cpu() for k, v in rest.items()}, args,
-               input_scale, converted.to("cpu"))
+        with torch.device(device):  # every tensor made here, on the device (not while we yield: the caller's)
+            with torch.device("meta"):
+                block = Block(gqa)
+            reader.fill(block, f"layers.{i}.", device=device)
+            layer = convert_layer(block, gqa, h, h_partial, recipe)
+            inv_freq = rope_frequencies(gqa.head_dim, gqa.rope_theta, gqa.rope_scaling)
+            pos = torch.arange(T)
+            mask = attention_mask(pos, pos)
+            if layer.partial is not None:
+                advance(layer.partial, h_partial, rope_table(inv_freq[torch.tensor(layer.pairs)], T), mask)
+            advance(block, h, rope_table(inv_freq, T), mask)
+            done = replace(layer, block=layer.block.to("cpu"), params={k: v.cpu() for k, v in layer.params.items()},
+                           rest={k: v.cpu() for k, v in layer.rest.items()}, partial=None)
+            del layer, block  # the device holds no block of this layer while the writer works
+        yield done
         if progress:
             progress()
 
 
-def _convert_layer(reader, i, h, h_partial, rope_dim, kv_lora_rank, freqfold, q_lora_rank, upto, rope_select,
-                   latent_fit, output_fit, latent_rms):
-    """Layer i of convert_layers, run where h is; returns what it yields and the next hidden states."""
-    gqa = reader.args
-    T = h.shape[1]
-    inv_freq = rope_frequencies(gqa.head_dim, gqa.rope_theta, gqa.rope_scaling).to(h.device)
-    mask = torch.ones(T, T, dtype=torch.bool).tril()
-    rope_gqa = rope_table(inv_freq, T)  # the original model's RoPE
-    with torch.device("meta"):
-        block = Block(gqa)
-    reader.fill(block, f"layers.{i}.", device=h.device)
-    cov = second_moments(block.attention_norm, h)
-    layer = gqa_as_mla(block.attention, gqa.n_kv_heads, gqa.head_dim)
-    if upto in ("rorope", "bkv_pca"):
-        layer = rorope(layer, cov, rope_dim, freqfold, gqa.n_kv_heads, rope_select)
-    rope = rope_table(inv_freq[torch.tensor(layer.pairs)], T)
-    if upto == "bkv_pca":
-        partial, *_ = mla_block(gqa, layer, block, cov, 0)
-        cov = second_moments(block.attention_norm, h_partial)
-        h_partial = _run(partial, h_partial, rope, mask)
-        if latent_fit == "attention":
-            layer = attention_pca(layer, cov, kv_lora_rank, block.attention.wo.weight)
-        else:
-            layer = bkv_pca(layer, cov, kv_lora_rank)
-    converted, params, rest, args, input_scale = mla_block(gqa, layer, block, cov, q_lora_rank, latent_rms)
-    if output_fit:
-        w = refit_output(block, converted, h, rope_gqa, rope, mask)
-        params["wo.weight"] = w
-        converted.attention.wo.weight.data.copy_(w)
-    h = _run(block, h, rope_gqa, mask)
-    return (params, rest, args, input_scale, converted), h, h_partial
+def advance(block: Block, h: torch.Tensor, rope: tuple, mask: torch.Tensor):
+    """h (N, T, D) through `block`, in place, 8 samples at a time: the next layer's input."""
+    for b in range(0, len(h), 8):
+        h[b:b + 8] = block(h[b:b + 8], *rope, mask)
 
 
-def convert_in_memory(reader: CheckpointReader, calib: torch.Tensor, **kw) -> Transformer:
+def convert_in_memory(reader: CheckpointReader, calib: torch.Tensor, recipe: Recipe, device: str = "cpu") -> Transformer:
     """The converted model as one in-memory Transformer (float32): for tests and small models."""
-    blocks = list(convert_layers(reader, calib, **kw))
-    args = blocks[0][3]
+    layers = list(convert_layers(reader, calib, recipe, device))
     with torch.device("meta"):
-        model = Transformer(args)
+        model = Transformer(layers[0].args)
     reader.fill(model.tok_embeddings, "tok_embeddings.")
     reader.fill(model.norm, "norm.")
     if model.output is not None:
         reader.fill(model.output, "output.")
-    for i, *_, block in blocks:
-        model.layers[i] = block
+    for i, layer in enumerate(layers):
+        model.layers[i] = layer.block
     model.set_rope()
     return model.eval()
 
 
 # ----------------------------------------------------------------------------- writing the checkpoint
 
-def _mla_config(args: ModelArgs, dtype: torch.dtype) -> dict:
-    """The config fields DeepSeek-V3 and Mistral4 share: the trunk and the MLA attention."""
-    src = args.extra
-    return {
-        "hidden_size": args.dim, "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_heads,
-        "kv_lora_rank": args.kv_lora_rank, "q_lora_rank": args.q_lora_rank or None,
-        "qk_nope_head_dim": args.qk_nope_head_dim, "qk_rope_head_dim": args.qk_rope_head_dim,
-        "v_head_dim": args.v_head_dim, "rope_interleave": True,
-        "attention_bias": args.qkv_bias, "rms_norm_eps": args.norm_eps, "hidden_act": "silu",
-        "vocab_size": args.vocab_size, "max_position_embeddings": args.max_seq_len,
-        "tie_word_embeddings": args.tie_embeddings,
-        "bos_token_id": src.get("bos_token_id"), "eos_token_id": src.get("eos_token_id"),
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-
-
-def deepseek_config(args: ModelArgs, dtype: torch.dtype) -> dict:
-    rope = {"rope_theta": args.rope_theta, "rope_type": "default", **(args.rope_scaling or {})}
-    return {
-        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", **_mla_config(args, dtype),
-        "intermediate_size": args.hidden_dim, "moe_intermediate_size": args.hidden_dim,
-        # every layer dense, in the form each engine reads as dense: transformers and vLLM by
-        # first_k_dense_replace, llama.cpp by 0 experts (it requires fewer expert groups than
-        # experts, and no groups at all for 0)
-        "first_k_dense_replace": args.n_layers, "moe_layer_freq": 1,
-        "n_routed_experts": 0, "n_shared_experts": 0, "num_experts_per_tok": None, "n_group": None, "topk_group": None,
-        "rope_parameters": rope, "num_nextn_predict_layers": 0,
-    }
-
-
-def mistral4_config(args: ModelArgs, dtype: torch.dtype) -> dict:
-    """Stock Mistral4 for a converted Mixtral. Its router (softmax over all experts, best of n_group
-    groups, top k, renormalised if norm_topk_prob, times routed_scaling_factor) is Mixtral's with
-    one group, renormalisation and scaling 1; it always adds a shared expert of n_shared_experts *
-    moe_intermediate_size rows, none here. Two things in its attention need care:
-    - its "default" RoPE spans all qk_nope + qk_rope dims; the other types honour
-      partial_rotary_factor, so a source without scaling gets "linear" with factor 1: plain RoPE.
-    - it multiplies queries by 1 + llama_4_scaling_beta * log(1 + floor(pos / original_max_position_embeddings)):
-      beta 0 makes that exactly 1. The field must still be a number (transformers logs that linear
-      RoPE does not expect it; Mistral4 reads it all the same)."""
-    r, head_dim = args.qk_rope_head_dim, args.qk_nope_head_dim + args.qk_rope_head_dim
-    rope = {"rope_theta": args.rope_theta, **(args.rope_scaling or {"rope_type": "linear", "factor": 1.0}),
-            "partial_rotary_factor": _fraction(r, head_dim), "llama_4_scaling_beta": 0.0}
-    rope.setdefault("original_max_position_embeddings", args.max_seq_len)
-    return {
-        "architectures": ["Mistral4ForCausalLM"], "model_type": "mistral4", **_mla_config(args, dtype),
-        "intermediate_size": args.hidden_dim, "moe_intermediate_size": args.hidden_dim,
-        "n_routed_experts": args.n_experts, "num_experts_per_tok": args.n_experts_per_tok,
-        "n_shared_experts": 0, "n_group": 1, "topk_group": 1, "norm_topk_prob": True, "routed_scaling_factor": 1.0,
-        "first_k_dense_replace": 0, "rope_parameters": rope, "pad_token_id": args.extra.get("pad_token_id"),
-    }
-
-
-def _fraction(part: int, whole: int) -> float:
-    """part / whole, nudged up where needed so that int(whole * f) == part, as transformers computes the rotary dim."""
-    f = part / whole
-    return f if int(whole * f) == part else math.nextafter(f, 1.0)
-
-
-def target_config(args: ModelArgs, dtype: torch.dtype, settings: dict) -> dict:
-    """The written config.json: stock DeepSeek-V3, or Mistral4 for a mixture of experts."""
-    return {**(mistral4_config if args.n_experts else deepseek_config)(args, dtype), "transmla": settings}
-
-
 def write_checkpoint(reader: CheckpointReader, out: Path, layers, dtype: torch.dtype, settings: dict,
                      inputs=(), finish=None) -> dict:
-    """Stream converted layers into a stock folder at `out`, atomically (CheckpointWriter); returns its
+    """Stream converted layers (ConvertedLayers, in order) into a stock folder at `out`, atomically (CheckpointWriter); returns its
     config. finish(folder, config), if given, runs on the complete folder before it is put in
     place and returns the extra files to add (name -> text): convert.py's report."""
     layers = iter(layers)
     first = next(layers)
-    src = first[3]
+    src = first.args
     # what every engine reads alike: rms_norm_eps = ENGINE_EPS, and a lm_head of its own (vLLM
     # never ties DeepSeek's). The residual stream is scaled by alpha (embeddings, and o_proj and
     # down_proj, which write into it): RMSNorm(alpha h; alpha^2 eps) = RMSNorm(h; eps) exactly, so
     # every norm, the final one too, sees what it saw with the source's eps.
     alpha = math.sqrt(ENGINE_EPS / src.norm_eps)
     args = replace(src, norm_eps=ENGINE_EPS, tie_embeddings=False)
-    config = target_config(args, dtype, settings)
+    config = mla_config(args, dtype, settings)
     config["transmla"] = {**settings, "residual_scale": alpha, "source_rms_norm_eps": src.norm_eps}
     with CheckpointWriter(out, config, args, inputs=[reader.folder, *inputs]) as writer:
         embedding = reader.get(hf_name("tok_embeddings.weight"))
@@ -594,9 +561,9 @@ def write_checkpoint(reader: CheckpointReader, out: Path, layers, dtype: torch.d
         writer.add("norm.weight", reader.get(hf_name("norm.weight")).to(dtype))
         writer.add("output.weight", (embedding if src.tie_embeddings else reader.get(hf_name("output.weight"))).to(dtype))
         scales = config["transmla"]["attention_input_scale"] = []  # written with config.json at stage()
-        for i, params, rest, _, input_scale, _ in itertools.chain([first], layers):
-            scales.append(input_scale)
-            tensors = {**{f"attention.{k}": v for k, v in params.items()}, **rest}
+        for i, layer in enumerate(itertools.chain([first], layers)):
+            scales.append(layer.input_scale)
+            tensors = {**{f"attention.{k}": v for k, v in layer.params.items()}, **layer.rest}
             for k in tensors:
                 if k in ("attention.wo.weight", "attention.wo.bias") or k.endswith("w2.weight"):
                     tensors[k] = tensors[k].double() * alpha
@@ -606,7 +573,9 @@ def write_checkpoint(reader: CheckpointReader, out: Path, layers, dtype: torch.d
     return config
 
 
-def check_source(reader: CheckpointReader, rope_dim: int, kv_lora_rank: int, q_lora_rank: int):
+# ----------------------------------------------------------------------------- checks before any work
+
+def check_source(reader: CheckpointReader, recipe: Recipe):
     """Every tensor of the source has a place in the stock folder, or the run is refused naming it
     before any work: the attention's (q, k, v, o and their biases) are what the conversion
     transforms; every other one must exist, with its shape, in the target the config will declare.
@@ -615,9 +584,9 @@ def check_source(reader: CheckpointReader, rope_dim: int, kv_lora_rank: int, q_l
     gqa = reader.args
     reader.check()
     d_h = gqa.head_dim
-    target = replace(gqa, kv_lora_rank=kv_lora_rank, q_lora_rank=q_lora_rank, qk_nope_head_dim=d_h,
-                     qk_rope_head_dim=rope_dim, v_head_dim=d_h, n_kv_heads=gqa.n_heads, sliding_window=None)
-    config = target_config(target, reader.stored_dtype(), {})
+    target = replace(gqa, kv_lora_rank=recipe.kv_lora_rank, q_lora_rank=recipe.q_lora_rank, qk_nope_head_dim=d_h,
+                     qk_rope_head_dim=recipe.rope_dim, v_head_dim=d_h, n_kv_heads=gqa.n_heads, sliding_window=None)
+    config = mla_config(target, reader.stored_dtype(), {})
     declared = checkpoint_tensors(args_from_config(config))
     for ours, (theirs, shape) in checkpoint_tensors(gqa).items():
         if ours.startswith("layers.") and ours.split(".")[2] == "attention":
@@ -627,8 +596,9 @@ def check_source(reader: CheckpointReader, rope_dim: int, kv_lora_rank: int, q_l
                             f"checkpoint; converting would drop it and change the model, so nothing is written")
 
 
-def check_request(args: ModelArgs, rope_dim: int, kv_lora_rank: int, freqfold: int, q_lora_rank: int):
+def check_request(args: ModelArgs, recipe: Recipe):
     """Say in one line what is wrong with the request, before any work is done."""
+    rope_dim, kv_lora_rank, freqfold, q_lora_rank = recipe.rope_dim, recipe.kv_lora_rank, recipe.freqfold, recipe.q_lora_rank
     kind = args.extra.get("model_type")
     if args.is_mla:
         raise UserError(f"this checkpoint is already MLA ({kind}, kv_lora_rank {args.kv_lora_rank}): "
@@ -711,14 +681,48 @@ def check_fits(need: dict, free: int, device: str, n_samples: int, length: int):
                     f"GiB of them), {free / 2**30:.1f} GiB is free: {what}")
 
 
+# ----------------------------------------------------------------------------- command line
+
 def main():
+    args = parse_args()
+    t_start = time.perf_counter()
+    device = pick_device(args.device)
+    folder = default_or(args.ckpt)
+    reader = CheckpointReader(folder)
+    recipe = chosen_recipe(args)
+    check_request(reader.args, recipe)
+    texts = [t for t in (args.calib_text, args.eval_text) if t and t != "none"]
+    out = check_output(Path(args.out) if args.out else folder.parent / f"{folder.name}-mla", [folder, *texts])
+    replacing = earlier_output(out)
+    check_source(reader, recipe)
+    dtype = written_dtype(args.dtype, reader.stored_dtype(), recipe.latent_rms)
+    calib, eval_path, eval_ids = read_texts(args, folder, reader.args.vocab_size)
+    report = {"settings": settings(args.method, recipe, calib), "source": str(folder), "out": str(out),
+              "device": device}
+    check_cost(report, reader.args, calib.shape, device)
+    before, after = 2 * reader.args.n_kv_heads * reader.args.head_dim, recipe.kv_lora_rank + recipe.rope_dim
+    report.update(kv_values_per_token_per_layer={"before": before, "after": after}, compression=round(before / after, 2))
+    clock = LayerClock(reader.args.n_layers, t_start, report, evaluating=eval_ids is not None)
+
+    def finish(staged: Path, config: dict) -> dict:
+        """The report, written into the folder before it is put in place (evaluated on it where it stands)."""
+        clock.close()
+        final_report(report, t_start, device, folder, staged, eval_path, eval_ids)
+        return {"convert_report.json": json.dumps(report, indent=2) + "\n"}
+
+    layers = convert_layers(reader, calib, recipe, device=device, progress=clock.layer_done)
+    config = write_checkpoint(reader, out, layers, dtype, report["settings"], inputs=texts, finish=finish)
+    print_summary(report, config, device, replacing, recipe)
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="GQA checkpoint: folder, .safetensors or index file (default: embedded SmolLM2)")
     p.add_argument("--out", help="output folder (default: the checkpoint folder's name + '-mla', beside it)")
-    p.add_argument("--kv-lora-rank", type=int, default=64, help="R: latent values cached per token per layer")
-    p.add_argument("--rope-dim", type=int, default=32, help="r: dims of the shared rope key (qk_rope_head_dim)")
-    p.add_argument("--freqfold", type=int, default=4, help="F: adjacent RoPE frequencies folded into one PCA")
-    p.add_argument("--q-lora-rank", type=int, default=0, help="low-rank query of this rank (0: full rank)")
+    p.add_argument("--kv-lora-rank", type=int, default=FITTED.kv_lora_rank, help="R: latent values cached per token per layer")
+    p.add_argument("--rope-dim", type=int, default=FITTED.rope_dim, help="r: dims of the shared rope key (qk_rope_head_dim)")
+    p.add_argument("--freqfold", type=int, default=FITTED.freqfold, help="F: adjacent RoPE frequencies folded into one PCA")
+    p.add_argument("--q-lora-rank", type=int, default=FITTED.q_lora_rank, help="low-rank query of this rank (0: full rank)")
     p.add_argument("--method", default="fitted", choices=list(METHODS),
                    help="recipe: 'transmla' is the official method (RoRoPE, FreqFold, BKV-PCA); 'fitted' "
                         "(default) is --latent-fit attention --output-fit on top of it")
@@ -741,124 +745,140 @@ def main():
     p.add_argument("--latent-rms", type=float, default=LATENT_RMS,
                    help="the latent's RMS under its RMSNorm (default %(default)g; 1e-10: linear to fp32 "
                         "precision, for fp32 and bf16 only; at most 1e-4)")
-    args = p.parse_args()
+    return p.parse_args()
 
-    from evaluate import WindowBar, perplexity
-    from fetch import default_or, ensure_texts, read_text
-    from tokenizer import load_tokenizer
-    t_start = time.perf_counter()
-    device = pick_device(args.device)
-    folder = default_or(args.ckpt)
-    reader = CheckpointReader(folder)
-    check_request(reader.args, args.rope_dim, args.kv_lora_rank, args.freqfold, args.q_lora_rank)
-    out = Path(args.out) if args.out else folder.parent / f"{folder.name}-mla"
-    texts = [t for t in (args.calib_text, args.eval_text) if t and t != "none"]
-    out = check_output(out, [folder, *texts])
-    replacing = earlier_output(out)
-    check_source(reader, args.rope_dim, args.kv_lora_rank, args.q_lora_rank)
-    dtype = pick_dtype(args.dtype, "cpu") if args.dtype else reader.stored_dtype()
+
+def chosen_recipe(args: argparse.Namespace) -> Recipe:
+    """--method's recipe, with the sizes and any single setting the command line gives."""
     if not 0 < args.latent_rms <= 1e-4:  # sqrt(eps) / 10: the norm then is off linear by 0.5%
         raise UserError(f"--latent-rms {args.latent_rms:g}: must be above 0 and at most 1e-4 (the latent norm's "
                         f"sqrt(eps) is 1e-3; beyond 1e-4 it stops being linear)")
-    if dtype == torch.float16 and args.latent_rms < FP16_LATENT_RMS:
-        why = f"float16 cannot hold a latent of RMS {args.latent_rms:g} (at least {FP16_LATENT_RMS:g})"
-        if args.dtype:
+    chosen = {k: getattr(args, k) for k in ("rope_select", "latent_fit", "output_fit") if getattr(args, k) is not None}
+    return replace(METHODS[args.method], kv_lora_rank=args.kv_lora_rank, rope_dim=args.rope_dim, freqfold=args.freqfold,
+                   q_lora_rank=args.q_lora_rank, latent_rms=args.latent_rms, **chosen)
+
+
+def settings(method: str, recipe: Recipe, calib: torch.Tensor) -> dict:
+    """What the run did, as config.json's "transmla" record and the report keep it."""
+    return {"method": method, "rope_select": recipe.rope_select, "latent_fit": recipe.latent_fit,
+            "output_fit": recipe.output_fit, "kv_lora_rank": recipe.kv_lora_rank, "rope_dim": recipe.rope_dim,
+            "freqfold": recipe.freqfold, "q_lora_rank": recipe.q_lora_rank, "latent_rms": recipe.latent_rms,
+            "calibration": f"{calib.shape[0]} samples x {calib.shape[1]} tokens"}
+
+
+def written_dtype(asked: str | None, stored: torch.dtype, latent_rms: float) -> torch.dtype:
+    """--dtype, or the source's; a float16 source whose latent float16 cannot hold is written bfloat16."""
+    dtype = pick_dtype(asked, "cpu") if asked else stored
+    if dtype == torch.float16 and latent_rms < FP16_LATENT_RMS:
+        why = f"float16 cannot hold a latent of RMS {latent_rms:g} (at least {FP16_LATENT_RMS:g})"
+        if asked:
             raise UserError(f"--dtype float16: {why}; use bfloat16 or float32, or a larger --latent-rms")
         print(f"note: the source is float16, but {why}: writing bfloat16", file=sys.stderr)
         dtype = torch.bfloat16
+    return dtype
+
+
+def read_texts(args: argparse.Namespace, folder: Path, vocab_size: int):
+    """The calibration samples (N, --calib-len) and the evaluation text's path and ids (None, None:
+    no evaluation); the embedded texts by default for the embedded model."""
+    from fetch import ensure_texts
+    from tokenizer import load_tokenizer
     if args.calib_text is None or (args.eval_text is None and args.ckpt is None):
         calib_default, eval_default = ensure_texts()
-    calib_text = read_text(args.calib_text or calib_default)
     eval_path = args.eval_text if args.eval_text else (eval_default if args.ckpt is None else None)
-    if eval_path == "none":
-        eval_path = None
+    eval_path = None if eval_path == "none" else eval_path
+    documents = [line for line in read_text(args.calib_text or calib_default).splitlines() if line.strip()]
     tok = load_tokenizer(folder)
-    documents = [line for line in calib_text.splitlines() if line.strip()]
     calib = calibration_samples(documents, tok, args.calib_len, max(1, args.calib_tokens // args.calib_len))
     eval_ids = tok.encode(read_text(eval_path)) if eval_path else None
-    a = reader.args
-    if max([calib.max().item(), *(eval_ids or [])]) >= a.vocab_size:
-        raise UserError(f"the tokenizer gives ids past the model's vocab_size {a.vocab_size} on the calibration "
+    if max([calib.max().item(), *(eval_ids or [])]) >= vocab_size:
+        raise UserError(f"the tokenizer gives ids past the model's vocab_size {vocab_size} on the calibration "
                         f"or evaluation text: tokens the checkpoint has no embedding for")
-    recipe = {k: default if getattr(args, k) is None else getattr(args, k) for k, default in METHODS[args.method].items()}
-    settings = {"method": args.method, **recipe, "kv_lora_rank": args.kv_lora_rank, "rope_dim": args.rope_dim,
-                "freqfold": args.freqfold, "q_lora_rank": args.q_lora_rank, "latent_rms": args.latent_rms,
-                "calibration": f"{len(calib)} samples x {args.calib_len} tokens"}
-    report = {"settings": settings, "source": str(folder), "out": str(out), "device": device}
-    need = conversion_memory(a, len(calib), args.calib_len, device)
+    return calib, eval_path, eval_ids
+
+
+def check_cost(report: dict, args: ModelArgs, calib_shape: tuple, device: str):
+    """Say what the run will cost before it starts (into report["estimate"] too), and refuse in one
+    line what clearly cannot fit (check_fits), on the device and, for the writer, on the CPU."""
+    n_samples, length = calib_shape
+    need = conversion_memory(args, n_samples, length, device)
     free = available_memory(device)
-    rss_before = peak_rss_mb()  # on a CPU the conversion's memory comes on top of what this process holds
-    report["estimate"] = {"peak_mb": round(need["device"] / 2**20 + (rss_before if device.startswith("cpu") else 0))}
+    held = peak_rss_mb() if device.startswith("cpu") else 0  # on a CPU the conversion comes on top of this process
+    report["estimate"] = {"peak_mb": round(need["device"] / 2**20 + held)}
     print(f"cost: about {report['estimate']['peak_mb'] / 1024:.2f} GiB at the peak on {device}"
-          + (f" ({rss_before / 1024:.2f} GiB held already + {need['device'] / 2**30:.2f} for the conversion)"
-             if device.startswith("cpu") else "")
+          + (f" ({held / 1024:.2f} GiB held already + {need['device'] / 2**30:.2f} for the conversion)" if held else "")
           + (f" and {need['host'] / 2**30:.2f} GiB on the CPU" if need["host"] else "")
-          + f"; {len(calib)} samples x {args.calib_len} tokens: {need['hidden'] / 2**30:.2f} GiB of activations; "
-          f"{free / 2**30:.1f} GiB free there"
-          + ("; the time follows after two layers" if a.n_layers > 2 else ""), file=sys.stderr)
-    check_fits(need, free, device, len(calib), args.calib_len)
+          + f"; {n_samples} samples x {length} tokens: {need['hidden'] / 2**30:.2f} GiB of activations; "
+          f"{free / 2**30:.1f} GiB free there" + ("; the time follows after two layers" if args.n_layers > 2 else ""),
+          file=sys.stderr)
+    check_fits(need, free, device, n_samples, length)
     if need["host"] > available_memory("cpu"):  # the writer's share, on the CPU
         raise UserError(f"writing the output needs about {need['host'] / 2**30:.1f} GiB of CPU memory, "
                         f"{available_memory('cpu') / 2**30:.1f} GiB is free")
-    before, after = 2 * a.n_kv_heads * a.head_dim, args.kv_lora_rank + args.rope_dim
-    report.update(kv_values_per_token_per_layer={"before": before, "after": after},
-                  compression=round(before / after, 2))
-    bar = progress_bar(total=a.n_layers, desc="calibrate + convert", unit="layer")
-    t_layers = time.perf_counter()
 
-    done_at = []  # perf_counter at the end of each of the first two layers
 
-    def progress():
-        """Layers done, time per layer and the expected end (tqdm's bar); after the second layer (the
-        first pays one-time costs: allocations, kernels' first calls), the whole run's time: the
-        set-up and the first layer as they took, every other layer as the second."""
-        bar.update()
-        if len(done_at) < 2:
-            done_at.append(time.perf_counter())
-        if bar.n == min(2, a.n_layers):
-            now = done_at[-1]
-            first = done_at[0] - t_layers
-            later = now - done_at[0] if len(done_at) == 2 else first
-            total = (t_layers - t_start) + first + later * (a.n_layers - 1)
-            report["estimate"]["seconds"] = round(total, 1)
-            end = time.strftime("%H:%M:%S", time.localtime(time.time() + total - (now - t_start)))
-            if a.n_layers > 2:  # with no layer left there is nothing to foretell
-                bar.write(f"layer 0 took {first:.1f} s, layer 1 {later:.1f} s: about {total / 60:.1f} min for all "
-                          f"{a.n_layers} layers{' (before the evaluation)' if eval_ids is not None else ''}, "
-                          f"done about {end}", file=sys.stderr)
+class LayerClock:
+    """The conversion's progress bar, and the whole run's time foretold after the second layer (the
+    first pays one-time costs: allocations, kernels' first calls): the set-up and the first layer
+    as they took, every other layer as the second. Into report["estimate"]["seconds"] too."""
 
-    def finish(staged: Path, config: dict) -> dict:
-        """The report, written into the folder before it is put in place (evaluated on it where it stands)."""
-        bar.close()
-        report["convert_seconds"] = round(time.perf_counter() - t_start, 1)
-        report["convert_peak_rss_mb"] = round(peak_rss_mb())
-        if device.startswith("cuda"):
-            report["convert_peak_device_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
-        if eval_ids is not None:
-            for name, path, what in (("ppl_before", folder, "the original"), ("ppl_after", staged, "the conversion")):
-                model, _ = load_model(path, device=device)
-                report[name] = round(perplexity(model, eval_ids, 1024, WindowBar(f"perplexity of {what}"))["ppl"], 4)
-                del model
-            report["eval_text"] = str(eval_path)
-        report["total_seconds"] = round(time.perf_counter() - t_start, 1)
-        report["peak_rss_mb"] = round(peak_rss_mb())
-        return {"convert_report.json": json.dumps(report, indent=2) + "\n"}
+    def __init__(self, n_layers: int, t_start: float, report: dict, evaluating: bool):
+        self.n_layers, self.t_start, self.report, self.evaluating = n_layers, t_start, report, evaluating
+        self.bar = progress_bar(total=n_layers, desc="calibrate + convert", unit="layer")
+        self.t_layers, self.done_at = time.perf_counter(), []  # perf_counter at the end of the first two layers
 
-    layers = convert_layers(reader, calib, args.rope_dim, args.kv_lora_rank, args.freqfold, args.q_lora_rank,
-                            progress=progress, latent_rms=args.latent_rms, device=device, **recipe)
-    config = write_checkpoint(reader, out, layers, dtype, settings, inputs=texts, finish=finish)
+    def layer_done(self):
+        self.bar.update()
+        if len(self.done_at) < 2:
+            self.done_at.append(time.perf_counter())
+        if self.bar.n != min(2, self.n_layers):
+            return
+        now, first = self.done_at[-1], self.done_at[0] - self.t_layers
+        later = now - self.done_at[0] if len(self.done_at) == 2 else first
+        total = (self.t_layers - self.t_start) + first + later * (self.n_layers - 1)
+        self.report["estimate"]["seconds"] = round(total, 1)
+        end = time.strftime("%H:%M:%S", time.localtime(time.time() + total - (now - self.t_start)))
+        if self.n_layers > 2:  # with no layer left there is nothing to foretell
+            self.bar.write(f"layer 0 took {first:.1f} s, layer 1 {later:.1f} s: about {total / 60:.1f} min for all "
+                           f"{self.n_layers} layers{' (before the evaluation)' if self.evaluating else ''}, "
+                           f"done about {end}", file=sys.stderr)
 
-    rows = [("KV cache values / token / layer", f"{before} -> {after}"), ("compression", f"{before / after:.2f}x")]
+    def close(self):
+        self.bar.close()
+
+
+def final_report(report: dict, t_start: float, device: str, source: Path, converted: Path, eval_path, eval_ids):
+    """The run's times and memory into the report, and the perplexity of the source and of the
+    conversion (on the folder where it stands, before it is put in place) if there is an eval text."""
+    from evaluate import WindowBar, perplexity
+    report["convert_seconds"] = round(time.perf_counter() - t_start, 1)
+    report["convert_peak_rss_mb"] = round(peak_rss_mb())
+    if device.startswith("cuda"):
+        report["convert_peak_device_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
     if eval_ids is not None:
+        for name, path, what in (("ppl_before", source, "the original"), ("ppl_after", converted, "the conversion")):
+            model, _ = load_model(path, device=device)
+            report[name] = round(perplexity(model, eval_ids, 1024, WindowBar(f"perplexity of {what}"))["ppl"], 4)
+            del model
+        report["eval_text"] = str(eval_path)
+    report["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    report["peak_rss_mb"] = round(peak_rss_mb())
+
+
+def print_summary(report: dict, config: dict, device: str, replacing: bool, recipe: Recipe):
+    cache = report["kv_values_per_token_per_layer"]
+    rows = [("KV cache values / token / layer", f"{cache['before']} -> {cache['after']}"),
+            ("compression", f"{cache['before'] / cache['after']:.2f}x")]
+    if "ppl_before" in report:
         rows.append(("perplexity (eval text)", f"{report['ppl_before']:.2f} -> {report['ppl_after']:.2f}"))
     rows += [("conversion time", f"{report['convert_seconds']}s (estimated {report['estimate'].get('seconds')}s"
-                                   + (f"; with evaluation {report['total_seconds']}s)" if eval_ids is not None else ")")),
+                                   + (f"; with evaluation {report['total_seconds']}s)" if "ppl_before" in report else ")")),
              ("peak memory", f"{report['convert_peak_rss_mb']} MB converting, {report['peak_rss_mb']} MB overall"
                              + (f"; {report['convert_peak_device_mb']} MB on {device}" if "convert_peak_device_mb" in report else "")
                              + f" (estimated {report['estimate']['peak_mb']} MB)"),
-             ("written", f"{out} (stock {config['architectures'][0]}"
+             ("written", f"{report['out']} (stock {config['architectures'][0]}"
                          + ("; it replaced the earlier output there)" if replacing else ")")),
-             ("serving", mla_kernels(args.kv_lora_rank, args.rope_dim))]
+             ("serving", mla_kernels(recipe.kv_lora_rank, recipe.rope_dim))]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

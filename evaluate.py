@@ -77,20 +77,3 @@ class WindowBar:
         self.bar.update(done - self.bar.n)
         if done == total:
             self.bar.close()
-
-
-# ----------------------------------------------------------------------------- the machine
-
-
-def q8_0(w: torch.Tensor) -> torch.Tensor:
-    """w (out, in) through llama.cpp's Q8_0 format and back (ggml-common.h's block_q8_0): blocks of
-    32 along the input, each stored as one float16 scale d = max|w| / 127 and 32 int8 values
-    round(w / d). Matrices whose rows do not split into blocks of 32 go through float16 instead, as
-    llama.cpp's converter falls back for them. Returns float32, w's shape."""
-    out, n = w.shape
-    if n % 32:
-        return w.half().float()
-    blocks = w.float().reshape(out, n // 32, 32)
-    d = (blocks.abs().amax(-1, keepdim=True) / 127).half().float()
-    q = torch.where(d > 0, (blocks / d).round().clamp(-127, 127), torch.zeros_like(blocks))
-    return (q * d).reshape(out, n)

@@ -130,22 +130,6 @@ def ensure_synthetic(name: str, layers: int | None = None, dtype=None) -> Path:
     return folder
 
 
-def read_text(path: str | Path) -> str:
-    """A text file as UTF-8; UserError in one line where it cannot be read."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a folder, not a text file") from None
-    except PermissionError:
-        raise UserError(f"{path}: permission denied") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start} cannot be decoded)") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)

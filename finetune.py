@@ -62,10 +62,14 @@ that is moved into place when complete (writer.CheckpointWriter); its config.jso
 conversion's record ("transmla") and adds one of the fine-tuning ("finetune"). Then the state
 folder goes, unless --keep-state.
 
-Speed (2-core CPUs, embedded model): the default --dtype is bfloat16 autocast where the CPU has
-AMX / AVX512-BF16 matmuls (86 tokens/s on one core there); the weights that train stay float32
-(Adam needs their precision) and are cast for each matmul. On a CPU without them (AVX2 only) bf16
-is emulated and over 10x slower, so the default is float32 there (about 60 tokens/s on two cores).
+The compute dtype: the default --dtype is bfloat16 autocast where the CPU has AMX / AVX512-BF16
+matmuls (and on CUDA); the weights that train stay float32 (Adam needs their precision) and are
+cast for each matmul. On a CPU without them (AVX2 only) bf16 is emulated and many times slower,
+so the default is float32 there (the speeds measured: docs/accuracy.md).
+
+The script's plumbing is below the method, in the order a run takes: prepare (every check and
+path, the data), build (the models, sharded, and the optimizer), train (the loop; train_step is
+one step), write (the folder, evaluated), summary.
 """
 import argparse
 import json
@@ -74,6 +78,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -84,9 +89,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.fsdp import FSDPModule
 
 from checkpoint import CheckpointReader, find_checkpoint, load_model, read_config
-from cli import UserError, init_distributed, keep, peak_rss_mb, pick_device, progress_bar, run
+from cli import (UserError, first_on_rank_0, init_distributed, keep, peak_rss_mb, pick_device, progress_bar, read_json,
+                 read_text, run)
 from evaluate import WindowBar, perplexity
-from fetch import default_or, ensure_default_conversion, read_text
+from fetch import default_or, ensure_default_conversion
 from model import MLA, RMSNorm, Transformer
 from writer import check_output, check_output_file, earlier_output, put_in_place, write_model
 import tpla
@@ -429,75 +435,330 @@ def gathered(model: Transformer) -> dict:
 
 # ----------------------------------------------------------------------------- the script
 
+def main():
+    args = parse_args()
+    rank, world, device = init_distributed(pick_device(args.device))  # a group of one without torchrun
+    if args.threads:  # init_distributed shares the cores between the ranks; an explicit --threads wins
+        torch.set_num_threads(args.threads)
+    job = prepare(args, rank, world, device)
+    run_ = build(job)
+    train(job, run_)
+    whole = gathered(run_.student)  # a collective: every rank takes part, rank 0 receives
+    run_.student = run_.teacher = run_.opt = run_.params = None  # freed before the folder is written
+    if rank == 0:
+        write(job, run_, whole)
+        summary(job, run_)
+
+
+SETTINGS = ("ckpt", "teacher", "text", "tokens", "minutes", "seq_len", "batch", "lr", "weight_decay",
+            "ce_weight", "trainable", "seed", "tpla")  # what a state keeps, and --resume continues with
+
+
+@dataclass
+class Job:
+    """What a run is, settled before any model is loaded: its settings (args; on --resume the saved
+    ones), where it runs, what it reads and writes, its data."""
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: str
+    dtype: torch.dtype  # what the matmuls compute in (bf16: autocast)
+    student_dir: Path
+    teacher_dir: Path
+    texts: list  # the training text files
+    out: Path
+    state_path: Path
+    state: dict | None  # the saved state --resume continues from
+    ids: torch.Tensor  # the training texts' tokens
+    evals: dict  # evaluation text name -> ids
+    replacing: bool  # out holds an earlier output
+
+    @property
+    def autocast(self):
+        return torch.autocast(self.device.split(":")[0], dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
+
+    def say(self, *a, **kw):
+        if self.rank == 0:
+            print(*a, **kw)
+
+
+@dataclass
+class Run:
+    """The models and the moving parts of the training loop, on this rank."""
+    student: Transformer  # sharded over the ranks (shard), latent norms unfolded
+    teacher: Transformer
+    params: list  # the student's trainable parameters
+    opt: torch.optim.Optimizer
+    gen: torch.Generator  # the window sampler, the same on every rank
+    unfolded: list  # the latent norms unfold() took out, to fold back
+    rows: slice  # this rank's windows of each global batch
+    report: dict
+    step: int = 0
+    elapsed: float = 0.0  # seconds trained, sessions before this one included
+    rng: torch.Tensor | None = None  # the sampler's state at the start of the step now running
+    session_steps: int = 0
+    session_s: float = 0.0
+
+    def snapshot(self, args: argparse.Namespace, world: int) -> dict:
+        """What save_state keeps beside the weights: the run as of its last finished step."""
+        return {"settings": {k: getattr(args, k) for k in SETTINGS}, "step": self.step, "elapsed": self.elapsed,
+                "rng": self.rng if self.rng is not None else self.gen.get_state(), "unfolded": self.unfolded,
+                "report": self.report, "world_size": world}
+
+
+def prepare(args: argparse.Namespace, rank: int, world: int, device: str) -> Job:
+    """Every check and every path before a model is loaded; the training and evaluation tokens."""
+    check_values(args)
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, None: default_dtype(device)}.get(args.dtype)
+    if dtype is None:
+        raise UserError(f"--dtype {args.dtype}: choose bfloat16 or float32")
+    student_dir, teacher_dir, texts = first_on_rank_0(resolve_paths, args)  # it may convert and fetch
+    out = Path(args.out) if args.out else student_dir.parent / f"{student_dir.name}-ft"
+    state_path = Path(args.state) if args.state else out.with_name(out.name + ".state")
+    state = resumed_state(args, state_path) if args.resume else None
+    if state:  # the run continues with its saved settings
+        student_dir, teacher_dir, texts = first_on_rank_0(resolve_paths, args)
+    check_batch(args, world)
+    inputs = [student_dir, teacher_dir, *texts, *eval_paths(args)]
+    check_output_file(state_path, inputs, "--state", kind="state")  # it is written over as training goes
+    check_output(out, [*inputs, state_path])
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(student_dir)
+    ids = training_ids(texts, tok)
+    if len(ids) <= args.seq_len + 1:
+        raise UserError(f"the training text has {len(ids)} tokens, too few for --seq-len {args.seq_len}")
+    evals = {Path(e).stem: tok.encode(read_text(e))[: args.eval_tokens] for e in eval_paths(args)}
+    for name, e in evals.items():
+        if len(e) < args.eval_ctx:
+            raise UserError(f"--eval-text {name}: {len(e)} tokens, fewer than one window of --eval-ctx {args.eval_ctx}")
+    return Job(args, rank, world, device, dtype, student_dir, teacher_dir, texts, out, state_path, state, ids, evals,
+               earlier_output(out))
+
+
+def check_values(args: argparse.Namespace):
+    for name, value in (("--tokens", args.tokens), ("--seq-len", args.seq_len), ("--batch", args.batch),
+                        ("--save-every", args.save_every), ("--eval-ctx", args.eval_ctx)):
+        if value < 1:
+            raise UserError(f"{name} must be positive")
+    if args.minutes < 0 or args.lr <= 0:
+        raise UserError("--minutes must be >= 0 and --lr positive")
+
+
+def check_batch(args: argparse.Namespace, world: int):
+    """The global batch against the ranks and --tpla (after --resume: the saved settings')."""
+    if args.batch % world:
+        raise UserError(f"--batch {args.batch} does not split over {world} ranks: give a multiple of the world size")
+    if args.tpla > 1 and args.batch < 2:
+        raise UserError("--tpla needs --batch 2 or more: half the windows train the TPLA form, half the MLA form")
+
+
+def resumed_state(args: argparse.Namespace, state_path: Path) -> dict:
+    """The state --resume continues from (read_state), its saved settings put into args (a setting
+    added since that state was saved: its default)."""
+    if not state_path.exists():
+        raise UserError(f"--resume: no state folder {state_path}")
+    if not state_path.is_dir():
+        raise UserError(f"--resume: {state_path} is not a training state of finetune.py (a file)")
+    state = read_state(state_path)
+    keep(state_path, f"the state in {state_path}, as it was (continue with --resume)")
+    for k in SETTINGS:
+        setattr(args, k, state["settings"].get(k, parser().get_default(k)))
+    return state
+
+
+def build(job: Job) -> Run:
+    """Both models whole on this rank's device, then sharded over the ranks (shard): the student
+    all float32 (FSDP2 gathers one dtype per unit), computed in bf16 through its policy on GPUs or
+    autocast; the optimizer; the saved state on --resume, else the perplexities before training."""
+    args, device = job.args, job.device
+    teacher, _ = load_model(job.teacher_dir, device=device, dtype=job.dtype)
+    teacher.requires_grad_(False)
+    if teacher.args.vocab_size != CheckpointReader(job.student_dir).args.vocab_size:
+        raise UserError(f"the teacher's vocabulary ({teacher.args.vocab_size}) differs from the student's")
+    teacher = shard(teacher, device)
+    T = args.seq_len
+    probe = job.ids[: min(len(job.ids) // T, 4) * T].view(-1, T).to(device)  # fixed windows: unfold measures the latent here
+    student, unfolded, _ = load_student(job.student_dir, device, torch.float32, args.trainable, probe,
+                                        job.state["unfolded"] if job.state else None)
+    names = trainable_names(student, args.trainable)
+    gpu_bf16 = torch.bfloat16 if device.startswith("cuda") and job.dtype == torch.bfloat16 else None
+    student = shard(student, device, gpu_bf16, args.checkpoint_activations)
+    params = [p for name, p in student.named_parameters() if name in names]  # the norms unfolded have gone
+    b = args.batch // job.world
+    run_ = Run(student, teacher, params, optimizer(student, params, args.lr, args.weight_decay),
+               torch.Generator().manual_seed(args.seed), unfolded, slice(job.rank * b, (job.rank + 1) * b), {"before": {}})
+    if job.state:
+        load_state(job.state_path, student, run_.opt)
+        run_.gen.set_state(job.state["rng"])
+        run_.step, run_.elapsed, run_.report = job.state["step"], job.state["elapsed"], job.state["report"]
+        job.say(f"resuming at step {run_.step} of {total_steps(args)} ({run_.elapsed / 60:.1f} min trained) from "
+                f"{job.state_path}" + (f" on {job.world} ranks" if job.world > 1 else ""), file=sys.stderr)
+    elif job.evals:
+        run_.report["before"] = {"teacher": perplexities(teacher, job, "the teacher"),
+                                 "student": perplexities(student, job, "the student")}
+    if args.tpla > 1:  # odd windows of the global batch: MLA-form prefill of the first half, TPLA-form decode of the second
+        rows = [i - run_.rows.start for i in range(run_.rows.start, run_.rows.stop) if i % 2]
+        tpla.simulate(student, args.tpla, start=T // 2, rows=torch.tensor(rows, dtype=torch.long, device=device))
+    job.say(header(job, run_), file=sys.stderr)
+    return run_
+
+
+def header(job: Job, run_: Run) -> str:
+    """The line that says what the run will do."""
+    args = job.args
+    n_train = sum(p.numel() for p in run_.params)  # the whole weights' sizes (each rank holds 1 / world of them)
+    b = run_.rows.stop - run_.rows.start
+    return (f"student {job.student_dir}, teacher {job.teacher_dir}; training {n_train / 1e6:.1f}M weights "
+            f"({args.trainable}, {len(run_.unfolded)} latent norms unfolded) on {len(job.ids):,} tokens of "
+            f"{', '.join(t.name for t in job.texts)}; {total_steps(args)} steps of {args.batch} x {args.seq_len} tokens"
+            + (f" or {args.minutes:g} min, whichever ends first" if args.minutes else "")
+            + (f", {b} window{'s' if b > 1 else ''} per rank on {job.world} ranks (FSDP2)" if job.world > 1 else ""))
+
+
+def total_steps(args: argparse.Namespace) -> int:
+    return max(1, args.tokens // (args.batch * args.seq_len))
+
+
+def train(job: Job, run_: Run):
+    """The training loop: a step at a time until the tokens or the time budget are spent (a step
+    that would end past the budget is not started), the state saved every --save-every steps and
+    at the end. Ctrl-C or SIGTERM: the state saved (one process; ranks stopped at different
+    points cannot save together, so theirs is the last --save-every), and the run ends."""
+    args, budget = job.args, job.args.minutes * 60
+    steps = total_steps(args)
+
+    def done() -> float:  # the share of the run behind us: whichever of the tokens and the time budget ends it
+        return min(1.0, max(run_.step / steps, run_.elapsed / budget if budget else 0.0))
+    bar = progress_bar(total=1.0, initial=done(), disable=job.rank != 0, desc="distill",
+                       bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
+    t_session, kl_ema, last_step_s = time.perf_counter(), None, 0.0
+    run_.student.train()
+    try:
+        while run_.step < steps and not (budget and run_.elapsed + last_step_s > budget):
+            lr = lr_at(run_.step, done(), args.lr)
+            kl, ce, last_step_s = train_step(job, run_, lr)
+            kl_ema = kl if kl_ema is None else 0.9 * kl_ema + 0.1 * kl
+            bar.set_postfix(step=run_.step, kl=f"{kl_ema:.4f}", ce=f"{ce:.3f}", lr=f"{lr:.1e}", refresh=False)
+            bar.update(done() - bar.n)
+            if run_.step % args.save_every == 0:
+                save_state(job.state_path, run_.student, run_.opt, run_.snapshot(args, job.world))
+    except KeyboardInterrupt:
+        bar.close()
+        if job.world == 1:
+            save_state(job.state_path, run_.student, run_.opt, run_.snapshot(args, job.world))
+            keep(job.state_path, f"the state at step {run_.step} in {job.state_path} (continue with --resume)")
+        elif job.state_path.is_dir():
+            keep(job.state_path, f"the state saved last in {job.state_path} (continue with --resume)")
+        raise
+    bar.update(1.0 - bar.n)  # the run is done: by its tokens or by its time budget
+    bar.close()
+    run_.session_s = time.perf_counter() - t_session
+    run_.report["train_peak_rss_mb"] = round(peak_rss_mb())  # this rank's, loading and training
+    if job.device.startswith("cuda"):
+        run_.report["train_peak_device_mb"] = round(torch.cuda.max_memory_allocated(job.device) / 2**20)
+    save_state(job.state_path, run_.student, run_.opt, run_.snapshot(args, job.world))
+    keep(job.state_path, f"the trained state in {job.state_path} (the folder is not written: --resume writes it)")
+
+
+def train_step(job: Job, run_: Run, lr: float) -> tuple[float, float, float]:
+    """One optimizer step on this rank's windows of the next global batch; returns the KL and CE over
+    the global batch and the step's seconds on rank 0's clock (so the time budget stops every rank
+    at the same step)."""
+    t0 = time.perf_counter()
+    run_.rng = run_.gen.get_state()  # a run interrupted during this step resumes at its start
+    x, y = batch(job.ids, job.args.batch, job.args.seq_len, run_.gen)
+    for g in run_.opt.param_groups:
+        g["lr"] = lr * g["scale"]
+    kl, ce = distill_step(run_.student, run_.teacher, x[run_.rows].to(job.device), y[run_.rows].to(job.device),
+                          job.args.ce_weight, job.autocast)
+    for g in run_.opt.param_groups:  # gradients as the unscaled weights would have them (see optimizer)
+        for p in g["params"] if g["scale"] != 1 else ():
+            if p.grad is not None:  # an expert no token chose has none
+                p.grad.mul_(g["scale"])
+    torch.nn.utils.clip_grad_norm_(run_.params, 1.0)
+    run_.opt.step()
+    run_.opt.zero_grad(set_to_none=True)
+    summed = torch.tensor([kl, ce, time.perf_counter() - t0 if job.rank == 0 else 0.0], dtype=torch.float64,
+                          device=job.device)  # NCCL reduces only GPU tensors
+    dist.all_reduce(summed)  # the losses: the mean of the ranks' equal parts
+    kl, ce, seconds = summed[0].item() / job.world, summed[1].item() / job.world, summed[2].item()
+    run_.step, run_.session_steps, run_.elapsed, run_.rng = run_.step + 1, run_.session_steps + 1, run_.elapsed + seconds, None
+    run_.report.setdefault("loss", []).append([run_.step, float(f"{kl:.7g}"), float(f"{ce:.7g}")])
+    return kl, ce, seconds
+
+
+def write(job: Job, run_: Run, whole: dict):
+    """Rank 0: the trained weights, folded back into convert.py's form, as a stock folder like the
+    student's (writer.write_model), evaluated where it stands before it is put in place; then the
+    state folder goes, unless --keep-state."""
+    args = job.args
+    record = {"teacher": str(job.teacher_dir), "texts": [str(t) for t in job.texts],
+              "tokens": run_.step * args.batch * args.seq_len, "steps": run_.step, "seq_len": args.seq_len,
+              "batch": args.batch, "lr": args.lr, "schedule": "warm-up + cosine", "ce_weight": args.ce_weight,
+              "trainable": args.trainable, "dtype": str(job.dtype).removeprefix("torch."),
+              "minutes": round(run_.elapsed / 60, 2), "tpla": args.tpla, "world_size": job.world}
+    tokens_per_s = run_.session_steps * args.batch * args.seq_len / max(run_.session_s, 1e-9)
+    run_.report.update(record, out=str(job.out), tokens_per_s=round(tokens_per_s, 1))
+    trained, _, _ = load_student(job.student_dir, "cpu", torch.float32, "all", None, run_.unfolded)
+    trained.load_state_dict(whole)
+    del whole
+    fold(trained, run_.unfolded)
+
+    def finish(folder: Path) -> dict:
+        """The report, written into the folder before it is put in place (evaluated on it where it stands)."""
+        if job.evals:
+            model, _ = load_model(folder, device=job.device, dtype=job.dtype)
+            run_.report["after"] = perplexities(model, job, "the trained student")
+            if args.tpla > 1:  # the second half of every window by TPLA decode, as bench.py --ppl --tp tpla scores it
+                tpla.simulate(model, args.tpla, start=args.eval_ctx // 2)
+                run_.report["after_tpla"] = perplexities(model, job, f"TPLA x{args.tpla}")
+        run_.report["peak_rss_mb"] = round(peak_rss_mb())  # writing and evaluating included
+        return {"finetune_report.json": json.dumps(run_.report, indent=1) + "\n"}
+
+    write_model(trained, job.student_dir, job.out, CheckpointReader(job.student_dir).stored_dtype(),
+                {"finetune": record}, inputs=[job.teacher_dir, *job.texts, job.state_path], finish=finish)
+    if not args.keep_state:
+        shutil.rmtree(job.state_path, ignore_errors=True)
+
+
+def summary(job: Job, run_: Run):
+    args, report, world = job.args, run_.report, job.world
+    losses = report.get("loss", [])
+    n = max(1, min(10, len(losses) // 2))  # first and last n steps, never the same ones
+    first_kl = sum(l[1] for l in losses[:n]) / max(1, len(losses[:n]))
+    last_kl = sum(l[1] for l in losses[-n:]) / max(1, len(losses[-n:]))
+    tokens = run_.step * args.batch * args.seq_len
+    rows = [("steps x tokens", f"{run_.step} x {args.batch * args.seq_len} = {tokens:,} tokens in "
+                               f"{run_.elapsed / 60:.1f} min" + (f" on {world} ranks" if world > 1 else "")),
+            ("tokens / s (this session)", f"{report['tokens_per_s']}"),
+            (f"KL, first -> last {n} steps" if len(losses) > 1 else "KL (one step)",
+             f"{first_kl:.4f} -> {last_kl:.4f}" if len(losses) > 1 else f"{first_kl:.4f}")]
+    for name in job.evals:
+        before = report["before"].get("student", {}).get(name)
+        rows.append((f"perplexity {name} (first {len(job.evals[name])} tokens)",
+                     f"teacher {report['before'].get('teacher', {}).get(name)}, student {before} -> {report['after'][name]}"))
+        if "after_tpla" in report:
+            rows.append((f"  ... TPLA x{args.tpla} decode (simulated)", f"{report['after_tpla'][name]}"))
+    rows.append(("peak memory", f"{report['train_peak_rss_mb']} MB training, {report['peak_rss_mb']} MB overall"
+                                + (f"; {report['train_peak_device_mb']} MB on {job.device}" if "train_peak_device_mb" in report
+                                   else "") + (" (rank 0)" if world > 1 else "")))
+    rows.append(("written", f"{job.out} (stock {read_config(job.out)['architectures'][0]}"
+                            + ("; it replaced the earlier output there)" if job.replacing else ")")
+                            + (f"; state kept in {job.state_path}" if args.keep_state else "")))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
 def default_dtype(device: str) -> torch.dtype:
     """bf16 autocast where matmuls run natively in it (CUDA; CPUs with AVX512-BF16 or AMX): a step
-    is faster there than fp32. Elsewhere it is emulated: over 10x slower (measured on a 2-core AVX2 CPU)."""
+    is faster there than fp32. Elsewhere it is emulated: many times slower (docs/accuracy.md)."""
     if device.startswith("cuda") or torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return torch.bfloat16
     return torch.float32
 
 
-SETTINGS = ("ckpt", "teacher", "text", "tokens", "minutes", "seq_len", "batch", "lr", "weight_decay",
-            "ce_weight", "trainable", "seed", "tpla")
-
-
-def resolve_paths(args) -> tuple[Path, Path, list[Path]]:
-    """Student, teacher and training texts, with the embedded model's defaults."""
-    from fetch import EVAL_TEXT, WIKI_EVAL, ensure_texts, ensure_wiki_texts
-    if args.ckpt:
-        student = find_checkpoint(args.ckpt)
-    else:
-        student = ensure_default_conversion()
-    if args.teacher:
-        teacher = find_checkpoint(args.teacher)
-    elif not args.ckpt:
-        teacher = default_or(None)
-    else:  # the model it was converted from, if convert.py's report says
-        report = student / "convert_report.json"
-        source = json.loads(report.read_text()).get("source") if report.is_file() else None
-        if not source:
-            raise UserError(f"{student}: no convert_report.json naming its source model; give --teacher")
-        teacher = find_checkpoint(source)
-    if args.text:
-        texts = [Path(t) for t in args.text]
-    else:
-        texts = [ensure_texts()[0], ensure_wiki_texts()[0]]
-    held_out = {EVAL_TEXT.resolve(), WIKI_EVAL.resolve()} | {Path(e).resolve() for e in args.eval_text or []
-                                                             if e != "none"}
-    for t in texts:
-        if not t.is_file():
-            raise UserError(f"--text {t}: no such file")
-        if t.resolve() in held_out:
-            raise UserError(f"--text {t}: that is an evaluation text; training on it would void the evaluation")
-    return student, teacher, texts
-
-
-def first_on_rank_0(fn, *a):
-    """fn(*a) on rank 0, then on the others: what it makes on first use (the default conversion, the
-    texts) is made once. A failure on rank 0 ends the job (cli.run), and the others with it."""
-    if dist.get_rank() == 0:
-        result = fn(*a)
-    dist.barrier()
-    return result if dist.get_rank() == 0 else fn(*a)
-
-
-def eval_paths(args) -> list[Path]:
-    if args.eval_text:
-        return [] if args.eval_text == ["none"] else [Path(e) for e in args.eval_text]
-    if args.ckpt:
-        return []
-    from fetch import ensure_texts, ensure_wiki_texts
-    return [ensure_texts()[1], ensure_wiki_texts()[1]]
-
-
-def perplexities(model: Transformer, texts: dict, ctx: int, autocast, what: str, show: bool = True) -> dict:
-    """Perplexity of `model` on each text (name -> ids), a progress bar each on stderr."""
-    with autocast:
-        return {name: round(perplexity(model, ids, ctx, WindowBar(f"perplexity of {what}, {name}", not show))["ppl"], 3)
-                for name, ids in texts.items()}
-
-
-def main():
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="the MLA checkpoint to fine-tune (default: the embedded model's default "
                                   "conversion, made on first use)")
@@ -526,11 +787,9 @@ def main():
     p.add_argument("--save-every", type=int, default=50, help="save the training state every N steps")
     p.add_argument("--keep-state", action="store_true", help="keep the state folder after a finished run "
                                                              "(default: removed once the output is written)")
-    p.add_argument("--pause-after", type=int, default=0, help="stop after N steps of this session, saving the "
-                                                              "state but not the folder (continue with --resume)")
     p.add_argument("--checkpoint-activations", action=argparse.BooleanOptionalAction, default=True,
-                   help="recompute each block's activations in the backward (default): the embedded model "
-                        "trains in 3.4 GB instead of 4.8, at the same speed on the CPU measured")
+                   help="recompute each block's activations in the backward (default): the memory of one block's "
+                        "activations instead of all of them, for a little compute (docs/real_sizes.md)")
     p.add_argument("--eval-text", nargs="+", help="perplexity before and after on these files ('none': skip; "
                                                   "default: the evaluation split and held-out Wikipedia for the "
                                                   "embedded model, none otherwise)")
@@ -540,216 +799,60 @@ def main():
     p.add_argument("--dtype", help="compute dtype: bfloat16 (autocast) or float32 (default: bfloat16 on CUDA and "
                                    "on CPUs with bf16 matmuls, float32 on others)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core; 1 if another job holds a core)")
-    args = p.parse_args()
-    rank, world, device = init_distributed(pick_device(args.device))  # a group of one without torchrun
-    if args.threads:  # init_distributed shares the cores between the ranks; an explicit --threads wins
-        torch.set_num_threads(args.threads)
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, None: default_dtype(device)}.get(args.dtype)
-    if dtype is None:
-        raise UserError(f"--dtype {args.dtype}: choose bfloat16 or float32")
-    autocast = torch.autocast(device.split(":")[0], dtype=dtype) if dtype != torch.float32 else nullcontext()
+    return p
 
-    for name, value in (("--tokens", args.tokens), ("--seq-len", args.seq_len), ("--batch", args.batch),
-                        ("--save-every", args.save_every), ("--eval-ctx", args.eval_ctx)):
-        if value < 1:
-            raise UserError(f"{name} must be positive")
-    if args.minutes < 0 or args.lr <= 0:
-        raise UserError("--minutes must be >= 0 and --lr positive")
 
-    student_dir, teacher_dir, texts = first_on_rank_0(resolve_paths, args)  # it may convert and fetch
-    out = Path(args.out) if args.out else student_dir.parent / f"{student_dir.name}-ft"
-    state_path = Path(args.state) if args.state else out.with_name(out.name + ".state")
-    state = None
-    if args.resume:
-        if not state_path.exists():
-            raise UserError(f"--resume: no state folder {state_path}")
-        if not state_path.is_dir():
-            raise UserError(f"--resume: {state_path} is not a training state of finetune.py (a file)")
-        state = read_state(state_path)
-        keep(state_path, f"the state in {state_path}, as it was (continue with --resume)")
-        for k in SETTINGS:  # the run continues as it was started
-            setattr(args, k, state["settings"].get(k, p.get_default(k)))  # a setting added since: its default
-        student_dir, teacher_dir, texts = first_on_rank_0(resolve_paths, args)
-    T, B = args.seq_len, args.batch
-    if B % world:
-        raise UserError(f"--batch {B} does not split over {world} ranks: give a multiple of the world size")
-    if args.tpla > 1 and B < 2:
-        raise UserError("--tpla needs --batch 2 or more: half the windows train the TPLA form, half the MLA form")
-    inputs = [student_dir, teacher_dir, *texts, *eval_paths(args)]
-    check_output_file(state_path, inputs, "--state", kind="state")  # it is written over as training goes
-    check_output(out, [*inputs, state_path])
-    replacing = earlier_output(out)
-    from tokenizer import load_tokenizer
-    tok = load_tokenizer(student_dir)
-    ids = training_ids(texts, tok)
-    if len(ids) <= T + 1:
-        raise UserError(f"the training text has {len(ids)} tokens, too few for --seq-len {T}")
-    evals = {Path(e).stem: tok.encode(read_text(e))[: args.eval_tokens] for e in eval_paths(args)}
-    for name, e in evals.items():
-        if len(e) < args.eval_ctx:
-            raise UserError(f"--eval-text {name}: {len(e)} tokens, fewer than one window of --eval-ctx {args.eval_ctx}")
+def parse_args() -> argparse.Namespace:
+    return parser().parse_args()
 
-    # both models whole on this rank's device, then sharded over the ranks (shard); the student all
-    # float32 (FSDP2 gathers one dtype per unit), computed in bf16 through its policy on GPUs or autocast
-    gpu_bf16 = torch.bfloat16 if device.startswith("cuda") and dtype == torch.bfloat16 else None
-    teacher, _ = load_model(teacher_dir, device=device, dtype=dtype)
-    teacher.requires_grad_(False)
-    if teacher.args.vocab_size != CheckpointReader(student_dir).args.vocab_size:
-        raise UserError(f"the teacher's vocabulary ({teacher.args.vocab_size}) differs from the student's")
-    teacher = shard(teacher, device)
-    probe = ids[: min(len(ids) // T, 4) * T].view(-1, T).to(device)  # fixed windows: unfold / fold measure the latent here
-    student, unfolded, _ = load_student(student_dir, device, torch.float32, args.trainable, probe,
-                                        state["unfolded"] if state else None)
-    names = trainable_names(student, args.trainable)
-    student = shard(student, device, gpu_bf16, args.checkpoint_activations)
-    params = [p_ for name, p_ in student.named_parameters() if name in names]  # the norms unfolded have gone
-    opt = optimizer(student, params, args.lr, args.weight_decay)
-    gen = torch.Generator().manual_seed(args.seed)  # the same on every rank: each takes its part of the batch
-    total_steps = max(1, args.tokens // (B * T))
-    step, elapsed, report = 0, 0.0, {"before": {}}
-    say = print if rank == 0 else (lambda *a, **k: None)
-    if state:
-        load_state(state_path, student, opt)
-        gen.set_state(state["rng"])
-        step, elapsed, report = state["step"], state["elapsed"], state["report"]
-        say(f"resuming at step {step} of {total_steps} ({elapsed / 60:.1f} min trained) from {state_path}"
-            + (f" on {world} ranks" if world > 1 else ""), file=sys.stderr)
-    elif evals:
-        report["before"] = {"teacher": perplexities(teacher, evals, args.eval_ctx, autocast, "the teacher", rank == 0),
-                            "student": perplexities(student, evals, args.eval_ctx, autocast, "the student", rank == 0)}
-    b, first = B // world, rank * (B // world)  # this rank's windows of each global batch: first ... first + b - 1
-    if args.tpla > 1:  # odd windows of the global batch: MLA-form prefill of the first half, TPLA-form decode of the second
-        rows = torch.tensor([i - first for i in range(first, first + b) if i % 2], dtype=torch.long, device=device)
-        tpla.simulate(student, args.tpla, start=T // 2, rows=rows)
-    n_train = sum(p_.numel() for p_ in params)  # the whole weights' sizes (each rank holds 1 / world of them)
-    say(f"student {student_dir}, teacher {teacher_dir}; training {n_train / 1e6:.1f}M weights "
-        f"({args.trainable}, {len(unfolded)} latent norms unfolded) on {len(ids):,} tokens of "
-        f"{', '.join(t.name for t in texts)}; {total_steps} steps of {B} x {T} tokens"
-        + (f" or {args.minutes:g} min, whichever ends first" if args.minutes else "")
-        + (f", {b} window{'s' if b > 1 else ''} per rank on {world} ranks (FSDP2)" if world > 1 else ""),
-        file=sys.stderr)
 
-    def snapshot() -> dict:
-        return {"settings": {k: getattr(args, k) for k in SETTINGS}, "step": step, "elapsed": elapsed,
-                "rng": gen.get_state(), "unfolded": unfolded, "report": report, "world_size": world}
+def resolve_paths(args) -> tuple[Path, Path, list[Path]]:
+    """Student, teacher and training texts, with the embedded model's defaults."""
+    from fetch import EVAL_TEXT, WIKI_EVAL, ensure_texts, ensure_wiki_texts
+    if args.ckpt:
+        student = find_checkpoint(args.ckpt)
+    else:
+        student = ensure_default_conversion()
+    if args.teacher:
+        teacher = find_checkpoint(args.teacher)
+    elif not args.ckpt:
+        teacher = default_or(None)
+    else:  # the model it was converted from, if convert.py's report says
+        report = student / "convert_report.json"
+        source = read_json(report).get("source") if report.is_file() else None
+        if not source:
+            raise UserError(f"{student}: no convert_report.json naming its source model; give --teacher")
+        teacher = find_checkpoint(source)
+    if args.text:
+        texts = [Path(t) for t in args.text]
+    else:
+        texts = [ensure_texts()[0], ensure_wiki_texts()[0]]
+    held_out = {EVAL_TEXT.resolve(), WIKI_EVAL.resolve()} | {Path(e).resolve() for e in args.eval_text or []
+                                                             if e != "none"}
+    for t in texts:
+        if not t.is_file():
+            raise UserError(f"--text {t}: no such file")
+        if t.resolve() in held_out:
+            raise UserError(f"--text {t}: that is an evaluation text; training on it would void the evaluation")
+    return student, teacher, texts
 
-    budget = args.minutes * 60
 
-    def done() -> float:  # the share of the run behind us: whichever of the tokens and the time budget ends it
-        return min(1.0, max(step / total_steps, elapsed / budget if budget else 0.0))
-    bar = progress_bar(total=1.0, initial=done(), disable=rank != 0, desc="distill",
-                       bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
-    session_steps, t_session, kl_ema, last_step_s = 0, time.perf_counter(), None, 0.0
-    student.train()
-    try:
-        # a step that would end past the budget is not started: the run stays within --minutes
-        while step < total_steps and not (budget and elapsed + last_step_s > budget):
-            t0 = time.perf_counter()
-            x, y = batch(ids, B, T, gen)
-            x, y = x[first:first + b], y[first:first + b]
-            lr = lr_at(step, done(), args.lr)
-            for g in opt.param_groups:
-                g["lr"] = lr * g["scale"]
-            kl, ce = distill_step(student, teacher, x.to(device), y.to(device), args.ce_weight, autocast)
-            for g in opt.param_groups:  # gradients as the unscaled weights would have them (see optimizer)
-                for p_ in g["params"] if g["scale"] != 1 else ():
-                    if p_.grad is not None:  # an expert no token chose has none
-                        p_.grad.mul_(g["scale"])
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            # the losses over the global batch (the mean of the ranks' equal parts), and rank 0's clock,
-            # so that the time budget stops every rank at the same step
-            summed = torch.tensor([kl, ce, time.perf_counter() - t0 if rank == 0 else 0.0], dtype=torch.float64,
-                                  device=device)  # NCCL reduces only GPU tensors
-            dist.all_reduce(summed)
-            kl, ce, last_step_s = summed[0].item() / world, summed[1].item() / world, summed[2].item()
-            step, session_steps = step + 1, session_steps + 1
-            elapsed += last_step_s
-            kl_ema = kl if kl_ema is None else 0.9 * kl_ema + 0.1 * kl
-            report.setdefault("loss", []).append([step, float(f"{kl:.7g}"), float(f"{ce:.7g}")])
-            bar.set_postfix(step=step, kl=f"{kl_ema:.4f}", ce=f"{ce:.3f}", lr=f"{lr:.1e}", refresh=False)
-            bar.update(done() - bar.n)
-            if step % args.save_every == 0:
-                save_state(state_path, student, opt, snapshot())
-            if args.pause_after and session_steps >= args.pause_after and step < total_steps:
-                save_state(state_path, student, opt, snapshot())
-                bar.close()
-                say(f"paused at step {step}; state saved to {state_path}; continue with --resume", file=sys.stderr)
-                return
-    except KeyboardInterrupt:
-        bar.close()
-        if world == 1:  # ranks stopped at different points cannot save together: theirs is the last --save-every
-            save_state(state_path, student, opt, snapshot())
-            keep(state_path, f"the state at step {step} in {state_path} (continue with --resume)")
-        elif state_path.is_dir():
-            keep(state_path, f"the state saved last in {state_path} (continue with --resume)")
-        raise
-    bar.update(1.0 - bar.n)  # the run is done: by its tokens or by its time budget
-    bar.close()
-    session_s = time.perf_counter() - t_session
-    report["train_peak_rss_mb"] = round(peak_rss_mb())  # this rank's, loading and training
-    if device.startswith("cuda"):
-        report["train_peak_device_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
-    save_state(state_path, student, opt, snapshot())
-    keep(state_path, f"the trained state in {state_path} (the folder is not written: --resume writes it)")
-    whole = gathered(student)  # a collective: every rank takes part, rank 0 receives
-    del student, teacher, opt, params
-    if rank != 0:
-        return
+def eval_paths(args) -> list[Path]:
+    if args.eval_text:
+        return [] if args.eval_text == ["none"] else [Path(e) for e in args.eval_text]
+    if args.ckpt:
+        return []
+    from fetch import ensure_texts, ensure_wiki_texts
+    return [ensure_texts()[1], ensure_wiki_texts()[1]]
 
-    losses = report.get("loss", [])
-    record = {"teacher": str(teacher_dir), "texts": [str(t) for t in texts], "tokens": step * B * T,
-              "steps": step, "seq_len": T, "batch": B, "lr": args.lr, "schedule": "warm-up + cosine",
-              "ce_weight": args.ce_weight, "trainable": args.trainable, "dtype": str(dtype).removeprefix("torch."),
-              "minutes": round(elapsed / 60, 2), "tpla": args.tpla, "world_size": world}
-    report.update(record, out=str(out), tokens_per_s=round(session_steps * B * T / max(session_s, 1e-9), 1))
-    # the trained weights into a plain model of the same form, folded back into convert.py's
-    trained, _, _ = load_student(student_dir, "cpu", torch.float32, "all", None, unfolded)
-    trained.load_state_dict(whole)
-    del whole
-    fold(trained, unfolded)
 
-    def finish(folder: Path) -> dict:
-        """The report, written into the folder before it is put in place (evaluated on it where it stands)."""
-        if evals:
-            model, _ = load_model(folder, device=device, dtype=dtype)
-            report["after"] = perplexities(model, evals, args.eval_ctx, autocast, "the trained student")
-            if args.tpla > 1:  # the second half of every window by TPLA decode, as bench.py --ppl --tp tpla scores it
-                tpla.simulate(model, args.tpla, start=args.eval_ctx // 2)
-                report["after_tpla"] = perplexities(model, evals, args.eval_ctx, autocast, f"TPLA x{args.tpla}")
-        report["peak_rss_mb"] = round(peak_rss_mb())  # writing and evaluating included
-        return {"finetune_report.json": json.dumps(report, indent=1) + "\n"}
+def perplexities(model: Transformer, job: "Job", what: str) -> dict:
+    """Perplexity of `model` on each evaluation text, a progress bar each on stderr (rank 0's)."""
+    with job.autocast:
+        return {name: round(perplexity(model, ids, job.args.eval_ctx,
+                                       WindowBar(f"perplexity of {what}, {name}", job.rank != 0))["ppl"], 3)
+                for name, ids in job.evals.items()}
 
-    write_model(trained, student_dir, out, CheckpointReader(student_dir).stored_dtype(), {"finetune": record},
-                inputs=[teacher_dir, *texts, state_path], finish=finish)
-    del trained
-    if not args.keep_state:
-        shutil.rmtree(state_path, ignore_errors=True)
-
-    n = max(1, min(10, len(losses) // 2))  # first and last n steps, never the same ones
-    first_kl = sum(l[1] for l in losses[:n]) / max(1, len(losses[:n]))
-    last_kl = sum(l[1] for l in losses[-n:]) / max(1, len(losses[-n:]))
-    rows = [("steps x tokens", f"{step} x {B * T} = {step * B * T:,} tokens in {elapsed / 60:.1f} min"
-                               + (f" on {world} ranks" if world > 1 else "")),
-            ("tokens / s (this session)", f"{report['tokens_per_s']}"),
-            (f"KL, first -> last {n} steps" if len(losses) > 1 else "KL (one step)",
-             f"{first_kl:.4f} -> {last_kl:.4f}" if len(losses) > 1 else f"{first_kl:.4f}")]
-    for name in evals:
-        before = report["before"].get("student", {}).get(name)
-        rows.append((f"perplexity {name} (first {len(evals[name])} tokens)",
-                     f"teacher {report['before'].get('teacher', {}).get(name)}, student {before} -> {report['after'][name]}"))
-        if "after_tpla" in report:
-            rows.append((f"  ... TPLA x{args.tpla} decode (simulated)", f"{report['after_tpla'][name]}"))
-    rows.append(("peak memory", f"{report['train_peak_rss_mb']} MB training, {report['peak_rss_mb']} MB overall"
-                                + (f"; {report['train_peak_device_mb']} MB on {device}" if "train_peak_device_mb" in report
-                                   else "") + (" (rank 0)" if world > 1 else "")))
-    rows.append(("written", f"{out} (stock {read_config(out)['architectures'][0]}"
-                            + ("; it replaced the earlier output there)" if replacing else ")")
-                            + (f"; state kept in {state_path}" if args.keep_state else "")))
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
 
 if __name__ == "__main__":
     run(main)

@@ -24,9 +24,8 @@ import time
 import torch
 
 import tpla
-from checkpoint import args_from_config, load_model, read_config
-from cli import UserError, init_distributed, launched, pick_device, pick_dtype, run
-from fetch import default_or
+from cli import UserError, launched, pick_device, pick_dtype, run
+from tokenizer import load_tokenizer
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
@@ -86,10 +85,10 @@ def compile_decode_step(device: str):
 
 def decompose_small_matmuls(max_rows: int = 8):
     """On CPU a decode step multiplies 1 to `max_rows` rows by each weight matrix, and its time is
-    reading the weights. BLAS does that at a fraction of the memory bandwidth (MKL's gemv reads
-    ~16 GB/s where a plain sum reads ~40 here); inductor can instead emit those matmuls as its own
-    vectorised multiply-and-sum loops, which read the weights more than twice as fast. Batched
-    matmuls (attention) stay with BLAS: as loops they are slower."""
+    reading the weights. BLAS does that at a fraction of the memory bandwidth; inductor can
+    instead emit those matmuls as its own vectorised multiply-and-sum loops, which read the
+    weights faster (docs/speed.md measures both). Batched matmuls (attention) stay with BLAS: as
+    loops they are slower."""
     from torch._inductor import config
     from torch._inductor.fx_passes import decompose_mem_bound_mm as pass_
     limits = {"cpu_max_first_dimension_decomposition": max_rows, "cpu_max_other_dimension_decomposition": 1 << 20}
@@ -121,8 +120,42 @@ class Streamer:
 
 
 def main():
+    args = parse_args()
+    if args.compile and (launched() or args.tp):
+        raise UserError("--compile is not supported with tensor parallelism (the decode step runs eager)")
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    where = tpla.place(args.ckpt, args.tp, args.tpla_transform, pick_device(args.device))
+    dtype = pick_dtype(args.dtype, where.device)
+    tok = load_tokenizer(where.folder)
+    prompt = encode_prompt(tok, args.prompt, args.chat)  # a bad prompt fails before the weights are read
+    model = where.load(dtype)
+    if max(prompt) >= model.args.vocab_size:
+        raise UserError(f"--prompt: token id {max(prompt)} is past the model's vocab_size {model.args.vocab_size} "
+                        f"(the tokenizer has tokens the checkpoint has no embedding for)")
+    log = (lambda *a: print(*a, file=sys.stderr)) if where.rank == 0 else (lambda *a: None)
+    model.setup_caches(1, len(prompt) + args.max_new_tokens)
+    log(f"loaded {where.folder.name} ({describe_cache(model, where, dtype)}) in {time.perf_counter() - t0:.1f}s")
+    step = decode_one_token
+    if args.compile:
+        step = compiled_step(model, len(prompt), args.temperature, args.top_k, log)
+        torch.manual_seed(args.seed)
+
+    t0 = time.perf_counter()
+    streamer = Streamer(tok, tok.eos_ids) if where.rank == 0 else None
+    out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, tok.eos_ids, step,
+                   on_token=streamer)
+    dt = time.perf_counter() - t0
+    if streamer:
+        streamer.finish()
+        sys.stdout.write("\n")
+    log(f"{len(out)} tokens in {dt:.2f}s: {len(out) / dt:.1f} tokens/s (prompt {len(prompt)} tokens)")
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="checkpoint folder or any file in it (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--ckpt", help="checkpoint folder or any file in it (default: embedded SmolLM2-135M-Instruct; "
+                                  "under torchrun its default MLA conversion)")
     p.add_argument("--prompt", required=True, help="text to continue (or the user message with --chat)")
     p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy")
@@ -130,75 +163,40 @@ def main():
     p.add_argument("--seed", type=int, default=1234, help="random seed")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--tp", choices=tpla.MODES, help="tensor parallelism across torchrun's processes: tpla (latent "
-                                                   "split) or heads (default under torchrun: tpla for MLA, heads for GQA)")
-    p.add_argument("--tpla-transform", choices=tpla.TRANSFORMS, default=tpla.DEFAULT_TRANSFORM,
-                   help="orthogonal transform of the latent before TPLA splits it (a checkpoint rotated by "
-                        "python tpla.py has its fitted one already: use none)")
+    tpla.add_placement_flags(p)
     args = p.parse_args()
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
-    parallel = launched() or args.tp is not None
-    if parallel and args.compile:
-        raise UserError("--compile is not supported with tensor parallelism (the decode step runs eager)")
+    return args
 
-    from tokenizer import load_tokenizer
-    torch.manual_seed(args.seed)
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    t0 = time.perf_counter()
-    rank = 0
-    if parallel:
-        rank, world, device = init_distributed(device)
-        folder = tpla.checkpoint_or_default(args.ckpt)
-    else:
-        folder = default_or(args.ckpt)
-    config = args_from_config(read_config(folder))  # what can fail before the weights are read, first
-    if parallel:
-        mode = args.tp or ("tpla" if config.is_mla else "heads")
-        tpla.check_parallel(config, mode, world, args.tpla_transform)
-    tok = load_tokenizer(folder)
-    if args.chat:
-        prompt = tok.encode_chat([{"role": "user", "content": args.prompt}])
-    else:
-        prompt = tok.encode(args.prompt, add_special_tokens=True)  # a BOS where transformers adds one
+
+def encode_prompt(tok, text: str, chat: bool) -> list[int]:
+    """The prompt's ids: in the model's chat template (--chat), or with the BOS transformers adds."""
+    prompt = tok.encode_chat([{"role": "user", "content": text}]) if chat else tok.encode(text, add_special_tokens=True)
     if not prompt:
         raise UserError("--prompt is empty")
-    if parallel:
-        model, folder = tpla.load_parallel(folder, mode, rank, world, device, dtype, args.tpla_transform)
-    else:
-        model, folder = load_model(folder, device=device, dtype=dtype)
-    if max(prompt) >= model.args.vocab_size:
-        raise UserError(f"--prompt: token id {max(prompt)} is past the model's vocab_size {model.args.vocab_size} "
-                        f"(the tokenizer has tokens the checkpoint has no embedding for)")
-    log = (lambda *a: print(*a, file=sys.stderr)) if rank == 0 else (lambda *a: None)
-    model.setup_caches(1, len(prompt) + args.max_new_tokens)
+    return prompt
+
+
+def describe_cache(model, where: tpla.Placement, dtype: torch.dtype) -> str:
+    """What one token costs in the cache of one layer (of this rank), in values and bytes."""
     values = sum(layer.attention.kv_values_per_token() for layer in model.layers) // model.args.n_layers
-    log(f"loaded {folder.name} ({'MLA' if model.args.is_mla else 'GQA'}"
-        f"{f', --tp {mode} on {world} rank' + 's' * (world > 1) if parallel else ''}; cache per token per layer"
-        f"{' per rank' if parallel else ''}: {values} values, {model.kv_bytes_per_token() // model.args.n_layers} "
-        f"bytes in {str(dtype).removeprefix('torch.')}) in {time.perf_counter() - t0:.1f}s")
+    return (f"{'MLA' if model.args.is_mla else 'GQA'}{', ' + where.describe() if where.mode else ''}; cache per token per layer"
+            f"{' per rank' if where.mode else ''}: {values} values, "
+            f"{model.kv_bytes_per_token() // model.args.n_layers} bytes in {str(dtype).removeprefix('torch.')}")
 
-    step = compile_decode_step(device) if args.compile else decode_one_token
-    if args.compile:  # compile on throwaway positions past the prompt, so timing below is steady-state
-        t0 = time.perf_counter()
-        for _ in range(2):
-            step(model, torch.zeros(1, 1, dtype=torch.long, device=device),
-                 torch.tensor([len(prompt)], device=device), args.temperature, args.top_k)
-        log(f"compiled the decode step in {time.perf_counter() - t0:.1f}s")
-        torch.manual_seed(args.seed)
 
-    stop = tok.eos_ids
+def compiled_step(model, n_prompt: int, temperature: float, top_k: int | None, log):
+    """The compiled decode step, compiled now on throwaway positions past the prompt, so that the
+    timing of the generation is steady-state."""
+    step = compile_decode_step(model.tok_embeddings.weight.device.type)
     t0 = time.perf_counter()
-    streamer = Streamer(tok, stop) if rank == 0 else None
-    out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, stop, step, on_token=streamer)
-    dt = time.perf_counter() - t0
-    if rank == 0:
-        streamer.finish()
-        sys.stdout.write("\n")
-    log(f"{len(out)} tokens in {dt:.2f}s: {len(out) / dt:.1f} tokens/s (prompt {len(prompt)} tokens)")
+    device = model.tok_embeddings.weight.device
+    for _ in range(2):
+        step(model, torch.zeros(1, 1, dtype=torch.long, device=device), torch.tensor([n_prompt], device=device),
+             temperature, top_k)
+    log(f"compiled the decode step in {time.perf_counter() - t0:.1f}s")
+    return step
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ What is in here, top to bottom:
   rope key k_pe, nothing per head).
 - Attention (GQA) and MLA with its two paths: naive (expand the latent into per-head K/V,
   good for prefill) and absorbed (fold the up-projections into the query and the output, so
-  a decode step reads only R + r values per cached token; `latent_attention`, which tpla.py
-  calls too).
-- Block and Transformer; `Transformer.forward(tokens, input_pos)` gives logits at every position.
+  a decode step reads only R + r values per cached token: `absorbed_attention`, which TPLA's
+  decode calls too, on its slice of the latent).
+- Block and Transformer; `Transformer.forward(tokens, input_pos)` gives logits at every position;
+  attention_mask, the causal (and sliding-window) mask of any query and key positions.
 
 Loading Hugging Face checkpoints lives in checkpoint.py; this file knows nothing of file formats.
 """
@@ -172,7 +173,7 @@ def softmax_scale_factor(scaling: dict | None) -> float:
 
 
 def rope_table(inv_freq: torch.Tensor, n_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-    angles = torch.outer(torch.arange(n_pos, dtype=torch.float32), inv_freq)  # (n_pos, dim/2)
+    angles = torch.outer(torch.arange(n_pos, dtype=torch.float32, device=inv_freq.device), inv_freq)  # (n_pos, dim/2)
     return angles.cos(), angles.sin()
 
 
@@ -344,20 +345,28 @@ class Attention(nn.Module):
         return self.wo(y.reshape(B, T, -1))
 
 
-def latent_attention(q: torch.Tensor, kv: torch.Tensor, R: int, mask: torch.Tensor | None) -> torch.Tensor:
-    """Softmax attention over the cached latent as it is stored: the one absorbed attention (MLA,
-    head-parallel MLA and TPLA's decode on its shard all call it, so their speeds compare shapes,
-    not code). q (B, T, H, R + r): queries already in latent space and scaled; kv = [c ; k_pe]
-    (B, S, R + r); mask (T, S), the same for every head -> softmax(q . kv) . c, (B, T, H, R).
-    (Reading the cache only up to the step's position, with no mask, is faster in fp32 but not
-    in bf16: oneDNN copies the sliced cache first.)"""
-    B, T, H, _ = q.shape
+def absorbed_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, w_uk: torch.Tensor,
+                       w_uv: torch.Tensor, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """MLA's absorbed attention: every head attends over the cached latent as it is stored.
+
+    Since q_h . (W_UK,h c) = (W_UK,h^T q_h) . c, each head's query moves into latent space, scores
+    every cached [c ; k_pe] in one matmul, and its softmax-weighted latent comes back out through
+    W_UV,h: the cache is never expanded to per-head keys and values. MLA's decode calls it on the
+    whole latent; TPLA's on one rank's slice of it (tpla.py), the same function on fewer columns.
+    q_nope (B, T, H, d_nope), q_pe (B, T, H, r) roped; kv (B, S, R + r) = [c ; k_pe];
+    w_uk (H, d_nope, R), w_uv (H, d_v, R): the up-projections' columns of this latent;
+    mask (T, S) boolean, the same for every head -> (B, T, H, d_v)."""
+    B, T, H, _ = q_nope.shape
+    R = w_uk.shape[-1]
+    q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, R)
+    q = torch.cat([q_lat, q_pe], dim=-1) * scale  # (B, T, H, R + r)
     scores = torch.bmm(q.reshape(B, T * H, -1), kv.transpose(1, 2)).view(B, T, H, -1)  # (B, T, H, S)
     if mask is not None:
         scores.masked_fill_(~mask[:, None, :], float("-inf"))
     # float32: in bf16 the exponentials summed over S keys lose the small probabilities
     p = F.softmax(scores, dim=-1, dtype=torch.float32).to(kv.dtype).view(B, T * H, -1)
-    return torch.bmm(p, kv[..., :R]).view(B, T, H, R)  # the attention output, in latent space
+    o_lat = torch.bmm(p, kv[..., :R]).view(B, T, H, R)  # the attention output, in latent space
+    return torch.einsum("bthc,hdc->bthd", o_lat, w_uv)
 
 
 class MLA(nn.Module):
@@ -435,14 +444,9 @@ class MLA(nn.Module):
         return y.transpose(1, 2)[..., : self.d_v]
 
     def _absorbed(self, q_nope, q_pe, kv, mask):
-        """Attend over the latent itself: every head's query is moved into latent space and the
-        attention output moved back out, so the cache is read as it is stored."""
+        """Attend over the latent itself (absorbed_attention), through every head's up-projections."""
         w = self.wkv_b.weight.view(self.n_heads, self.d_nope + self.d_v, self.R)
-        w_uk, w_uv = w[:, : self.d_nope], w[:, self.d_nope:]  # (H, d_nope, R), (H, d_v, R)
-        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # q_h . W_UK,h c = (W_UK,h^T q_h) . c
-        q = torch.cat([q_lat, q_pe], dim=-1) * self.scale  # (B, T, H, R + r)
-        o_lat = latent_attention(q, kv, self.R, mask)  # (B, T, H, R)
-        return torch.einsum("bthc,hdc->bthd", o_lat, w_uv)  # (B, T, H, d_v)
+        return absorbed_attention(q_nope, q_pe, kv, w[:, : self.d_nope], w[:, self.d_nope:], self.scale, mask)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -535,12 +539,19 @@ class Transformer(nn.Module):
         return F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
 
     def _mask(self, input_pos: torch.Tensor) -> torch.Tensor:
-        """(T, S) boolean, True where query i may attend to key j. Keys are the whole cache
-        (S = cache_len) or, without a cache, the T tokens themselves."""
+        """The mask of the tokens at input_pos: the keys are the whole cache (S = cache_len) or,
+        without a cache, the T tokens themselves."""
         key_pos = torch.arange(self.cache_len or input_pos.shape[0], device=input_pos.device)
         if not self.cache_len:
             key_pos = key_pos + input_pos[0]  # no cache: keys are exactly the queries' positions
-        mask = key_pos[None, :] <= input_pos[:, None]
-        if self.args.sliding_window:
-            mask &= key_pos[None, :] > input_pos[:, None] - self.args.sliding_window
-        return mask
+        return attention_mask(input_pos, key_pos, self.args.sliding_window)
+
+
+def attention_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
+    """(T, S) boolean, True where the query at query_pos[i] may attend to the key at key_pos[j]:
+    causal (key_pos <= query_pos), and within the last sliding_window positions if there is one.
+    Positions, not indices, so it is right at any cache offset (a chunked prefill, a decode step)."""
+    mask = key_pos[None, :] <= query_pos[:, None]
+    if sliding_window:
+        mask &= key_pos[None, :] > query_pos[:, None] - sliding_window
+    return mask

@@ -22,8 +22,8 @@ import torch
 import test_equivalence as te
 from checkpoint import load_model
 from cli import UserError, init_distributed
+from conftest import VOCAB, _calib, _free_port, _launch, _one_clear_line, _rank_env, _script, _tp_tokens, assert_close
 
-VOCAB = te.VOCAB
 SHAPE = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
              moe_intermediate_size=32, vocab_size=VOCAB, max_position_embeddings=256, kv_lora_rank=16,
              qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10)
@@ -99,7 +99,7 @@ def test_forward_matches_transformers(native, name):
     expected = ref(tokens).logits
     for impl in ("naive", "absorb"):
         model, _ = load_model(folder, mla_impl=impl)
-        te.assert_close(f"{name} ({impl}) vs transformers", model(tokens), expected, 1e-4)
+        assert_close(f"{name} ({impl}) vs transformers", model(tokens), expected, 1e-4)
 
 
 @torch.no_grad()
@@ -141,7 +141,7 @@ def test_cached_decode_equals_full_forward(native, impl):
     model.setup_caches(2, 48)
     steps = [model(tokens[:, :10], torch.arange(10))]
     steps += [model(tokens[:, i:i + 1], torch.tensor([i])) for i in range(10, 40)]
-    te.assert_close(f"v3 MoE + YaRN ({impl}): prefill + decode vs one forward", torch.cat(steps, 1), full, 1e-5)
+    assert_close(f"v3 MoE + YaRN ({impl}): prefill + decode vs one forward", torch.cat(steps, 1), full, 1e-5)
 
 
 def test_yarn_is_in_force(native):
@@ -179,7 +179,7 @@ def test_unsupported_routing_is_refused(native, tmp_path):
         bad = tmp_path / name
         shutil.copytree(native[src][0], bad)
         (bad / "config.json").write_text(json.dumps({**(base if src == "v2_lite" else base3), **change}))
-        te._one_clear_line(te._script("generate.py", "--ckpt", str(bad), "--prompt", "hi"), needle)
+        _one_clear_line(_script("generate.py", "--ckpt", str(bad), "--prompt", "hi"), needle)
     # shared experts on disk with rows, and a config that says there are none
     bad = tmp_path / "v2_shared_unsaid"
     shutil.copytree(native["v2_lite"][0], bad)
@@ -219,7 +219,7 @@ def test_fields_left_out_mean_what_transformers_makes_them(tmp_path, kind):
     print(f"{kind} read without {', '.join(LEFT_OUT[kind])}: {a.n_experts} experts, {a.n_shared_experts} shared, "
           f"{a.first_dense_layers} dense, groups {a.topk_group}/{a.n_group}, x{a.routed_scaling_factor}, "
           f"q_lora_rank {a.q_lora_rank}")
-    te.assert_close(f"{kind} with fields left out vs transformers", model(_tokens()), ref(_tokens()).logits, 1e-4)
+    assert_close(f"{kind} with fields left out vs transformers", model(_tokens()), ref(_tokens()).logits, 1e-4)
 
 
 @torch.no_grad()
@@ -232,10 +232,10 @@ def test_kimi_k2_model_type_reads_as_deepseek_v3(native, tmp_path):
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "kimi_k2"}))
     model, _ = load_model(folder)
-    te.assert_close("kimi_k2 vs transformers' deepseek_v3", model(_tokens()), native["kimi_k2"][1](_tokens()).logits, 1e-4)
+    assert_close("kimi_k2 vs transformers' deepseek_v3", model(_tokens()), native["kimi_k2"][1](_tokens()).logits, 1e-4)
     write_model(model, folder, tmp_path / "again", torch.float32, {})
     assert json.loads((tmp_path / "again" / "config.json").read_text())["model_type"] == "kimi_k2"
-    te.assert_close("kimi_k2 written back and read again", load_model(tmp_path / "again")[0](_tokens()),
+    assert_close("kimi_k2 written back and read again", load_model(tmp_path / "again")[0](_tokens()),
                     model(_tokens()), 0.0)
 
 
@@ -285,14 +285,14 @@ def _held(model) -> dict:
 @torch.no_grad()
 def test_tp_one_rank_equals_single_device(tp_moe, one_rank):
     import tpla
-    tokens = te._tp_tokens()
+    tokens = _tp_tokens()
     ref = load_model(tp_moe)[0]
     want = ref(tokens)
     for mode, transform in TP_JOBS:
-        model = tpla.load_parallel(tp_moe, mode, 0, 1, transform=transform, calib=te._calib())[0]
+        model = tpla.load_parallel(tp_moe, mode, 0, 1, transform=transform, calib=_calib())[0]
         label = f"MoE --tp {mode} ({transform}), 1 rank"
-        te.assert_close(f"{label}: full forward vs single device", model(tokens), want, 1e-5)
-        te.assert_close(f"{label}: prefill + decode vs single device", te._prefill_then_decode(model, tokens), want, 1e-5)
+        assert_close(f"{label}: full forward vs single device", model(tokens), want, 1e-5)
+        assert_close(f"{label}: prefill + decode vs single device", te._prefill_then_decode(model, tokens), want, 1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -305,16 +305,16 @@ def one_rank():
 
 def _worker(rank: int, world: int, port: int, folder, out: str):
     import os
-    os.environ.update(te._rank_env(rank, world, port))
+    os.environ.update(_rank_env(rank, world, port))
     import tpla
     from cli import leave_process_group
     init_distributed("cpu")
     results = {}
     with torch.no_grad():
         for mode, transform in TP_JOBS:
-            model = tpla.load_parallel(folder, mode, rank, world, transform=transform, calib=te._calib())[0]
+            model = tpla.load_parallel(folder, mode, rank, world, transform=transform, calib=_calib())[0]
             attention = {k: v for k, v in model.state_dict().items() if ".attention." in k}
-            results[mode, transform] = (model(te._tp_tokens()), te._prefill_then_decode(model, te._tp_tokens()),
+            results[mode, transform] = (model(_tp_tokens()), te._prefill_then_decode(model, _tp_tokens()),
                                         te._greedy(model), _held(model), attention)
     torch.save(results, f"{out}.{rank}")
     leave_process_group()
@@ -329,15 +329,15 @@ def test_tp_two_ranks(tp_moe, tmp_path):
     than the whole model; the expert split itself is exact (the head-parallel logits are)."""
     import torch.multiprocessing as mp
     out = tmp_path / "rank"
-    mp.spawn(_worker, args=(2, te._free_port(), tp_moe, str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), tp_moe, str(out)), nprocs=2, join=True)
     ranks = [torch.load(f"{out}.{r}") for r in range(2)]
-    tokens = te._tp_tokens()
+    tokens = _tp_tokens()
     ref = load_model(tp_moe)[0]
     want = ref(tokens)
     whole = _held(ref)
     for (mode, transform), (full, steps, greedy, held, attention) in ranks[0].items():
         label = f"MoE --tp {mode} ({transform}), 2 ranks"
-        te.assert_close(f"{label}: full forward vs single device", full, want, 1e-5)
+        assert_close(f"{label}: full forward vs single device", full, want, 1e-5)
         for rank, r in enumerate(ranks):
             held = r[mode, transform][3]
             print(f"{label}: rank {rank} holds experts {held['experts'][0]} of each MoE layer, "
@@ -345,13 +345,13 @@ def test_tp_two_ranks(tp_moe, tmp_path):
             assert held["experts"] == [[0, 1] if rank == 0 else [2, 3, 4]] * 2
             assert held["params"] < whole["params"]
         if mode == "heads":
-            te.assert_close(f"{label}: prefill + decode vs single device", steps, want, 1e-5)
+            assert_close(f"{label}: prefill + decode vs single device", steps, want, 1e-5)
             assert greedy == te._greedy(ref)
             continue
-        te.assert_close(f"{label}: prefill (MLA form) vs single device", steps[:, :12], want[:, :12], 1e-5)
+        assert_close(f"{label}: prefill (MLA form) vs single device", steps[:, :12], want[:, :12], 1e-5)
         held_model = load_model(tp_moe)[0]
         held_model.load_state_dict({**held_model.state_dict(), **attention})
-        te.assert_close(f"{label}: prefill + TPLA decode vs the reference", steps,
+        assert_close(f"{label}: prefill + TPLA decode vs the reference", steps,
                         te._tpla_reference(held_model, tokens, 2, 12), 1e-5)
         diff = (steps[:, 12:] - want[:, 12:]).abs().max().item()
         agree = (steps[:, 12:].argmax(-1) == want[:, 12:].argmax(-1)).float().mean().item()
@@ -373,8 +373,8 @@ def test_synthetic_shape_is_the_published_model():
     print(f"DeepSeek-V2-Lite: {total / 1e9:.2f}B parameters, {active / 1e9:.2f}B active per token")
     assert abs(total / 1e9 - 15.7) < 0.05 and abs(active / 1e9 - 2.4) < 0.1  # published: 15.7B, 2.4B
     # what --synthetic cannot do: one line each, before anything is written
-    te._one_clear_line(te._script("bench.py", "--synthetic", "deepseek-v2-lite", "--ppl", "x.txt"), "--synthetic")
-    te._one_clear_line(te._script("bench.py", "--synthetic", "deepseek-v2-lite", "--layers", "28"), "has 27 layers")
+    _one_clear_line(_script("bench.py", "--synthetic", "deepseek-v2-lite", "--ppl", "x.txt"), "--synthetic")
+    _one_clear_line(_script("bench.py", "--synthetic", "deepseek-v2-lite", "--layers", "28"), "has 27 layers")
     assert (a.kv_lora_rank, a.qk_rope_head_dim, a.n_heads) == (512, 64, 16)
 
 
@@ -392,7 +392,7 @@ def test_bench_tp_on_a_random_moe_checkpoint(tmp_path):
     write_random_checkpoint(folder, cfg, torch.float32)
     model, _ = load_model(folder)
     assert torch.isfinite(model(_tokens())).all()
-    ranks = te._launch(2, "bench.py", "--ckpt", str(folder), "--contexts", "16,32", "--batch", "2",
+    ranks = _launch(2, "bench.py", "--ckpt", str(folder), "--contexts", "16,32", "--batch", "2",
                        "--new-tokens", "2", "--json", str(tmp_path / "bench.json"), timeout=300)
     assert all(r.returncode == 0 for r in ranks), ranks[0].stderr[-2000:] + ranks[1].stderr[-2000:]
     result = json.loads((tmp_path / "bench.json").read_text())
@@ -409,11 +409,11 @@ def test_fitted_rotation_on_a_moe_checkpoint(tp_moe, tmp_path):
     written back under DeepSeek's names) is the same model on one device, and its TPLA error falls."""
     import tpla
     with torch.enable_grad():
-        record = tpla.rotate_for_tpla(tp_moe, tmp_path / "rotated", 2, te._calib(), queries=64, steps=10, log=print)
+        record = tpla.rotate_for_tpla(tp_moe, tmp_path / "rotated", 2, _calib(), queries=64, steps=10, log=print)
     rotated, _ = load_model(tmp_path / "rotated")
     original, _ = load_model(tp_moe)
-    te.assert_close("MoE checkpoint rotated for TPLA vs the original (one device)", rotated(te._tp_tokens()),
-                    original(te._tp_tokens()), 1e-5)
+    assert_close("MoE checkpoint rotated for TPLA vs the original (one device)", rotated(_tp_tokens()),
+                    original(_tp_tokens()), 1e-5)
     print("TPLA x2 attention error per layer, before -> after:", record["error_before"], record["error_after"])
     assert all(a < b for a, b in zip(record["error_after"], record["error_before"]))
 

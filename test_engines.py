@@ -8,7 +8,7 @@ llama.cpp in 8-bit blocks. Each test reads a converted folder and its GQA origin
 and bounds what the reading does to the conversion by what it does to the original:
   engine eps  every latent norm's eps = config.rms_norm_eps (vLLM, SGLang, llama.cpp)
   fp16        weights and activations in float16 (transformers; ours with --dtype float16)
-  q8_0        every weight matrix through llama.cpp's q8_0 round trip (evaluate.q8_0), in fp32
+  q8_0        every weight matrix through llama.cpp's q8_0 round trip (q8_0 below), in fp32
 The real engines (llama.cpp through llama-cpp-python, vLLM) are the optional tests at the end,
 skipped unless installed; docs/engines.py measures docs/engines.md's engine x dtype table.
 """
@@ -25,14 +25,28 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import load_model
-from test_equivalence import CONVERTIBLE, VOCAB, _converted_at_eps_1e5, _engine_eps, _script, tiny  # noqa: F401 (tiny: the fixture)
+from conftest import CONVERTIBLE, VOCAB, _converted_at_eps_1e5, _engine_eps, _script
+
+
+def q8_0(w: torch.Tensor) -> torch.Tensor:
+    """w (out, in) through llama.cpp's Q8_0 format and back (ggml-common.h's block_q8_0): blocks of
+    32 along the input, each stored as one float16 scale d = max|w| / 127 and 32 int8 values
+    round(w / d). Matrices whose rows do not split into blocks of 32 go through float16 instead, as
+    llama.cpp's converter falls back for them. Returns float32, w's shape."""
+    out, n = w.shape
+    if n % 32:
+        return w.half().float()
+    blocks = w.float().reshape(out, n // 32, 32)
+    d = (blocks.abs().amax(-1, keepdim=True) / 127).half().float()
+    q = torch.where(d > 0, (blocks / d).round().clamp(-127, 127), torch.zeros_like(blocks))
+    return (q * d).reshape(out, n)
+
 
 READINGS = ("engine eps", "fp16", "q8_0")
 
 
 def read(model, how: str):
     """A copy of a transformers model as an engine reads it (READINGS)."""
-    from evaluate import q8_0
     model = copy.deepcopy(model)
     if how == "engine eps":
         _engine_eps(model, model.config.rms_norm_eps)

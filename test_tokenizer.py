@@ -2,13 +2,15 @@
 
     pytest test_tokenizer.py -s        # -s shows the counts
 
-The oracle is Hugging Face `tokenizers` on the same tokenizer.json (transformers for chat
-templates, the BOS / EOS flags and generation). Kinds: the embedded SmolLM2 (byte-level, tiktoken);
-byte-level BPE trained here with each pre-tokenizer we translate; Llama-3's tiktoken
-tokenizer.model; SentencePiece-style BPE in both forms (Llama-2 / Mistral v0.1 normalizer,
-Mistral v0.3 Metaspace) with byte fallback and a BOS template; byte-level with overlapping added
-tokens and with flagged ones. Then generate.py's prompt and greedy tokens against transformers,
-and a Mistral with a SentencePiece tokenizer converted end to end.
+A tokenizer.json runs in Hugging Face `tokenizers` itself, so what is ours there is the wrapper
+(special tokens, decode flags, the BOS / EOS and end-of-turn ids), the chat formats and the
+generation around it; the oracle is transformers. A tiktoken-format tokenizer.model (Llama-3's
+release) runs in tiktoken with special tokens of our choosing: the oracle is transformers'
+TikTokenConverter and AutoTokenizer. Kinds: the embedded SmolLM2 (byte-level); SentencePiece-style
+BPE in both forms (Llama-2 / Mistral v0.1 normalizer, Mistral v0.3 Metaspace) with byte fallback
+and a BOS template; byte-level with overlapping added tokens and with flagged ones; Llama-3's
+tokenizer.model. Then generate.py's prompt and greedy tokens against transformers, and a Mistral
+with a SentencePiece tokenizer converted end to end.
 """
 import json
 import shutil
@@ -44,18 +46,20 @@ def _differ(a: list[int], b: list[int]) -> int:
     return sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
 
 
-def test_tiktoken_equals_hf_tokenizers_on_embedded_model():
-    from tokenizers import Tokenizer as HFTokenizer
-    from fetch import CALIB_TEXT, EVAL_TEXT, ensure_default_model, ensure_texts
-    from tokenizer import load_tokenizer
-    folder = ensure_default_model()
-    ensure_texts()
-    ours, theirs = load_tokenizer(folder), HFTokenizer.from_file(str(folder / "tokenizer.json"))
-    for name, text in (("evaluation split", EVAL_TEXT.read_text()), ("calibration split", CALIB_TEXT.read_text()),
-                       ("tricky string", TRICKY), ("adversarial list", "\n".join(ADVERSARIAL))):
-        a, b = ours.encode(text), theirs.encode(text, add_special_tokens=False).ids
-        print(f"tokenizer on the {name}: {len(a)} tokens, {_differ(a, b)} differ from Hugging Face tokenizers")
-        assert a == b
+def _byte_level_ranks(path: Path) -> dict[bytes, int]:
+    """The tiktoken ranks of a byte-level tokenizer.json, as a tiktoken-format tokenizer.model of the
+    same vocabulary holds them: the 256 bytes first, then each merge's result in merge order, the
+    tokens' characters read back to bytes through GPT-2's byte-to-unicode table."""
+    # GPT-2 shows the printable bytes as themselves, the other 68 as chr(256), chr(257), ... in order
+    shown = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    hidden = [b for b in range(256) if b not in shown]
+    to_byte = {chr(b): b for b in shown} | {chr(256 + k): b for k, b in enumerate(hidden)}
+    merges = json.loads(path.read_text())["model"]["merges"]
+    pairs = [m.split(" ") if isinstance(m, str) else m for m in merges]
+    ranks = {}
+    for token in [bytes([b]) for b in range(256)] + [bytes(to_byte[c] for c in a + b) for a, b in pairs]:
+        ranks.setdefault(token, len(ranks))
+    return ranks
 
 
 def test_decode_encode_round_trip():
@@ -122,8 +126,7 @@ def test_llama3_chat_format_and_tokenizer_model(tmp_path):
     from fetch import ensure_default_model
     from tokenizer import load_tokenizer
     folder = ensure_default_model()
-    smol = load_tokenizer(folder).engine.enc
-    ranks = smol._mergeable_ranks
+    ranks = _byte_level_ranks(folder / "tokenizer.json")
     (tmp_path / "tokenizer.model").write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % r for t, r in ranks.items()))
     n = max(ranks.values()) + 1
     messages = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "What is 2 + 2?\n"},
@@ -152,12 +155,12 @@ def test_llama3_style_tokenizer_model(tmp_path):
     """A tiktoken-format tokenizer.model (Llama-3's) loads and encodes as transformers' own
     converter of that format does. The vocabulary is SmolLM2's, renumbered from 0."""
     import base64
+    import random
     from transformers.convert_slow_tokenizer import TikTokenConverter
     from fetch import EVAL_TEXT, ensure_default_model, ensure_texts
     from tokenizer import LLAMA3_PATTERN, load_tokenizer
-    src = load_tokenizer(ensure_default_model())
+    ranks = _byte_level_ranks(ensure_default_model() / "tokenizer.json")  # token bytes -> rank
     ensure_texts()
-    ranks = src.engine.enc._mergeable_ranks  # tiktoken's own table: token bytes -> rank
     order = sorted(ranks, key=ranks.get)
     (tmp_path / "tokenizer.model").write_text(
         "".join(f"{base64.b64encode(b).decode()} {i}\n" for i, b in enumerate(order)))
@@ -167,56 +170,35 @@ def test_llama3_style_tokenizer_model(tmp_path):
     a, b = ours.encode(text), theirs.encode(text, add_special_tokens=False).ids
     print(f"tokenizer.model: {len(a)} tokens, {_differ(a, b)} differ")
     assert a == b and ours.decode(a) == text
-    # the same converted to a tokenizer.json (ignore_merges, every split of a token a merge): tiktoken's
-    (tmp_path / "json").mkdir()
-    theirs.save(str(tmp_path / "json" / "tokenizer.json"))
-    as_json = load_tokenizer(tmp_path / "json")
-    c = as_json.encode(text + TRICKY)
-    print(f"its tokenizer.json ({as_json.engine.name}): {len(c)} tokens, "
-          f"{_differ(c, theirs.encode(text + TRICKY, add_special_tokens=False).ids)} differ")
-    assert as_json.engine.name == "tiktoken" and c == theirs.encode(text + TRICKY, add_special_tokens=False).ids
+    # with Meta's 256 special tokens handed to the converter in id order: tiktoken cuts them out of
+    # a text as Hugging Face does, and decodes ids (special, past the vocabulary, half a character) alike
+    names = sorted(ours.engine.added, key=ours.engine.added.get)
+    theirs = TikTokenConverter(vocab_file=str(tmp_path / "tokenizer.model"), pattern=LLAMA3_PATTERN,
+                               extra_special_tokens=names).converted()
+    chat = "<|begin_of_text|>x<|eot_id|>\n<|start_header_id|>user<|end_header_id|>\n\nHi<|reserved_special_token_3|>"
+    n = d = 0
+    for t in [*ADVERSARIAL, chat]:
+        c, e = ours.encode(t), theirs.encode(t, add_special_tokens=False).ids
+        n, d = n + len(e), d + _differ(c, e)
+    rng, size = random.Random(0), theirs.get_vocab_size()
+    samples = [[rng.randrange(size + 3) for _ in range(rng.randint(1, 8))] for _ in range(2000)]
+    n_random = sum(ours.decode(ids, skip) != theirs.decode(ids, skip_special_tokens=skip)
+                   for ids in samples for skip in (False, True))
+    print(f"with special tokens: {n} tokens, {d} differ; {2 * len(samples)} decodes of random ids, {n_random} differ")
+    assert d == 0 and n_random == 0
     first = ours.decode(ours.encode_chat([{"role": "user", "content": "hi"}])[:1])  # one special token
     assert first in ("<|begin_of_text|>", "<|start_header_id|>")
 
 
-def _train_bpe(tmp_path, texts: list[str], pre_tokenizer, shuffle_ids: bool = False):
+def _train_bpe(tmp_path, texts: list[str], pre_tokenizer):
     """A small byte-level BPE trained with Hugging Face tokenizers, saved as tokenizer.json."""
-    import random
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer, hf.decoder = pre_tokenizer, decoders.ByteLevel()
     hf.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1200, special_tokens=["<|endoftext|>"],
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    path = tmp_path / "tokenizer.json"
-    hf.save(str(path))
-    if shuffle_ids:  # ids no longer grow in merge order: tiktoken's ranks must differ from the ids
-        spec = json.loads(path.read_text())
-        vocab = spec["model"]["vocab"]
-        order = [t for t in vocab if vocab[t] > 0]
-        new = random.Random(0).sample(range(1, len(vocab)), len(order))
-        spec["model"]["vocab"] = {"<|endoftext|>": 0, **dict(zip(order, new))}
-        path.write_text(json.dumps(spec, ensure_ascii=False))
-    return HFTokenizer.from_file(str(path))
-
-
-@pytest.mark.parametrize("kind", ["split-regex", "split-regex, shuffled ids", "gpt2 byte-level", "digits"])
-def test_tiktoken_equals_hf_on_trained_tokenizers(tmp_path, kind):
-    from tokenizers import Regex, pre_tokenizers
-    from fetch import CALIB_TEXT, EVAL_TEXT, ensure_texts
-    from tokenizer import LLAMA3_PATTERN, load_tokenizer
-    ensure_texts()
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=kind in ("gpt2 byte-level", "digits"))
-    pre = {"gpt2 byte-level": byte_level,
-           "digits": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])}.get(
-        kind, pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_PATTERN), "isolated"), byte_level]))
-    theirs = _train_bpe(tmp_path, CALIB_TEXT.read_text().splitlines(), pre, shuffle_ids="shuffled" in kind)
-    ours = load_tokenizer(tmp_path)
-    assert ours.engine.name == "tiktoken"
-    for name, text in (("evaluation split", EVAL_TEXT.read_text()), ("tricky string", TRICKY)):
-        a, b = ours.encode(text), theirs.encode(text, add_special_tokens=False).ids
-        print(f"trained tokenizer ({kind}) on the {name}: {len(a)} tokens, {_differ(a, b)} differ")
-        assert a == b
-        assert ours.decode(a) == theirs.decode(b, skip_special_tokens=False)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    return hf
 
 
 # ----------------------------------------------------------------------------- every kind the families ship
@@ -285,100 +267,33 @@ def _byte_level_with_added(folder: Path, flags: bool):
     (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
 
 
-KINDS = {"sentencepiece, normalizer form": ("tokenizers", lambda f: _sentencepiece_bpe(f, "normalizer")),
-         "sentencepiece, metaspace form": ("tokenizers", lambda f: _sentencepiece_bpe(f, "metaspace")),
-         "byte-level, overlapping added tokens": ("tiktoken", lambda f: _byte_level_with_added(f, False)),
-         "byte-level, added tokens with flags": ("tokenizers", lambda f: _byte_level_with_added(f, True))}
+KINDS = {"sentencepiece, normalizer form": lambda f: _sentencepiece_bpe(f, "normalizer"),
+         "sentencepiece, metaspace form": lambda f: _sentencepiece_bpe(f, "metaspace"),
+         "byte-level, overlapping added tokens": lambda f: _byte_level_with_added(f, False),
+         "byte-level, added tokens with flags": lambda f: _byte_level_with_added(f, True)}
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
-def test_every_kind_equals_hf_tokenizers(tmp_path, kind):
-    """Encode with and without special tokens, decode with and without them, on the whole
-    evaluation split and the adversarial list, and decode of random id sequences (half characters,
-    lone byte tokens, added tokens): zero differences from Hugging Face tokenizers."""
-    import random
+@pytest.mark.parametrize("kind", ["embedded SmolLM2", *KINDS])
+def test_every_tokenizer_json_runs_in_tokenizers(tmp_path, kind):
+    """Every tokenizer.json kind is read by the tokenizers engine, and our wrapper's encode (with
+    and without special tokens) and decode (with and without them) give what the library gives."""
     from tokenizers import Tokenizer as HFTokenizer
-    from fetch import EVAL_TEXT, ensure_texts
+    from fetch import ensure_default_model, ensure_texts
     from tokenizer import load_tokenizer
     ensure_texts()
-    engine, build = KINDS[kind]
-    build(tmp_path)
-    ours, theirs = load_tokenizer(tmp_path), HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    assert ours.engine.name == engine, ours.engine.name
-    texts = [EVAL_TEXT.read_text(), *ADVERSARIAL]
-    n_tokens = n_differ = n_decode = 0
-    for text in texts:
-        for special in (False, True):
-            a, b = ours.encode(text, add_special_tokens=special), theirs.encode(text, add_special_tokens=special).ids
-            n_tokens, n_differ = n_tokens + len(b), n_differ + _differ(a, b)
-            assert a == b, (text[:80], a[:40], b[:40])
-            for skip in (False, True):
-                n_decode += ours.decode(a, skip) != theirs.decode(b, skip_special_tokens=skip)
-    rng, size = random.Random(0), theirs.get_vocab_size()
-    samples = [[rng.randrange(size + 3) for _ in range(rng.randint(1, 8))] for _ in range(2000)]
-    n_random = sum(ours.decode(ids, skip) != theirs.decode(ids, skip_special_tokens=skip)
-                   for ids in samples for skip in (False, True))
-    print(f"{kind} ({engine}): {len(texts)} texts, {n_tokens} tokens each way, {n_differ} differ; "
-          f"{4 * len(texts)} decodes, {n_decode} differ; {2 * len(samples)} decodes of random ids "
-          f"(some past the vocabulary), {n_random} differ")
-    assert n_decode == 0 and n_random == 0
-
-
-def _edge(folder: Path, kind: str):
-    """A trained byte-level tokenizer.json (Llama-3's split) changed in one way that tiktoken's rules
-    would get wrong if tokenizer.py did not notice it."""
-    from tokenizers import AddedToken, Regex, pre_tokenizers, processors
-    from fetch import CALIB_TEXT, ensure_wiki_texts
-    from tokenizer import LLAMA3_PATTERN
-    split = pre_tokenizers.Split(Regex(r"\p{N}" if kind == "split regex with gaps" else LLAMA3_PATTERN), "isolated")
-    pre = pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    hf = _train_bpe(folder, CALIB_TEXT.read_text().splitlines(), pre)
-    if kind == "added tokens equal to vocabulary tokens":  # a single byte-level character, and a word
-        hf.add_tokens([AddedToken("é", normalized=False), AddedToken("à", normalized=True),
-                       AddedToken("ĠThe", normalized=False)])
-    if kind == "sequence of two templates":
-        hf.post_processor = processors.Sequence([
-            processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)]),
-            processors.RobertaProcessing(("<|endoftext|>", 0), ("<|endoftext|>", 0))])
-    hf.save(str(folder / "tokenizer.json"))
-    spec = json.loads((folder / "tokenizer.json").read_text())
-    if kind == "merges appended later":  # a vocabulary extended with merges learned on other text
-        other = _train_bpe(folder, ensure_wiki_texts()[0].read_text().splitlines()[:40], pre)
-        vocab, merges = spec["model"]["vocab"], [tuple(m) for m in spec["model"]["merges"]]
-        for a, b in json.loads(other.to_str())["model"]["merges"]:
-            if a in vocab and b in vocab and a + b not in vocab:
-                vocab[a + b] = len(vocab)
-                merges.append((a, b))
-        spec["model"]["merges"] = merges
-    if kind == "added token ids written otherwise":  # Hugging Face numbers them itself
-        spec["added_tokens"].append({**spec["added_tokens"][0], "content": "<tool>", "id": len(spec["model"]["vocab"]) + 5})
-    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
-
-
-EDGES = {"merges appended later": "tokenizers", "added tokens equal to vocabulary tokens": "tiktoken",
-         "added token ids written otherwise": "tokenizers", "split regex with gaps": "tiktoken",
-         "sequence of two templates": "tokenizers"}
-
-
-@pytest.mark.parametrize("kind", list(EDGES))
-def test_tiktoken_rules_checked(tmp_path, kind):
-    """Where tiktoken's rules differ from Hugging Face's (any pair whose result is a token merges; a
-    piece that is a token is taken whole; only regex matches are encoded), the file is either
-    still exact in tiktoken or goes to tokenizers: zero differences either way."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from fetch import EVAL_TEXT, ensure_texts
-    from tokenizer import load_tokenizer
-    ensure_texts()
-    _edge(tmp_path, kind)
-    ours, theirs = load_tokenizer(tmp_path), HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    n = d = 0
-    for text in [EVAL_TEXT.read_text(), *ADVERSARIAL, "The Theory, café à 驚き room 101 <tool>"]:
+    folder = ensure_default_model() if kind == "embedded SmolLM2" else tmp_path
+    if folder == tmp_path:
+        KINDS[kind](tmp_path)
+    ours, theirs = load_tokenizer(folder), HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    n = d = n_decode = 0
+    for text in ADVERSARIAL:
         for special in (False, True):
             a, b = ours.encode(text, add_special_tokens=special), theirs.encode(text, add_special_tokens=special).ids
             n, d = n + len(b), d + _differ(a, b)
-            assert ours.decode(a) == theirs.decode(b, skip_special_tokens=False)
-    print(f"{kind}: {ours.engine.name} ({getattr(ours.engine, 'why', 'exact')}), {n} tokens, {d} differ")
-    assert ours.engine.name == EDGES[kind] and d == 0
+            n_decode += sum(ours.decode(a, skip) != theirs.decode(b, skip_special_tokens=skip)
+                            for skip in (False, True))
+    print(f"{kind} ({ours.engine.name}): {n} tokens, {d} differ; {4 * len(ADVERSARIAL)} decodes, {n_decode} differ")
+    assert ours.engine.name == "tokenizers" and d == 0 and n_decode == 0
 
 
 @pytest.mark.parametrize("case", ["bos and eos flags", "bos flag off", "no post-processor, bos flag",
@@ -395,7 +310,7 @@ def test_special_tokens_added_as_transformers(tmp_path, case):
     if "flag off" in case:
         flags = {"add_bos_token": False}
     if case.startswith("tokenizer.model"):
-        ranks = load_tokenizer(ensure_default_model()).engine.enc._mergeable_ranks
+        ranks = _byte_level_ranks(ensure_default_model() / "tokenizer.json")
         (tmp_path / "tokenizer.model").write_text(
             "".join(f"{base64.b64encode(b).decode()} {r}\n" for b, r in ranks.items()))
         config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
@@ -460,7 +375,7 @@ def test_generate_prompt_and_greedy_match_transformers(tmp_path, kind):
     AutoTokenizer(prompt).input_ids and the greedy continuation is transformers'."""
     from fetch import ensure_texts
     ensure_texts()
-    KINDS[kind][1](tmp_path)
+    KINDS[kind](tmp_path)
     from tokenizers import Tokenizer as HFTokenizer
     vocab = HFTokenizer.from_file(str(tmp_path / "tokenizer.json")).get_vocab_size()
     _tiny_causal_lm(tmp_path, "Llama", vocab)
@@ -543,59 +458,76 @@ def test_generate_user_errors(tmp_path):
 
 # ----------------------------------------------------------------------------- what cannot be read
 
-def test_tokenizer_user_errors(tmp_path, monkeypatch):
-    """One line each: no folder, no tokenizer file, invalid JSON, a file tokenizers cannot read, a
-    SentencePiece tokenizer.model without its tokenizer.json, a file that needs tokenizers when it
-    is not installed, an add_bos_token whose BOS is no token."""
-    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+def _refused(folder: Path, match: str) -> str:
+    """load_tokenizer's one-line UserError for `folder`, which must match `match`."""
     from cli import UserError
     from tokenizer import load_tokenizer
-    errors = []
+    with pytest.raises(UserError, match=match) as e:
+        load_tokenizer(folder)
+    assert "\n" not in str(e.value)
+    return str(e.value)
 
-    def refused(match):
-        with pytest.raises(UserError, match=match) as e:
-            load_tokenizer(tmp_path)
-        assert "\n" not in str(e.value)
-        errors.append(str(e.value))
 
+def test_tokenizer_user_errors(tmp_path, monkeypatch):
+    """One line each: no folder, no tokenizer file, invalid JSON, a file tokenizers cannot read, a
+    tokenizer.json without tokenizers installed, a bad eos_token_id, a SentencePiece
+    tokenizer.model without its tokenizer.json."""
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+    from tokenizer import load_tokenizer
+    errors = [_refused(tmp_path / "absent", "no such folder")]
     hf = HFTokenizer(models.BPE(vocab={"a": 0}, merges=[]))
-    hf.pre_tokenizer = pre_tokenizers.Whitespace()  # not byte-level: Hugging Face tokenizers runs it
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
     hf.save(str(tmp_path / "tokenizer.json"))
-    assert load_tokenizer(tmp_path).engine.name == "tokenizers"
+    load_tokenizer(tmp_path)  # a valid file
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [[2]]}))
+    errors.append(_refused(tmp_path, "eos_token_id must be a token id"))
+    (tmp_path / "config.json").unlink()
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if it were not installed
-    refused(r"pre-tokenizer .*Whitespace.*only Hugging Face tokenizers runs exactly: pip install tokenizers")
+    errors.append(_refused(tmp_path, "reading a tokenizer.json needs Hugging Face tokenizers: pip install tokenizers"))
     monkeypatch.delitem(sys.modules, "tokenizers")
-    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [["a", "b"]]}, '
-                                             '"pre_tokenizer": {"type": "Whitespace"}}')
-    refused("tokenizers cannot read it")
-    (tmp_path / "tokenizer.json").write_text("{")
-    refused("not valid JSON")
-    (tmp_path / "tokenizer.json").write_text("[]")
-    refused("not a JSON object")
-    (tmp_path / "tokenizer.json").write_text('{"model": []}')
-    refused("not a tokenizer.json")
+    for bad, match in (('{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [["a", "b"]]}, '
+                        '"pre_tokenizer": {"type": "Whitespace"}}', "tokenizers cannot read it"),
+                       ("{", "not valid JSON"), ("[]", "not a JSON object"), ('{"model": []}', "not a tokenizer.json")):
+        (tmp_path / "tokenizer.json").write_text(bad)
+        errors.append(_refused(tmp_path, match))
     for bad in ('"merges": 3}', '"merges": [["a"]]}', '"merges": []}, "added_tokens": [{"content": "x"}]'):
         (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": {"a": 0}, %s, '
                                                  '"pre_tokenizer": {"type": "ByteLevel"}, "decoder": {"type": '
                                                  '"ByteLevel"}}' % bad)  # byte-level, but malformed
-        refused("tokenizers cannot read it")
+        errors.append(_refused(tmp_path, "tokenizers cannot read it"))
     (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "tokenizer.model").write_bytes(b"\x0a\x11\x0a\x05<unk>\x15\x00\x00\x00\x00\x18\x02")  # SentencePiece
+    errors.append(_refused(tmp_path, "not a tiktoken .* needs its tokenizer.json"))
+    (tmp_path / "tokenizer.model").unlink()
+    errors.append(_refused(tmp_path, "no tokenizer.json or tokenizer.model"))
+    print("\n".join(errors))
+
+
+def test_tiktoken_model_user_errors(tmp_path, monkeypatch):
+    """One line each for a tiktoken-format tokenizer.model: bytes missing, ranks repeated, tiktoken
+    not installed, an add_bos_token whose BOS is no token, a malformed added_tokens_decoder, and
+    special tokens tiktoken would cut otherwise than Hugging Face (one the start of another, an id
+    of the file's own tokens)."""
     import base64
+    from tokenizer import load_tokenizer
+    errors = []
     lines = [f"{base64.b64encode(bytes([b])).decode()} {b}" for b in range(256)]  # tiktoken's format
     for bad, match in ((lines[1:], "lacks some of the 256 single bytes"), (lines + ["YWI= 7"], "ranks repeat")):
         (tmp_path / "tokenizer.model").write_text("\n".join(bad))
-        refused(match)
+        errors.append(_refused(tmp_path, match))
     (tmp_path / "tokenizer.model").write_text("\n".join(lines))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "bos_token": "<BOS>"}))
-    refused("add_bos_token adds '<BOS>', which is not a token")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"x": {"content": "<s>", "special": True}}}))
-    refused("added_tokens_decoder is not")
-    (tmp_path / "tokenizer_config.json").unlink()
-    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [[2]]}))
-    refused("eos_token_id must be a token id")
-    (tmp_path / "config.json").unlink()
-    (tmp_path / "tokenizer.model").write_bytes(b"\x0a\x11\x0a\x05<unk>\x15\x00\x00\x00\x00\x18\x02")  # SentencePiece
-    refused("not a tiktoken .* needs its tokenizer.json")
-    (tmp_path / "tokenizer.model").unlink()
-    refused("no tokenizer.json or tokenizer.model")
+    load_tokenizer(tmp_path)  # a valid file
+    monkeypatch.setitem(sys.modules, "tiktoken", None)
+    errors.append(_refused(tmp_path, "reading a tiktoken-format tokenizer.model needs tiktoken: pip install tiktoken"))
+    monkeypatch.delitem(sys.modules, "tiktoken")
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps({"add_bos_token": True, "bos_token": "<BOS>"}))
+    errors.append(_refused(tmp_path, "add_bos_token adds '<BOS>', which is not a token"))
+    config.write_text(json.dumps({"added_tokens_decoder": {"x": {"content": "<s>", "special": True}}}))
+    errors.append(_refused(tmp_path, "added_tokens_decoder is not"))
+    for decoder, match in (({"300": "<|im_start|>", "301": "<|im_start|>user"}, "is the start of '<|im_start|>user'"),
+                           ({"65": "<s>"}, "special token '<s>' has the id 65 of one of the file's own tokens")):
+        config.write_text(json.dumps({"added_tokens_decoder": {i: {"content": t, "special": True}
+                                                               for i, t in decoder.items()}}))
+        errors.append(_refused(tmp_path, match))
     print("\n".join(errors))

@@ -6,181 +6,67 @@
     prompt = tok.encode("Hello", add_special_tokens=True)   # with the BOS / EOS its template adds
     chat = tok.encode_chat([{"role": "user", "content": "Hi"}])
 
-    python -m pytest -q test_tokenizer.py -s   # equals Hugging Face tokenizers token for token
+    python -m pytest -q test_tokenizer.py -s   # against transformers and its converters
 
-The oracle is Hugging Face `tokenizers` reading the same tokenizer.json (the library transformers
-runs). One Tokenizer interface, two engines, chosen by what the file contains:
+One Tokenizer interface, one engine per file format:
 
-- tiktoken, for byte-level BPE (GPT-2, SmolLM, Qwen2, Llama-3; Llama-3's tiktoken tokenizer.model
-  too). tiktoken merges any adjacent pair whose result is a token, lowest rank first, and takes a
-  piece that is a token whole; Hugging Face merges only listed pairs, first listed first. So the
-  tiktoken ranks are positions in the merge list (a table turns ranks into the model's ids), and
-  `_out_of_order` checks that the two rules agree on the file: they do when the merges were
-  learned in order, as BPE training makes them, or list every split of a token (files converted
-  from tiktoken); merges appended later send the file to tokenizers. Added tokens are cut out
-  here, as Hugging Face's added vocabulary cuts them: first those with `normalized: false` from
-  the raw text, then the normalizer (NFC / NFKC) runs on what is left and the `normalized: true`
-  ones are cut from that; at each position the longest wins (regex alternation, longest first).
-  Each piece in between goes to tiktoken, except a piece holding a byte the vocabulary lacks
-  (SmolLM2 lacks 21 control bytes): Hugging Face drops it before merging, so that piece goes
-  through tokenizers' own pre-tokenizer and BPE.
-- Hugging Face `tokenizers`, for everything tiktoken cannot run exactly: SentencePiece-style
-  BPE (Llama-2, Mistral, Mixtral, TinyLlama: a Prepend / Replace normalizer or a Metaspace
-  pre-tokenizer, `byte_fallback` to the <0x00>..<0xFF> tokens, a ByteFallback / Fuse / Strip
-  decoder), added tokens with `lstrip` / `rstrip` / `single_word` (Phi-3's chat markers,
-  `<mask>`), added token ids the library would number otherwise, other pre-tokenizers,
-  normalizers, post-processors, decoders and models. `_tiktoken_obstacle` names the feature that
-  sends a file there; the library is needed only for those files.
+- a tokenizer.json (every family: byte-level BPE as in GPT-2, SmolLM, Qwen2, Llama-3;
+  SentencePiece-style BPE as in Llama-2, Mistral, TinyLlama) is run by Hugging Face `tokenizers`,
+  the library transformers runs on the same file, so its ids are transformers' by construction.
+  tiktoken encodes byte-level text several times faster, but nowhere a user waits for it (a
+  second or two on the embedded texts, and loading is slower: docs/tokenizers.md, with the
+  command that measures it), so it is not worth an engine of our own that must copy every rule.
+- a tokenizer.model in tiktoken's format (Llama-3's original release: a base64 token and its rank
+  per line, the rank being the id) is run by tiktoken, what the format was written for, with
+  Llama-3's split regex as transformers' TikTokenConverter uses it. tiktoken also cuts the special
+  tokens out of the text: Meta's 256 after the base vocabulary when tokenizer_config.json lists
+  none, else the special ones of its added_tokens_decoder.
 
-Special tokens around a sequence (`add_special_tokens=True`) follow transformers 5: the
-tokenizer.json's post-processor (TemplateProcessing, e.g. Llama-3's BOS; none: nothing added).
-tokenizer_config.json's `add_bos_token` / `add_eos_token` count only without a tokenizer.json
-(transformers drops them when there is one). generate.py adds them to a plain prompt, as
+Special tokens around a sequence (`add_special_tokens=True`) follow transformers 5: with a
+tokenizer.json, the file's post-processor (TemplateProcessing, e.g. Llama-3's BOS; none: nothing
+added), since transformers then drops tokenizer_config.json's `add_bos_token` / `add_eos_token`;
+with only a tokenizer.model, those two flags. generate.py adds them to a plain prompt, as
 transformers' tokenizer(prompt) does; perplexity (evaluate.py, convert.py, bench.py,
-finetune.py) encodes without them, its documented protocol. transformers' named tokenizer
-classes (LlamaTokenizer, ...) rebuild the pipeline from the vocabulary and merges rather than
-reading the file's; we read the file, as `tokenizers` does.
+finetune.py) encodes without them, its documented protocol.
 
 Chat formats are rendered by our own code, no jinja: ChatML (SmolLM2, Qwen2) and Llama-3. The
 template is read only to recognise the format, its default system prompt and its date line.
 """
 import base64
-import json
 import re
 import time
-import unicodedata
 from pathlib import Path
 
-import tiktoken
+from cli import UserError, read_json
 
-from cli import UserError
-
-# GPT-2's byte-level split; tokenizers' ByteLevel(use_regex=True) uses exactly this
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# the same after Digits(individual_digits=True) has cut every digit out on its own: a digit is a
-# piece, and a whitespace run before a digit is a whole piece ("  1" -> "  ", "1"; GPT-2 alone
-# would give " ", " 1"), because the GPT-2 regex then sees the run at the end of its piece
-GPT2_DIGITS_PATTERN = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+# Llama-3's split (tiktoken's pat_str in Meta's release; transformers' TikTokenConverter default)
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def _unicode_to_byte() -> dict[str, int]:
-    """GPT-2's map from the printable stand-in characters of a byte-level vocabulary to bytes."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {chr(b): b for b in printable} | {chr(256 + k): b for k, b in enumerate(others)}
-
-
-TO_BYTE = _unicode_to_byte()
-
-
-class AddedTokens:
-    """Hugging Face's added vocabulary: cut added tokens out of a text, longest first at each position.
-
-    tokens: (content, id, normalized, special) per added token; normalize: None, "NFC" or "NFKC"."""
-
-    def __init__(self, tokens: list[tuple[str, int, bool, bool]], normalize: str | None = None):
-        self.normalize = normalize
-        self.raw = {c: i for c, i, normalized, _ in tokens if c and not normalized}
-        # a normalized token is matched in normalized text, so its own content is normalized too
-        self.norm = {self._normalized(c): i for c, i, normalized, _ in tokens if c and normalized}
-        self.ids = {c: i for c, i, _, _ in tokens}
-        self.special = {i for _, i, _, special in tokens if special}
-        self._raw_re, self._norm_re = self._alternation(self.raw), self._alternation(self.norm)
-
-    def _normalized(self, text: str) -> str:
-        return unicodedata.normalize(self.normalize, text) if self.normalize else text
-
-    @staticmethod
-    def _alternation(tokens: dict[str, int]) -> re.Pattern | None:
-        # re takes the first alternative that matches at the leftmost position: longest first
-        return re.compile("|".join(map(re.escape, sorted(tokens, key=len, reverse=True)))) if tokens else None
-
-    @staticmethod
-    def _cut(text: str, pattern: re.Pattern | None, ids: dict[str, int]):
-        """Yields (piece, None) for text between matches and (match, id) for each match."""
-        start = 0
-        for m in pattern.finditer(text) if pattern else ():
-            if m.start() > start:
-                yield text[start:m.start()], None
-            yield m.group(), ids[m.group()]
-            start = m.end()
-        if start < len(text):
-            yield text[start:], None
-
-    def split(self, text: str):
-        """Yields (normalized piece, None) for ordinary text and (token, id) for each added token."""
-        for piece, i in self._cut(text, self._raw_re, self.raw):
-            if i is not None:
-                yield piece, i
-            else:
-                yield from self._cut(self._normalized(piece), self._norm_re, self.norm)
-
-
-class TiktokenBPE:
-    """Byte-level BPE run by tiktoken (see the module docstring for why it is exact).
-
-    enc: an Encoding without special tokens; to_id[rank]: the model's id (None: a byte the vocabulary
-    lacks, dropped as Hugging Face drops it); token_bytes[id]: what each id decodes to;
-    template: (ids before, ids after) the sequence, for add_special_tokens."""
-
-    name = "tiktoken"
-
-    def __init__(self, enc: tiktoken.Encoding, to_id: list[int | None], token_bytes: dict[int, bytes],
-                 added: AddedTokens, template: tuple[list[int], list[int]], path: Path | None = None):
-        self.enc, self.to_id, self.token_bytes, self.added, self.template = enc, to_id, token_bytes, added, template
-        # bytes the vocabulary lacks: Hugging Face drops them before merging, so their neighbours
-        # merge across them, which tiktoken cannot do; a piece holding one goes to tokenizers
-        missing = bytes(b for r, b in zip(to_id, range(256)) if r is None)
-        self.missing = re.compile(b"[" + re.escape(missing) + b"]") if missing else None
-        self.path, self._hf = path, None
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        ids = []
-        for piece, i in self.added.split(text):
-            if i is not None:
-                ids.append(i)
-            elif self.missing and self.missing.search(piece.encode()):
-                ids += self._hf_piece(piece)
-            else:
-                ids += [t for t in map(self.to_id.__getitem__, self.enc.encode_ordinary(piece)) if t is not None]
-        return [*self.template[0], *ids, *self.template[1]] if add_special_tokens else ids
-
-    def _hf_piece(self, piece: str) -> list[int]:
-        """Hugging Face's pre-tokenizer and BPE on one normalized piece between added tokens."""
-        if self._hf is None:
-            self._hf = HFTokenizers(self.path, "text with bytes the vocabulary lacks").hf
-        words = self._hf.pre_tokenizer.pre_tokenize_str(piece)
-        return [t.id for word, _ in words for t in self._hf.model.tokenize(word)]
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        # ids past the tokenizer (embedding rows padded to a round number) decode to nothing;
-        # bytes that are not UTF-8 become U+FFFD, as in Rust's from_utf8_lossy
-        skip = self.added.special if skip_special_tokens else ()
-        return b"".join(self.token_bytes.get(i, b"") for i in ids if i not in skip).decode("utf-8", "replace")
-
-
 class HFTokenizers:
-    """A tokenizer.json run by Hugging Face `tokenizers` itself; `why` names what sent it here."""
+    """A tokenizer.json run by Hugging Face `tokenizers`. added: each added token's text -> id.
+
+    Raises UserError (one line) when the library is not installed or cannot read the file."""
 
     name = "tokenizers"
 
-    def __init__(self, path: Path, why: str):
+    def __init__(self, path: Path):
         try:
             from tokenizers import Tokenizer as HFTokenizer
         except ImportError:
-            raise UserError(f"{path}: {why}, which only Hugging Face tokenizers runs exactly: "
+            raise UserError(f"{path}: reading a tokenizer.json needs Hugging Face tokenizers: "
                             f"pip install tokenizers") from None
         try:
             self.hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # the library raises plain Exceptions for malformed files
+            spec = _json(path)  # the plainer reasons first: not JSON, not an object, no model
+            if not isinstance(spec.get("model"), dict):
+                raise UserError(f"{path}: not a tokenizer.json (no model)") from None
             raise UserError(f"{path}: Hugging Face tokenizers cannot read it ({str(e).splitlines()[0]})") from None
         self.hf.no_truncation()  # transformers turns both off unless a call asks for them
         self.hf.no_padding()
-        self.why = why
-        added = self.hf.get_added_tokens_decoder()
-        self.added = AddedTokens([(t.content, i, t.normalized, t.special) for i, t in added.items()])
+        self.added = {t.content: i for i, t in self.hf.get_added_tokens_decoder().items()}
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
@@ -189,11 +75,36 @@ class HFTokenizers:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
+class TiktokenModel:
+    """A tiktoken-format tokenizer.model run by tiktoken, its special tokens included.
+
+    enc: the tiktoken Encoding (token bytes -> rank, the rank being the id; special tokens beside
+    them); ranks: the ids of the file's tokens; added: special token -> id; template: (ids before,
+    ids after) a sequence, for add_special_tokens."""
+
+    name = "tiktoken"
+
+    def __init__(self, enc, ranks: set[int], special: dict[str, int], template: tuple[list[int], list[int]]):
+        self.enc, self.added, self.template = enc, special, template
+        self.special = set(special.values())
+        self.known = ranks | self.special
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = self.enc.encode(text, allowed_special="all")  # a special token written in the text is one
+        return [*self.template[0], *ids, *self.template[1]] if add_special_tokens else ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        # ids past the tokenizer (embedding rows padded to a round number) decode to nothing where
+        # tiktoken would raise; bytes that are not UTF-8 become U+FFFD (tiktoken's errors="replace")
+        skip = self.special if skip_special_tokens else ()
+        return self.enc.decode([i for i in ids if i in self.known and i not in skip])
+
+
 class Tokenizer:
     """encode / decode / encode_chat over one engine; bos_id, eos_ids (the ids that end generation).
     Streaming: decode the growing list of ids and hold back a trailing "\ufffd" (half a character)."""
 
-    def __init__(self, engine: TiktokenBPE | HFTokenizers, bos_id: int | None, eos_ids: set[int],
+    def __init__(self, engine: "HFTokenizers | TiktokenModel", bos_id: int | None, eos_ids: set[int],
                  chat_template: str, bos_token: str = ""):
         self.engine = engine
         self.bos_id, self.eos_ids, self.chat_template, self.bos_token = bos_id, eos_ids, chat_template, bos_token
@@ -243,10 +154,11 @@ class Tokenizer:
 
 
 def load_tokenizer(ckpt_dir: str | Path) -> Tokenizer:
-    """The tokenizer of a checkpoint folder, from tokenizer.json or a Llama-3 tokenizer.model.
+    """The tokenizer of a checkpoint folder, from tokenizer.json or a tiktoken-format tokenizer.model.
 
-    Raises UserError (one line) for a missing folder or file, a file that is not valid, or a
-    tokenizer.json that needs Hugging Face tokenizers when the library is not installed."""
+    Raises UserError (one line) for a missing folder or file, a file that is not valid, or an
+    engine the file needs (tokenizers for a tokenizer.json, tiktoken for a tokenizer.model) that is
+    not installed."""
     folder = Path(ckpt_dir)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder")
@@ -254,22 +166,12 @@ def load_tokenizer(ckpt_dir: str | Path) -> Tokenizer:
     config = _json(folder / "special_tokens_map.json") | config  # where older folders name BOS / EOS
     eos_token, bos_token = (_token_name(config.get(k)) for k in ("eos_token", "bos_token"))
     if (folder / "tokenizer.json").is_file():
-        path = folder / "tokenizer.json"
-        spec = _json(path)
-        if not isinstance(spec.get("model"), dict):
-            raise UserError(f"{path}: not a tokenizer.json (no model)")
-        try:
-            why = _tiktoken_obstacle(spec)
-            engine = None if why else _from_tokenizer_json(spec, path)
-        except (KeyError, TypeError, AttributeError, ValueError, IndexError):  # the library says what is wrong
-            why, engine = "a layout our byte-level reader does not know", None
-        engine = engine or HFTokenizers(path, why)
+        engine = HFTokenizers(folder / "tokenizer.json")
     elif (folder / "tokenizer.model").is_file():
-        path = folder / "tokenizer.model"
-        engine = _from_tiktoken_model(path, config)
+        engine = _from_tiktoken_model(folder / "tokenizer.model", config)
     else:
         raise UserError(f"{folder}: no tokenizer.json or tokenizer.model")
-    ids = engine.added.ids
+    ids = engine.added
 
     eos = set()
     for name, source in (("config.json", model_config), ("generation_config.json",
@@ -301,10 +203,8 @@ def _token_name(entry) -> str | None:
 
 
 def _json(path: Path) -> dict:
-    try:
-        out = json.loads(path.read_text()) if path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    """A JSON object from `path` ({} when there is no such file); UserError in one line otherwise."""
+    out = read_json(path) if path.is_file() else {}
     if not isinstance(out, dict):
         raise UserError(f"{path}: not a JSON object")
     return out
@@ -325,180 +225,22 @@ def _flag_template(config: dict, ids: dict[str, int], path: Path) -> tuple[list[
     return out[0], out[1]
 
 
-def _template(proc: dict | None) -> tuple[list[int], list[int]] | None:
-    """The ids a post-processor puts before and after a single sequence; None for a kind we do not read."""
-    kind = proc.get("type") if isinstance(proc, dict) else None
-    if proc is None or kind == "ByteLevel":  # ByteLevel only trims offsets
-        return [], []
-    if kind == "Sequence":  # ByteLevel and one that adds tokens (Llama-3); two that add tokens
-        # interact in ways of their own (the second sees the first's additions as a pair)
-        steps = [p for p in proc.get("processors", []) if not (isinstance(p, dict) and p.get("type") == "ByteLevel")]
-        return _template(steps[0]) if len(steps) == 1 else ([], []) if not steps else None
-    if kind in ("BertProcessing", "RobertaProcessing"):
-        return [proc["cls"][1]], [proc["sep"][1]]
-    if kind == "TemplateProcessing":
-        special, parts, seen = proc.get("special_tokens") or {}, ([], []), 0
-        for item in proc.get("single", []):
-            if "Sequence" in item:
-                seen += 1
-            elif "SpecialToken" in item:
-                ids = special.get(item["SpecialToken"].get("id"), {}).get("ids")
-                if not isinstance(ids, list):
-                    return None
-                parts[min(seen, 1)].extend(ids)
-        return parts if seen == 1 else None
-    return None
+def _from_tiktoken_model(path: Path, config: dict) -> TiktokenModel:
+    """A tiktoken-format tokenizer.model and its folder's tokenizer_config.json as one engine."""
+    try:
+        import tiktoken
+    except ImportError:
+        raise UserError(f"{path}: reading a tiktoken-format tokenizer.model needs tiktoken: "
+                        f"pip install tiktoken") from None
+    ranks = _tiktoken_ranks(path)
+    special = _special_tokens(path, config, ranks)
+    enc = tiktoken.Encoding(name=path.parent.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+                            special_tokens=special)
+    return TiktokenModel(enc, set(ranks.values()), special, _flag_template(config, special, path))
 
 
-def _tiktoken_obstacle(spec: dict) -> str | None:
-    """The first feature of a tokenizer.json that tiktoken cannot run exactly; None if there is none."""
-    model = spec["model"]
-    if model.get("type") != "BPE":
-        return f"model {model.get('type')!r}"
-    for key in ("byte_fallback", "dropout", "continuing_subword_prefix", "end_of_word_suffix"):
-        if model.get(key):
-            return key
-    norm = spec.get("normalizer")
-    if norm is not None and norm.get("type") not in ("NFC", "NFKC"):
-        return f"normalizer {_describe(norm)}"
-    if _pattern(spec.get("pre_tokenizer")) is None:
-        return f"pre-tokenizer {_describe(spec.get('pre_tokenizer'))}"
-    if (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        return f"decoder {_describe(spec.get('decoder'))}"
-    post = spec.get("post_processor")
-    if _template(post) is None:
-        return f"post-processor {_describe(post)}"
-    for t in spec.get("added_tokens") or []:
-        flags = [f for f in ("lstrip", "rstrip", "single_word") if t.get(f)]
-        if flags:
-            return f"added token {t.get('content')!r} with {' and '.join(flags)}"
-    vocab, added = model.get("vocab") or {}, _added(spec)
-    if any(c not in TO_BYTE for s in vocab if s not in added for c in s):
-        return "tokens that are not byte-level (SentencePiece-style BPE)"
-    # tokenizers converted from tiktoken (Llama-3) list every split of a token as a merge, side by
-    # side: still one rank per token. Merges of one token apart from each other are not.
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
-    made, last = set(), None
-    for a, b in merges:
-        if a + b in made and a + b != last:
-            return f"merges that make {a + b!r} apart from each other"
-        made.add(a + b)
-        last = a + b
-    if model.get("unk_token") is not None and any(chr_ not in vocab for chr_ in TO_BYTE):
-        return "an unknown token for bytes the vocabulary lacks"
-    if model.get("ignore_merges") and any(len(s) > 1 and s not in made for s in vocab if s not in added):
-        return "ignore_merges with vocabulary tokens no merge makes"
-    token = _out_of_order(merges, model.get("ignore_merges", False))
-    if token is not None:
-        return f"merges out of learning order (the merges alone do not make {token!r})"
-    ids, expected = {}, {}
-    for t in spec.get("added_tokens") or []:  # Hugging Face assigns the ids itself, as it reads them
-        c = t["content"]
-        if c not in ids:
-            ids[c] = vocab[c] if c in vocab else max([len(vocab) - 1, *ids.values()]) + 1
-        expected[c] = t["id"]
-    if ids != expected:
-        return "added token ids that Hugging Face assigns otherwise"
-    return None
-
-
-def _out_of_order(merges: list[tuple[str, str]], ignore_merges: bool) -> str | None:
-    """A token that tiktoken's rule (merge any adjacent pair whose result has a rank; take a whole
-    piece that is a token) would make where Hugging Face's (merge listed pairs, in list order)
-    would not; None if there is none.
-
-    Within a word, a token s is only ever built from the symbols Hugging Face's merges make of s
-    alone (merges across s's ends never won, or s would not be there). So if those merges, run on
-    s alone, end in two pieces, that unlisted pair can meet in a word and tiktoken would join it;
-    if they end in anything but s, tiktoken's whole-piece lookup differs (unless ignore_merges,
-    where Hugging Face looks the word up too). BPE training learns merges in an order where
-    neither happens; merges appended later can break it."""
-    rank = {}
-    for i, pair in enumerate(merges):
-        rank.setdefault(pair, i)
-    for a, b in rank:
-        parts = [*a, *b]
-        while len(parts) > 1:  # Hugging Face's BPE on the token's own text
-            pairs = [rank.get(pair, len(merges)) for pair in zip(parts, parts[1:])]
-            best = pairs.index(min(pairs))
-            if pairs[best] == len(merges):
-                break
-            parts[best:best + 2] = [parts[best] + parts[best + 1]]
-        if len(parts) == 2 or len(parts) > 2 and not ignore_merges:
-            return a + b
-    return None
-
-
-def _added(spec: dict) -> set[str]:
-    return {t.get("content") for t in spec.get("added_tokens") or []}
-
-
-def _describe(step: dict | None) -> str:
-    return json.dumps({k: v for k, v in step.items() if k not in ("pattern", "precompiled_charsmap")}) if step \
-        else "none"
-
-
-def _from_tokenizer_json(spec: dict, path: Path) -> TiktokenBPE:
-    model, added_spec = spec["model"], spec.get("added_tokens") or []
-    norm = (spec.get("normalizer") or {}).get("type")
-    added = AddedTokens([(t["content"], t["id"], t.get("normalized", False), t.get("special", False))
-                         for t in added_spec], norm)
-    vocab = model["vocab"]
-    byte_char = {b: c for c, b in TO_BYTE.items()}
-    merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
-    # ranks: all 256 bytes (tiktoken needs each), then merge results in merge order; with
-    # ignore_merges (a whole word in the vocabulary is taken as is) every other token too
-    ranks, to_id = {}, []
-    results = [a + b for a, b in merges]
-    others = [s for s in sorted(vocab, key=vocab.get) if s not in added.ids] if model.get("ignore_merges") else []
-    for s in [byte_char[b] for b in range(256)] + results + others:
-        key = bytes(TO_BYTE[c] for c in s)
-        if key not in ranks:
-            if len(key) > 1 and s not in vocab:
-                raise UserError(f"{path}: merge result {s!r} is not in the vocabulary")
-            ranks[key] = len(to_id)
-            to_id.append(vocab.get(s))  # None: a byte the vocabulary lacks
-    # what each id decodes to: Hugging Face's ByteLevel decoder maps a token through the byte table
-    # when every character is in it (an added token too, in its normalized form if it is matched
-    # as one), and keeps its UTF-8 otherwise
-    token_bytes = {}
-    for s, i in [*vocab.items(), *added.raw.items(), *added.norm.items()]:
-        token_bytes[i] = bytes(TO_BYTE[c] for c in s) if all(c in TO_BYTE for c in s) else s.encode()
-    post = spec.get("post_processor")
-    template = _template(post)
-    enc = tiktoken.Encoding(name=path.parent.name, pat_str=_pattern(spec.get("pre_tokenizer")),
-                            mergeable_ranks=ranks, special_tokens={})
-    try:  # a pattern that can match nothing panics in tiktoken's Rust (a BaseException)
-        enc.encode_ordinary("a 1, \n\t b")
-    except BaseException as e:
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
-        raise ValueError("tiktoken cannot run this pre-tokenizer") from None
-    return TiktokenBPE(enc, to_id, token_bytes, added, template, path)
-
-
-def _pattern(pre: dict | None) -> str | None:
-    """The pre-tokenizer as one tiktoken regex; None if it is not one of the byte-level kinds."""
-    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
-    kinds = [s["type"] for s in steps]
-    last = steps[-1] if steps else {}
-    if kinds[-1:] == ["ByteLevel"] and not last.get("add_prefix_space", False):
-        regex = last.get("use_regex", True)
-        if kinds == ["ByteLevel"] and regex:
-            return GPT2_PATTERN
-        if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and regex:
-            return GPT2_DIGITS_PATTERN
-        split = steps[0]
-        if (kinds == ["Split", "ByteLevel"] and not regex and "Regex" in split["pattern"]
-                and split.get("behavior") == "Isolated" and not split.get("invert")):
-            # Llama-3, Qwen2. Hugging Face keeps the text between matches as pieces too; tiktoken
-            # only encodes matches: the second branch takes each run no match starts in
-            regex = split["pattern"]["Regex"]
-            return f"(?:{regex})|(?:(?!(?:{regex}))[\\s\\S])+"
-    return None
-
-
-def _from_tiktoken_model(path: Path, config: dict) -> TiktokenBPE:
+def _tiktoken_ranks(path: Path) -> dict[bytes, int]:
+    """token bytes -> rank (the id) from a tiktoken-format file; UserError if it is not one."""
     # tiktoken.load.load_tiktoken_bpe reads this format too, but caches files by their path string
     # in the temp folder, so a tokenizer.model replaced at the same path would read stale
     try:
@@ -513,6 +255,13 @@ def _from_tiktoken_model(path: Path, config: dict) -> TiktokenBPE:
         raise UserError(f"{path}: ranks repeat or are out of range (a damaged tokenizer.model)")
     if not all(bytes([b]) in ranks for b in range(256)):
         raise UserError(f"{path}: lacks some of the 256 single bytes (a damaged tokenizer.model)")
+    return ranks
+
+
+def _special_tokens(path: Path, config: dict, ranks: dict[bytes, int]) -> dict[str, int]:
+    """The special tokens of a tokenizer.model folder, text -> id: tokenizer_config.json's
+    added_tokens_decoder's special ones, else Meta's layout. UserError where tiktoken would not
+    give Hugging Face's ids (an id the file already uses, one token the start of another)."""
     added = config.get("added_tokens_decoder", {})
     try:
         special = {t["content"]: int(i) for i, t in added.items() if t.get("special")}
@@ -526,8 +275,15 @@ def _from_tiktoken_model(path: Path, config: dict) -> TiktokenBPE:
                  8: "<|eom_id|>", 9: "<|eot_id|>", 10: "<|python_tag|>"}
         reserved = (f"<|reserved_special_token_{k}|>" for k in range(256))
         special = {named.get(k) or next(reserved): len(ranks) + k for k in range(256)}
-    enc = tiktoken.Encoding(name=path.parent.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens={})
-    token_bytes = {r: t for t, r in ranks.items()} | {i: s.encode() for s, i in special.items()}
-    added_tokens = AddedTokens([(s, i, False, True) for s, i in special.items()])
-    return TiktokenBPE(enc, list(range(enc.n_vocab)), token_bytes, added_tokens,
-                       _flag_template(config, special, path))
+    used = set(ranks.values())
+    for token, i in special.items():
+        if i in used:
+            raise UserError(f"{path}: special token {token!r} has the id {i} of one of the file's own tokens")
+    # Hugging Face cuts the longest special token at a position, tiktoken the first its regex tries:
+    # they differ only where one token starts another, which sorted order puts side by side
+    names = sorted(special)
+    for a, b in zip(names, names[1:]):
+        if b.startswith(a):
+            raise UserError(f"{path.parent / 'tokenizer_config.json'}: special token {a!r} is the start of {b!r}, "
+                            f"which tiktoken does not cut as Hugging Face does (give the folder a tokenizer.json)")
+    return special

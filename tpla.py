@@ -1,4 +1,4 @@
-"""Tensor-parallel latent attention (TPLA, arXiv 2508.15881) and head-parallel MLA over torch.distributed.
+"""Tensor-parallel latent attention (TPLA, arXiv 2508.15881) and head-parallel MLA, over torch.distributed.
 
     torchrun --nproc_per_node=2 generate.py --prompt "The capital of France is" --temperature 0
     torchrun --nproc_per_node=2 generate.py --ckpt MLA_DIR --prompt "Hello" --tp heads
@@ -15,16 +15,18 @@ TPLA splits the latent instead. With g ranks, rank i keeps the slice P_i of the 
 values per token) plus the rope key k_pe, and runs attention for all heads on its slice:
     s_i = q_lat[P_i] . c[P_i] + q_pe . k_pe        p_i = softmax(s_i * scale)
     y_i = W_O  W_UV[:, P_i] (p_i . c[P_i])          y = all_reduce_sum(y_i)
-Exact for g = 1; for g > 1 each shard has a softmax of its own (that is the approximation). If
-every p_i were the same p, y would be exactly MLA's. An orthogonal transform Q of the latent
-(c' = Q c, up-projections W Q^T: exact) chosen before slicing makes the shards' scores more
-alike: `hadamard` (mixes every latent dim into every shard), `pca` (the eigenvectors of the
-calibration latents' second moment, dealt round-robin to the shards by energy so each gets a
-balanced share; `pca-sorted` keeps them in order, the top half on rank 0) or `none`. The
-latent RMSNorm is computed on the whole latent, before slicing: every rank holds the (small)
-down-projection and normalises each new token's latent itself. Its elementwise weight is not
-rotation invariant, so all of it but its RMS (a uniform factor, which is) moves into the
-up-projection first.
+That is absorbed MLA on a slice of the latent, and TPLA's decode calls exactly that function
+(model.absorbed_attention) on its shard's columns. Exact for g = 1; for g > 1 each shard has a
+softmax of its own (that is the approximation): if every p_i were the same p, y would be exactly
+MLA's. An orthogonal transform Q of the latent (c' = Q c, up-projections W Q^T: exact), chosen
+before slicing, decides what each shard holds: `hadamard` (every latent dim in every shard),
+`pca` (the eigenvectors of the calibration latents' second moment, dealt round-robin so that
+each shard gets an equal share of the energy), `pca-sorted` (the top half on rank 0), `none`
+(the default: convert.py's latent is energy-sorted already), or a rotation fitted to the split
+itself (`python tpla.py`, fit_rotation). The latent RMSNorm is computed on the whole latent,
+before slicing: every rank holds the (small) down-projection and normalises each new token's
+latent itself. Its elementwise weight is not rotation invariant, so all of it but its RMS (a
+uniform factor, which is) moves into the up-projection first. Every rank keeps the whole rope key.
 
 Prefill runs in plain MLA form (exact, nothing split across ranks but the heads): each rank
 runs its heads over the whole latent of the prompt, then caches only its slice. Decode (and any
@@ -35,102 +37,184 @@ The rest is ordinary Megatron tensor parallelism: the feed-forward's w1 / w3 spl
 rows and w2 by input columns; embeddings, norms and the output head are replicated. A mixture
 of experts (DeepSeek-V2/V3, Kimi-K2) is expert-parallel: each rank holds and reads only its
 contiguous share of the routed experts (ParallelMoE), so a checkpoint whose experts exceed one
-rank's memory still runs. Each layer
-does two all-reduces (after attention, after the feed-forward). They cannot be merged: the
-feed-forward's RMSNorm needs the complete attention output, the next layer's needs the complete
-feed-forward output. Biases of row-parallel outputs (o_proj, w2) are added on rank 0 only.
+rank's memory still runs. Each layer does two all-reduces (after attention, after the
+feed-forward). They cannot be merged: the feed-forward's RMSNorm needs the complete attention
+output, the next layer's needs the complete feed-forward output. Biases of row-parallel outputs
+(o_proj, w2) are added on rank 0 only. Heads split contiguously, unevenly where they do not
+divide (9 heads on 2 ranks: 4 + 5). GQA checkpoints run head-parallel too: with fewer ranks than
+KV heads the KV groups are dealt to the ranks; with more, a KV head is replicated on the ranks
+that share its query heads.
 
-Head split: contiguous, uneven where the heads do not divide (9 heads on 2 ranks: 4 + 5). GQA
-checkpoints run head-parallel too: with fewer ranks than KV heads the KV groups are dealt to the
-ranks; with more, a KV head is replicated on the ranks that share its query heads.
-
-Choices settled by measurement on the embedded model's default conversion (R = 64, r = 32, 2
-ranks; docs/tpla.md). Here TPLA costs a lot of accuracy (R / g = 32; the paper's R is 512;
-converted at R = 320, 160 per rank, it costs 1.7% perplexity, 3.4% on the decoded tokens):
-- the rope key: whole on every rank. Dealing its rotary pairs to the ranks like the latent saves
-  bytes but each shard then sees half of the positional signal: decode perplexity x7.
-- the transform: none. The balanced ones (Hadamard; PCA dealt round-robin) give each shard half
-  of every score, and each shard's softmax is flatter than the whole one. An energy-sorted split
-  (pca-sorted; convert.py's BKV-PCA latent is sorted already, so `none` is one) keeps the
-  scores' main terms together on rank 0, whose softmax stays close to the whole one.
-- no per-shard logit scale: scaling a shard's latent scores by g helps Hadamard a little and
-  hurts the others. Nor a per-shard estimate of the whole latent (pairing dims k and k + R/2 by a
-  rotation, then scoring each shard's query against a least-squares estimate of the missing half):
-  4% better, not worth its calibration.
-Where the loss is: rank 1 (the weak half of the latent) with a softmax of its own costs ~7x what
-rank 0 does. Two remedies, both measured in docs/tpla.md: a rotation fitted to the split itself
-(`python tpla.py`: fit_rotation finds, per layer, the orthogonal Q under which TPLA decode best
-matches the exact attention on calibration text; it is written into a copy of the checkpoint,
-the same model on one device, then run with `none`), and training (`finetune.py --tpla 2`, through
-SimulatedTPLA below).
-Speed on a CPU: the absorbed attention's small-row matmuls and softmax set the pace, not the
-bytes, and TPLA does per rank as much arithmetic as head-parallel (all H heads on R/g + r dims
-against H/g heads on R + r) and more softmax: 1.06x in fp32, 1.13x in bf16 at 32K (docs/tpla.md).
+What is in here, top to bottom: TPLA, one rank's attention; the head-parallel modules;
+SimulatedTPLA, every rank of TPLA decode in one process (what finetune.py --tpla trains
+through); the latent transforms and the fitted rotation (`python tpla.py`); sharding a layer and
+loading a checkpoint split over the ranks (load_parallel); place(), a checkpoint on one device or
+split over torchrun's ranks, as generate.py and bench.py open it. What each choice was measured
+to cost (the transforms, the rope key, per-shard scaling, where the loss is, the speed on a
+CPU): docs/tpla.md.
 """
-from dataclasses import replace
+import argparse
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from checkpoint import CheckpointReader, find_checkpoint, load_model
-from cli import UserError, progress_bar, run
-from fetch import ensure_default_conversion
-from model import MLA, Attention, Block, FeedForward, LatentCache, ModelArgs, MoE, Transformer, latent_attention
+from checkpoint import CheckpointReader, args_from_config, find_checkpoint, load_model, read_config
+from cli import UserError, first_on_rank_0, init_distributed, launched, progress_bar, run
+from fetch import default_or, ensure_default_conversion
+from model import (MLA, Attention, Block, FeedForward, LatentCache, ModelArgs, MoE, Transformer, absorbed_attention,
+                   attention_mask)
 from writer import check_output, earlier_output, write_model
 
 MODES = ("tpla", "heads")
 TRANSFORMS = ("none", "hadamard", "pca", "pca-sorted")  # pca-sorted: shard 0 gets the top half of the energy
-# Settled by measurement (docs/tpla.md: ppl_decode on the evaluation split, 2 ranks): an
-# energy-sorted split beats a balanced one, and convert.py's latent is already BKV-PCA sorted
-DEFAULT_TRANSFORM = "none"
-ROPE = "full"  # every rank keeps the whole rope key: splitting it loses the positions (ppl_decode x7.5)
-RESCALE = False  # shard scores as they are: x g helps only Hadamard, and not enough
+DEFAULT_TRANSFORM = "none"  # convert.py's latent is energy-sorted: the split that costs least (docs/tpla.md)
 
 
-def checkpoint_or_default(ckpt: str | None) -> Path:
-    """--ckpt, or the embedded model's default MLA conversion: made on first use by rank 0 while
-    the others wait, and a failure reaches every rank (so all exit, none hangs)."""
-    if ckpt:
-        return find_checkpoint(ckpt)
-    box = [None]
-    if dist.get_rank() == 0:
-        try:
-            box = [str(ensure_default_conversion())]
-        except UserError as e:
-            box = [e]
-    dist.broadcast_object_list(box, src=0)
-    if isinstance(box[0], UserError):
-        raise box[0]
-    return Path(box[0])
+# ----------------------------------------------------------------------------- one rank's latent attention
+
+class TPLA(MLA):
+    """MLA whose cache holds this rank's latent slice; prefill in MLA form, decode in TPLA form.
+    Parameters are the whole (transformed) MLA's: all heads' queries and o_proj, as decode needs."""
+
+    def __init__(self, args: ModelArgs, rank: int, world: int):
+        super().__init__(args)
+        self.h0, self.h1 = split(self.n_heads, rank, world)  # heads this rank runs in prefill
+        self.lat = slice(*split(self.R, rank, world))  # this rank's latent dims P_i
+
+    def shard(self):
+        """After loading: this rank's columns of the up-projections, contiguous, for decode."""
+        w = self.wkv_b.weight.view(self.n_heads, self.d_nope + self.d_v, self.R)[..., self.lat]
+        self.register_buffer("w_uk", w[:, : self.d_nope].contiguous(), persistent=False)  # (H, d_nope, R/g)
+        self.register_buffer("w_uv", w[:, self.d_nope:].contiguous(), persistent=False)  # (H, d_v, R/g)
+        return self
+
+    def kv_values_per_token(self) -> int:
+        return self.lat.stop - self.lat.start + self.r
+
+    def make_cache(self, batch: int, seq_len: int, dtype, device) -> LatentCache:
+        return LatentCache(batch, seq_len, self.lat.stop - self.lat.start, self.r, dtype, device)
+
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        B, T, _ = x.shape
+        q_nope, q_pe, c, k_pe = self.project(x, cos, sin)  # all heads; the whole latent is normed, then sliced
+        if self.cache is not None:  # cache only this rank's shard: c[P_i] and the rope key
+            kv = self.cache.update(input_pos, c[..., self.lat], k_pe)  # (B, S, R/g + r)
+        if self.cache is None or input_pos[0] == 0:  # nothing cached before: the exact MLA form
+            y = self._prefill(q_nope, q_pe, c, k_pe, mask)
+        else:  # absorbed MLA on this rank's slice of the latent: every head, a softmax of its own
+            y = absorbed_attention(q_nope, q_pe, kv, self.w_uk, self.w_uv, self.scale, mask)  # (B, T, H, d_v)
+            y = self.wo(y.reshape(B, T, -1))
+        dist.all_reduce(y)  # prefill: the sum over heads; decode: the sum over latent shards
+        return y
+
+    def _prefill(self, q_nope, q_pe, c, k_pe, mask):
+        """Naive MLA for heads h0..h1 over the whole latent of these T tokens, through their o_proj columns."""
+        B, T, H, _ = q_nope.shape
+        h, n = slice(self.h0, self.h1), self.h1 - self.h0
+        w = self.wkv_b.weight.view(H, self.d_nope + self.d_v, self.R)[h]
+        k_nope, v = torch.einsum("btc,hdc->bthd", c, w).split([self.d_nope, self.d_v], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, -1, n, -1)], dim=-1)  # (B, T, n, d_nope + r)
+        q = torch.cat([q_nope[:, :, h], q_pe[:, :, h]], dim=-1)
+        if mask is not None:
+            mask = mask[:, :T]  # the keys are these T tokens, at positions 0 ... T-1
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask, scale=self.scale).transpose(1, 2)  # (B, T, n, d_v)
+        wo = self.wo.weight[:, self.h0 * self.d_v: self.h1 * self.d_v]
+        return F.linear(y.reshape(B, T, -1), wo, self.wo.bias)  # the bias is zero except on rank 0
 
 
-def check_parallel(args: ModelArgs, mode: str, world: int, transform: str = "none", rope: str = "full"):
-    """Say in one line why this checkpoint cannot be split this way (the same on every rank)."""
-    kind = args.extra.get("model_type", "?")
-    if mode == "tpla" and not args.is_mla:
-        raise UserError(f"--tp tpla needs an MLA checkpoint, this one is GQA ({kind}): convert it with "
-                        "convert.py, or run it with --tp heads")
-    if world > args.n_heads:
-        raise UserError(f"world size {world} exceeds the {args.n_heads} attention heads: every rank needs a head")
-    if not args.n_experts and args.hidden_dim % world:
-        raise UserError(f"world size {world} does not divide the feed-forward hidden size {args.hidden_dim}")
-    if mode == "tpla":
-        R, r = args.kv_lora_rank, args.qk_rope_head_dim
-        if R % world:
-            raise UserError(f"world size {world} does not divide the latent (kv_lora_rank {R}): "
-                            "TPLA gives each rank R / world of it")
-        if rope == "split" and (r // 2) % world:
-            raise UserError(f"world size {world} does not divide the {r // 2} rotary pairs of the rope key")
-        if transform == "hadamard" and R & (R - 1):
-            raise UserError(f"--tpla-transform hadamard needs a power-of-two kv_lora_rank, this one is {R}: "
-                            "use pca or none")
+# ----------------------------------------------------------------------------- whole heads (and experts) per rank
+
+class HeadParallelMLA(MLA):
+    """DeepSeek's TP: an MLA of this rank's heads over the whole latent, so the whole cache on every rank.
+    Its absorbed path is MLA's unchanged, for H/g heads."""
+
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        y = super().forward(x, cos, sin, mask, input_pos)  # this rank's heads through their o_proj columns
+        dist.all_reduce(y)  # the sum over ranks is every head through the whole o_proj
+        return y
 
 
-def split(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Rank's contiguous share [a, b) of n items, sizes differing by at most one (9 on 2: 4 + 5)."""
-    return rank * n // world, (rank + 1) * n // world
+class HeadParallelAttention(Attention):
+    """GQA, head-parallel: this rank's query heads and the KV heads they read."""
+
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        y = super().forward(x, cos, sin, mask, input_pos)
+        dist.all_reduce(y)
+        return y
+
+
+class ParallelFeedForward(FeedForward):
+    """Megatron's MLP: this rank's hidden units (w1, w3 rows; w2 columns) give a partial sum."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        dist.all_reduce(y)
+        return y
+
+
+class ParallelMoE(MoE):
+    """Expert parallelism: this rank's routed experts and its share of the shared experts' hidden
+    units (built so by load_parallel and shard_feed_forward) give a partial sum of the layer's output.
+    Every rank routes every token (the router is replicated and deterministic, so all agree), runs
+    the tokens routed to its own experts, and the all-reduce the layer makes anyway adds the parts:
+    no all-to-all, since tensor-parallel attention leaves every rank with every token."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        dist.all_reduce(y)
+        return y
+
+
+# ----------------------------------------------------------------------------- every rank in one process
+
+def all_shards(q_nope, q_pe, c, k_pe, w, d_nope: int, scale: float, mask, world: int):
+    """What g ranks of TPLA decode compute, in one process: rank i attends on its latent slice
+    c[P_i] (and the whole rope key) with a softmax of its own; the sum is the all-reduce's.
+    w: the whole up-projection (H, d_nope + d_v, R) -> (B, T, H, d_v)."""
+    y = 0
+    for i in range(world):
+        P = slice(*split(c.shape[-1], i, world))
+        y = y + absorbed_attention(q_nope, q_pe, torch.cat([c[..., P], k_pe], dim=-1), w[:, :d_nope, P],
+                                   w[:, d_nope:, P], scale, mask)
+    return y
+
+
+class SimulatedTPLA(MLA):
+    """All g ranks of TPLA decode in one process, differentiable, for fine-tuning a checkpoint to
+    tolerate the split (finetune.py --tpla) and for measuring it without torchrun. No cache: in a
+    forward over whole windows, the queries at positions >= start attend in TPLA form (each latent
+    shard with a softmax of its own, then the sum the all-reduce makes), the earlier ones in MLA
+    form. That is what teacher-forced decode after a `start`-token prefill computes on g ranks with
+    `--tpla-transform none` (test_tp_two_ranks compares the two). rows: the batch rows that take the
+    TPLA form (None: all); the others stay plain MLA. Set up by simulate()."""
+    world, start, rows = 1, 0, None
+
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        B, T, _ = x.shape
+        q_nope, q_pe, c, k_pe = self.project(x, cos, sin)
+        y = self._naive(q_nope, q_pe, torch.cat([c, k_pe], dim=-1), mask)  # (B, T, H, d_v): MLA form
+        rows = torch.arange(B, device=x.device) if self.rows is None else self.rows
+        if len(rows) == 0:  # none of this batch's windows takes the TPLA form (finetune.py: this rank's share)
+            return self.wo(y.reshape(B, T, -1))
+        s = self.start
+        w = self.wkv_b.weight.view(self.n_heads, self.d_nope + self.d_v, self.R)
+        decode = all_shards(q_nope[rows, s:], q_pe[rows, s:], c[rows], k_pe[rows], w, self.d_nope, self.scale,
+                            mask[s:], self.world)
+        y = y.index_copy(0, rows, torch.cat([y[rows, :s], decode], dim=1))
+        return self.wo(y.reshape(B, T, -1))
+
+
+def simulate(model: Transformer, world: int, start: int, rows: torch.Tensor | None = None) -> Transformer:
+    """Turn every MLA layer of `model`, in place, into a SimulatedTPLA of `world` ranks (same weights)."""
+    check_parallel(model.args, "tpla", world)
+    for layer in model.layers:
+        layer.attention.__class__ = SimulatedTPLA
+        layer.attention.world, layer.attention.start, layer.attention.rows = world, start, rows
+    return model
 
 
 # ----------------------------------------------------------------------------- the orthogonal transform
@@ -178,6 +262,8 @@ def latent_moment(attn: MLA, x: torch.Tensor) -> torch.Tensor:
     return c.T @ c / len(c)
 
 
+# ----------------------------------------------------------------------------- a rotation fitted for the split
+
 def calibration_ids(folder: Path, n_tokens: int = 2048, seq_len: int = 512, text: str | None = None) -> torch.Tensor:
     """(n_tokens / seq_len, seq_len) token ids from the start of `text` (a file; default: the
     embedded calibration split)."""
@@ -186,175 +272,6 @@ def calibration_ids(folder: Path, n_tokens: int = 2048, seq_len: int = 512, text
     ids = load_tokenizer(folder).encode(read_text(text or ensure_texts()[0]))[:n_tokens]
     return torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
 
-
-# ----------------------------------------------------------------------------- the parallel modules
-
-class HeadParallelMLA(MLA):
-    """DeepSeek's TP: an MLA of this rank's heads over the whole latent, so the whole cache on every rank.
-    Its absorbed path is MLA's unchanged, for H/g heads."""
-
-    def forward(self, x, cos, sin, mask, input_pos=None):
-        y = super().forward(x, cos, sin, mask, input_pos)  # this rank's heads through their o_proj columns
-        dist.all_reduce(y)  # the sum over ranks is every head through the whole o_proj
-        return y
-
-
-class HeadParallelAttention(Attention):
-    """GQA, head-parallel: this rank's query heads and the KV heads they read."""
-
-    def forward(self, x, cos, sin, mask, input_pos=None):
-        y = super().forward(x, cos, sin, mask, input_pos)
-        dist.all_reduce(y)
-        return y
-
-
-class ParallelFeedForward(FeedForward):
-    """Megatron's MLP: this rank's hidden units (w1, w3 rows; w2 columns) give a partial sum."""
-
-    def forward(self, x):
-        y = super().forward(x)
-        dist.all_reduce(y)
-        return y
-
-
-class ParallelMoE(MoE):
-    """Expert parallelism: this rank's routed experts and its share of the shared experts' hidden
-    units (built so by load_parallel and shard_feed_forward) give a partial sum of the layer's output.
-    Every rank routes every token (the router is replicated and deterministic, so all agree), runs
-    the tokens routed to its own experts, and the all-reduce the layer makes anyway adds the parts:
-    no all-to-all, since tensor-parallel attention leaves every rank with every token."""
-
-    def forward(self, x):
-        y = super().forward(x)
-        dist.all_reduce(y)
-        return y
-
-
-class TPLA(MLA):
-    """MLA whose cache holds this rank's latent slice; prefill in MLA form, decode in TPLA form.
-    Parameters are the whole (transformed) MLA's: all heads' queries and o_proj, as decode needs.
-
-    rope: "full" caches the whole rope key on every rank and adds q_pe . k_pe to every shard's
-    scores; "split" deals the rotary pairs to the ranks like the latent (fewer bytes, each
-    shard's scores see only part of the position signal).
-    rescale: multiply the split parts of the scores by g, so each shard's logits keep the
-    magnitude of the whole latent's (the shard's dot product has 1/g of the terms)."""
-
-    def __init__(self, args: ModelArgs, rank: int, world: int, rope: str = "full", rescale: bool = False):
-        super().__init__(args)
-        self.h0, self.h1 = split(self.n_heads, rank, world)  # heads this rank runs in prefill
-        a, b = split(self.R, rank, world)
-        self.lat = slice(a, b)  # this rank's latent dims P_i
-        half = self.r // 2  # rotate_half layout: dims j and j + r/2 are rotary pair j
-        pairs = list(range(half)) if rope == "full" else list(range(rank, half, world))
-        self.rope_list = pairs + [half + j for j in pairs]  # this rank's rope dims; a tensor in shard()
-        self.lat_gain = float(world) if rescale else 1.0
-        self.rope_gain = float(world) if rescale and rope == "split" else 1.0
-
-    def shard(self):
-        """After loading: this rank's columns of the up-projections, contiguous, for decode (the
-        key's with the latent scores' gain in them, so a decode step does not multiply by it)."""
-        w = self.wkv_b.weight.view(self.n_heads, self.d_nope + self.d_v, self.R)[..., self.lat]
-        self.register_buffer("w_uk", w[:, : self.d_nope] * self.lat_gain, persistent=False)  # (H, d_nope, R/g)
-        self.register_buffer("w_uv", w[:, self.d_nope:].contiguous(), persistent=False)  # (H, d_v, R/g)
-        self.register_buffer("rope_dims", torch.tensor(self.rope_list, device=w.device), persistent=False)
-        return self
-
-    def kv_values_per_token(self) -> int:
-        return self.lat.stop - self.lat.start + len(self.rope_dims)
-
-    def make_cache(self, batch: int, seq_len: int, dtype, device) -> LatentCache:
-        return LatentCache(batch, seq_len, self.lat.stop - self.lat.start, len(self.rope_dims), dtype, device)
-
-    def forward(self, x, cos, sin, mask, input_pos=None):
-        q_nope, q_pe, c, k_pe = self.project(x, cos, sin)  # all heads; the whole latent is normed, then sliced
-        if self.cache is not None:  # cache only this rank's shard: c[P_i] and its rope dims
-            kv = self.cache.update(input_pos, c[..., self.lat], k_pe[..., self.rope_dims])  # (B, S, R/g + r_i)
-        if self.cache is None or input_pos[0] == 0:  # nothing cached before: the exact MLA form
-            y = self._prefill(q_nope, q_pe, c, k_pe, mask)
-        else:
-            y = self._decode(q_nope, q_pe, kv, mask)
-        dist.all_reduce(y)  # prefill: the sum over heads; decode: the sum over latent shards
-        return y
-
-    def _prefill(self, q_nope, q_pe, c, k_pe, mask):
-        """Naive MLA for heads h0..h1 over the whole latent of these T tokens, through their o_proj columns."""
-        B, T, H, _ = q_nope.shape
-        h, n = slice(self.h0, self.h1), self.h1 - self.h0
-        w = self.wkv_b.weight.view(H, self.d_nope + self.d_v, self.R)[h]
-        k_nope, v = torch.einsum("btc,hdc->bthd", c, w).split([self.d_nope, self.d_v], dim=-1)
-        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, -1, n, -1)], dim=-1)  # (B, T, n, d_nope + r)
-        q = torch.cat([q_nope[:, :, h], q_pe[:, :, h]], dim=-1)
-        if mask is not None:
-            mask = mask[:, :T]  # the keys are these T tokens, at positions 0 ... T-1
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=mask, scale=self.scale).transpose(1, 2)  # (B, T, n, d_v)
-        wo = self.wo.weight[:, self.h0 * self.d_v: self.h1 * self.d_v]
-        return F.linear(y.reshape(B, T, -1), wo, self.wo.bias)  # the bias is zero except on rank 0
-
-    def _decode(self, q_nope, q_pe, kv, mask):
-        B, T, _, _ = q_nope.shape
-        y = attend_shard(q_nope, q_pe[..., self.rope_dims] * self.rope_gain, kv, self.w_uk, self.w_uv, self.scale, mask)
-        return self.wo(y.reshape(B, T, -1))
-
-
-def attend_shard(q_nope, q_pe, kv, w_uk, w_uv, scale: float, mask):
-    """TPLA's decode on one latent shard: absorbed attention of every head over the cached
-    [c[P_i] ; k_pe] with a softmax of its own. w_uk (H, d_nope, R/g), w_uv (H, d_v, R/g): the
-    up-projections' columns of the shard -> (B, T, H, d_v), this shard's part of every head."""
-    q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, R/g)
-    q = torch.cat([q_lat, q_pe], dim=-1) * scale  # (B, T, H, R/g + r_i)
-    o_lat = latent_attention(q, kv, w_uk.shape[-1], mask)  # (B, T, H, R/g)
-    return torch.einsum("bthc,hdc->bthd", o_lat, w_uv)
-
-
-def all_shards(q_nope, q_pe, c, k_pe, w, d_nope: int, scale: float, mask, world: int):
-    """What g ranks of TPLA decode compute, in one process: rank i attends on its latent slice
-    c[P_i] (and the whole rope key) with a softmax of its own; the sum is the all-reduce's.
-    w: the whole up-projection (H, d_nope + d_v, R) -> (B, T, H, d_v)."""
-    y = 0
-    for i in range(world):
-        a, b = split(c.shape[-1], i, world)
-        y = y + attend_shard(q_nope, q_pe, torch.cat([c[..., a:b], k_pe], dim=-1), w[:, :d_nope, a:b],
-                             w[:, d_nope:, a:b], scale, mask)
-    return y
-
-
-class SimulatedTPLA(MLA):
-    """All g ranks of TPLA decode in one process, differentiable, for fine-tuning a checkpoint to
-    tolerate the split (finetune.py --tpla) and for measuring it without torchrun. No cache: in a
-    forward over whole windows, the queries at positions >= start attend in TPLA form (each latent
-    shard with a softmax of its own, then the sum the all-reduce makes), the earlier ones in MLA
-    form. That is what teacher-forced decode after a `start`-token prefill computes on g ranks with
-    `--tpla-transform none` (test_tp_two_ranks compares the two). rows: the batch rows that take the
-    TPLA form (None: all); the others stay plain MLA. Set up by simulate()."""
-    world, start, rows = 1, 0, None
-
-    def forward(self, x, cos, sin, mask, input_pos=None):
-        B, T, _ = x.shape
-        q_nope, q_pe, c, k_pe = self.project(x, cos, sin)
-        y = self._naive(q_nope, q_pe, torch.cat([c, k_pe], dim=-1), mask)  # (B, T, H, d_v): MLA form
-        rows = torch.arange(B, device=x.device) if self.rows is None else self.rows
-        if len(rows) == 0:  # none of this batch's windows takes the TPLA form (finetune.py: this rank's share)
-            return self.wo(y.reshape(B, T, -1))
-        s = self.start
-        w = self.wkv_b.weight.view(self.n_heads, self.d_nope + self.d_v, self.R)
-        decode = all_shards(q_nope[rows, s:], q_pe[rows, s:], c[rows], k_pe[rows], w, self.d_nope, self.scale,
-                            mask[s:], self.world)
-        y = y.index_copy(0, rows, torch.cat([y[rows, :s], decode], dim=1))
-        return self.wo(y.reshape(B, T, -1))
-
-
-def simulate(model: Transformer, world: int, start: int, rows: torch.Tensor | None = None) -> Transformer:
-    """Turn every MLA layer of `model`, in place, into a SimulatedTPLA of `world` ranks (same weights)."""
-    check_parallel(model.args, "tpla", world)
-    for layer in model.layers:
-        layer.attention.__class__ = SimulatedTPLA
-        layer.attention.world, layer.attention.start, layer.attention.rows = world, start, rows
-    return model
-
-
-# ----------------------------------------------------------------------------- a rotation fitted for the split
 
 def fit_rotation(attn: MLA, x: torch.Tensor, cos, sin, world: int, start: int, stride: int = 1, steps: int = 40,
                  lr: float = 3e-3):
@@ -366,7 +283,8 @@ def fit_rotation(attn: MLA, x: torch.Tensor, cos, sin, world: int, start: int, s
     do. The layer's latent norm weight must be uniform already (fold_transform with I). Returns
     the best Q seen and the relative error at I and at that Q."""
     T = x.shape[1]
-    mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    pos = torch.arange(T, device=x.device)
+    mask = attention_mask(pos, pos)
     steps_at = slice(start, T, stride)
     with torch.no_grad():
         q_nope, q_pe, c, k_pe = attn.project(x, cos, sin)
@@ -411,7 +329,7 @@ def rotate_for_tpla(path: str | Path, out: str | Path, world: int, calib: torch.
     h = model.tok_embeddings(calib)
     model.set_rope(max(T, model.rope_cos.shape[0]))
     cos, sin = model.rope_cos[:T], model.rope_sin[:T]
-    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    mask = attention_mask(torch.arange(T), torch.arange(T))
     before, after = [], []
     bar = progress_bar(total=len(model.layers), desc=f"fit the rotation for TPLA x{world}", unit="layer")
     for i, block in enumerate(model.layers):
@@ -437,6 +355,11 @@ def rotate_for_tpla(path: str | Path, out: str | Path, world: int, calib: torch.
 
 # ----------------------------------------------------------------------------- sharding one layer
 
+def split(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank's contiguous share [a, b) of n items, sizes differing by at most one (9 on 2: 4 + 5)."""
+    return rank * n // world, (rank + 1) * n // world
+
+
 def _rows(t: torch.Tensor, a: int, b: int, per: int) -> torch.Tensor:
     return t[a * per: b * per].clone()  # clone: the full tensor's storage can then be freed
 
@@ -453,10 +376,11 @@ def _build(make, state: dict, rank: int):
     return m
 
 
-def shard_attention(attn, args: ModelArgs, mode: str, rank: int, world: int, rope: str, rescale: bool):
+def shard_attention(attn, args: ModelArgs, mode: str, rank: int, world: int):
+    """This rank's part of one attention module: TPLA, or whole heads (MLA or GQA)."""
     s = attn.state_dict()
     if mode == "tpla":
-        return _build(lambda: TPLA(args, rank, world, rope, rescale), s, rank).shard()
+        return _build(lambda: TPLA(args, rank, world), s, rank).shard()
     if args.is_mla:
         h0, h1 = split(args.n_heads, rank, world)
         local = replace(args, n_heads=h1 - h0, n_kv_heads=h1 - h0)
@@ -515,16 +439,36 @@ def shard_feed_forward(ffn, rank: int, world: int):
 
 # ----------------------------------------------------------------------------- loading
 
+def check_parallel(args: ModelArgs, mode: str, world: int, transform: str = "none"):
+    """Say in one line why this checkpoint cannot be split this way (the same on every rank)."""
+    kind = args.extra.get("model_type", "?")
+    if mode == "tpla" and not args.is_mla:
+        raise UserError(f"--tp tpla needs an MLA checkpoint, this one is GQA ({kind}): convert it with "
+                        "convert.py, or run it with --tp heads")
+    if world > args.n_heads:
+        raise UserError(f"world size {world} exceeds the {args.n_heads} attention heads: every rank needs a head")
+    if not args.n_experts and args.hidden_dim % world:
+        raise UserError(f"world size {world} does not divide the feed-forward hidden size {args.hidden_dim}")
+    if mode == "tpla":
+        R = args.kv_lora_rank
+        if R % world:
+            raise UserError(f"world size {world} does not divide the latent (kv_lora_rank {R}): "
+                            "TPLA gives each rank R / world of it")
+        if transform == "hadamard" and R & (R - 1):
+            raise UserError(f"--tpla-transform hadamard needs a power-of-two kv_lora_rank, this one is {R}: "
+                            "use pca or none")
+
+
 @torch.no_grad()
 def load_parallel(path: str | Path, mode: str, rank: int, world: int, device: str = "cpu",
-                  dtype: torch.dtype = torch.float32, transform: str = DEFAULT_TRANSFORM, rope: str = "full",
-                  rescale: bool = False, calib: torch.Tensor | None = None) -> tuple[Transformer, Path]:
+                  dtype: torch.dtype = torch.float32, transform: str = DEFAULT_TRANSFORM,
+                  calib: torch.Tensor | None = None) -> tuple[Transformer, Path]:
     """This rank's part of one unsharded checkpoint, read layer by layer (memory: one layer, of its
     routed experts only this rank's, plus this rank's shards). For tpla with pca, calibration ids (N, T) stream through the
     whole model alongside, one layer at a time, to measure each layer's latents."""
     reader = CheckpointReader(path)
     args = reader.args
-    check_parallel(args, mode, world, transform, rope)
+    check_parallel(args, mode, world, transform)
     with torch.device("meta"):
         model = Transformer(args)
     for name in ("tok_embeddings", "norm") + (() if model.output is None else ("output",)):
@@ -536,7 +480,8 @@ def load_parallel(path: str | Path, mode: str, rank: int, world: int, device: st
         h = model.tok_embeddings(calib)  # (N, T, D) hidden states of the whole model
         T = calib.shape[1]
         model.set_rope(max(T, model.rope_cos.shape[0]), device)
-        rope_cs, mask = (model.rope_cos[:T], model.rope_sin[:T]), torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        pos = torch.arange(T, device=device)
+        rope_cs, mask = (model.rope_cos[:T], model.rope_sin[:T]), attention_mask(pos, pos)
     for i in range(args.n_layers):
         experts = range(*split(args.n_experts, rank, world)) if args.is_moe(i) else None
         with torch.device("meta"):
@@ -554,15 +499,68 @@ def load_parallel(path: str | Path, mode: str, rank: int, world: int, device: st
             else:
                 Q = hadamard(args.kv_lora_rank)
             fold_transform(block.attention, Q)
-        block.attention = shard_attention(block.attention, args, mode, rank, world, rope, rescale)
+        block.attention = shard_attention(block.attention, args, mode, rank, world)
         model.layers[i] = block
     return model.eval(), reader.folder
+
+
+# ----------------------------------------------------------------------------- one device, or split over the ranks
+
+@dataclass
+class Placement:
+    """Where a checkpoint runs: one device (mode None), or split over torchrun's ranks, mode "tpla"
+    (each rank a slice of the latent) or "heads" (whole heads per rank)."""
+    folder: Path
+    args: ModelArgs  # from its config.json, before any weight is read
+    device: str
+    mode: str | None = None
+    rank: int = 0
+    world: int = 1
+    transform: str = DEFAULT_TRANSFORM  # of the latent, before TPLA splits it
+
+    def load(self, dtype: torch.dtype, mode: str | None = None) -> Transformer:
+        """The model, this rank's part of it (in `mode` if given, else this placement's)."""
+        mode = mode or self.mode
+        if mode is None:
+            return load_model(self.folder, device=self.device, dtype=dtype)[0]
+        return load_parallel(self.folder, mode, self.rank, self.world, self.device, dtype, self.transform)[0]
+
+    def describe(self) -> str:
+        return "one device" if self.mode is None else f"--tp {self.mode} on {self.world} rank{'s' * (self.world > 1)}"
+
+
+def place(ckpt: str | None, tp: str | None, transform: str, device: str) -> Placement:
+    """Where --ckpt runs, checked before any weight is read. Under torchrun (or with --tp: a group
+    of one) this process joins the group, the default checkpoint is the embedded model's MLA
+    conversion (made by rank 0 first, on first use), the mode defaults to tpla for MLA and heads
+    for GQA, and the split is checked (check_parallel). Otherwise one device, and the default is
+    the embedded model itself. UserError, in one line, for what cannot run."""
+    if not (launched() or tp):
+        folder = default_or(ckpt)
+        return Placement(folder, args_from_config(read_config(folder)), device)
+    rank, world, device = init_distributed(device)
+    folder = find_checkpoint(ckpt) if ckpt else first_on_rank_0(ensure_default_conversion)
+    args = args_from_config(read_config(folder))
+    mode = tp or ("tpla" if args.is_mla else "heads")
+    check_parallel(args, mode, world, transform)
+    return Placement(folder, args, device, mode, rank, world, transform)
+
+
+def add_placement_flags(p: argparse.ArgumentParser):
+    """--device, --dtype, --tp and --tpla-transform: how generate.py and bench.py run a checkpoint (place())."""
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--tp", choices=MODES, help="tensor parallelism over torchrun's processes: tpla (each rank a "
+                                               "slice of the latent) or heads (whole heads per rank); default under "
+                                               "torchrun: tpla for MLA, heads for GQA (bench.py's speed run: both)")
+    p.add_argument("--tpla-transform", choices=TRANSFORMS, default=DEFAULT_TRANSFORM,
+                   help="orthogonal transform of the latent before TPLA splits it (a checkpoint rotated by "
+                        "python tpla.py has its fitted one already: use none)")
 
 
 # ----------------------------------------------------------------------------- command line: fit the rotation
 
 def main():
-    import argparse
     p = argparse.ArgumentParser(description="Rotate an MLA checkpoint's latent for a TPLA split of --world "
                                 "ranks (fit_rotation); the result is the same model on one device.")
     p.add_argument("--ckpt", help="MLA checkpoint (default: the embedded model's default conversion)")
@@ -573,7 +571,7 @@ def main():
     p.add_argument("--calib-len", type=int, default=1024, help="tokens per window; the second half is decoded")
     p.add_argument("--queries", type=int, default=1024, help="decode steps per layer to fit on, spread over the windows")
     p.add_argument("--steps", type=int, default=40, help="Adam steps per layer")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=3e-3, help="Adam's learning rate for the rotation's generator")
     a = p.parse_args()
     if a.world < 2:
         raise UserError(f"--world {a.world}: with one rank TPLA is exact already, there is no split to fit")

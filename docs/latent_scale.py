@@ -21,6 +21,7 @@ The original GQA model read the same ways is the baseline each reading is judged
 """
 import copy
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,8 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import convert  # noqa: E402
 from checkpoint import CheckpointReader, load_model  # noqa: E402
-from evaluate import perplexity, q8_0  # noqa: E402
-from fetch import ensure_default_model, ensure_texts, read_text  # noqa: E402
+from cli import read_text  # noqa: E402
+from evaluate import perplexity  # noqa: E402
+from fetch import ensure_default_model, ensure_texts  # noqa: E402
+from test_engines import q8_0  # noqa: E402 (llama.cpp's round trip, as the tests define it)
 from tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -62,8 +65,7 @@ def main():
     rows = {"original GQA": readings(load_model(folder)[0], ids)}
     print("original GQA", rows["original GQA"], flush=True)
     for s in (1e-10, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4):
-        model = convert.convert_in_memory(CheckpointReader(folder), calib, rope_dim=32, kv_lora_rank=64, freqfold=4,
-                                          latent_fit="attention", output_fit=True, latent_rms=s)
+        model = convert.convert_in_memory(CheckpointReader(folder), calib, replace(convert.FITTED, latent_rms=s))
         rows[f"latent RMS {s:g}"] = readings(model, ids)
         print(f"latent RMS {s:g}", rows[f"latent RMS {s:g}"], flush=True)
     print("\n| model | " + " | ".join(rows["original GQA"]) + " |\n|---|" + "---:|" * len(rows["original GQA"]))
