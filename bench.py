@@ -60,85 +60,6 @@ from model import MLA, MoE, Router
 from writer import check_output_file
 
 
-def main():
-    args = parse_args()
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    if args.ppl is not None:
-        result = ppl(args, device, dtype)
-    elif launched() or args.tp or args.synthetic:
-        result = tp_speed(args, device, dtype)
-    else:
-        result = speed(args, device, dtype)
-    if launched() and int(os.environ["RANK"]):
-        return  # rank 0 reports
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-    if args.plot and "decode" in result:
-        plot(result, args.plot)
-    print(json.dumps(headline(result, args.json)))
-
-
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="checkpoint (speed: the MLA model, default the embedded model's default "
-                                  "conversion; --ppl: the model to score, default the embedded model)")
-    p.add_argument("--baseline", help="GQA checkpoint to compare against (default: the embedded model)")
-    p.add_argument("--contexts", default="1024,4096,16384,32768", help="comma-separated context lengths")
-    p.add_argument("--batch", default="1,4", help="comma-separated batch sizes")
-    p.add_argument("--new-tokens", type=int, default=8, help="timed decode steps per point and model (after a "
-                                                             "warm-up to steady state)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds over every point, the compared models interleaved")
-    p.add_argument("--prefill", type=int, default=1024, help="tokens of the real prefill that is timed")
-    p.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
-    p.add_argument("--transformers", action="store_true",
-                   help="also time transformers' own decode of the same weights (Llama at 8K, DeepSeek-V3 at 16K, batch 1)")
-    p.add_argument("--json", help="also write the JSON result here")
-    p.add_argument("--plot", help="write a plot of ms/token against context to this PNG")
-    p.add_argument("--ppl", nargs="?", const="", metavar="TEXT",
-                   help="measure perplexity on this text file instead (no file: the embedded evaluation split)")
-    p.add_argument("--ctx", type=int, default=1024, help="perplexity window length in tokens")
-    p.add_argument("--max-tokens", type=int, help="perplexity: use only the first N tokens of the text")
-    p.add_argument("--synthetic", choices=sorted(k for k, c in SYNTHETIC.items() if c["model_type"].startswith("deepseek")),
-                   help="time TPLA against head-parallel on this real model's shape with random weights "
-                        "(written once under assets/synthetic/), instead of --ckpt")
-    p.add_argument("--layers", type=int, default=4, help="--synthetic: how many of the model's layers")
-    tpla.add_placement_flags(p)
-    args = p.parse_args()
-    check_args(args)
-    return args
-
-
-def check_args(args: argparse.Namespace):
-    """Everything about the command line that can fail, before any work; --contexts and --batch
-    become lists of ints."""
-    inputs = [p_ for p_ in (args.ckpt, args.baseline, args.ppl) if p_]
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path:
-            check_output_file(path, inputs, flag)
-    if args.synthetic and args.ppl is not None:
-        raise UserError("--synthetic has random weights: its perplexity means nothing; give --ckpt with --ppl")
-    if args.synthetic and not 1 <= args.layers <= SYNTHETIC[args.synthetic]["num_hidden_layers"]:
-        raise UserError(f"--layers {args.layers}: {args.synthetic} has {SYNTHETIC[args.synthetic]['num_hidden_layers']} layers")
-    if args.ppl is not None:
-        if args.ctx < 3:
-            raise UserError("--ctx must be at least 3")
-        return
-    try:
-        args.contexts = [int(c) for c in args.contexts.split(",")]
-        args.batch = [int(b) for b in args.batch.split(",")]
-    except ValueError:
-        raise UserError("--contexts and --batch take comma-separated integers, e.g. 1024,4096") from None
-    if min(args.contexts + args.batch) < 1 or min(args.new_tokens, args.prefill, args.layers, args.rounds) < 1:
-        raise UserError("contexts, batch sizes, --new-tokens, --prefill, --layers and --rounds must be positive")
-    if args.synthetic and args.ckpt:
-        raise UserError("--synthetic and --ckpt: give one of them")
-    if args.plot:
-        pyplot()  # fail now, not after the benchmark
-    if args.transformers and importlib.util.find_spec("transformers") is None:
-        raise UserError("--transformers needs transformers: pip install transformers")
-
-
 # ----------------------------------------------------------------------------- the machine
 
 def sig(x: float, digits: int = 4) -> float:
@@ -268,7 +189,7 @@ def time_decode(step, models: list, context: int, batch: int, steps: int, device
     `steps` timed steps of each, fewer for slow points (naive MLA at long context) once
     `budget_s` is spent. lockstep (ranks of one model under torchrun, whose collectives must
     match): exactly 3 warm-up steps and all `steps`, whatever the clock says.
-    Every model's cache is allocated at once (GQA's and MLA's at 32K, batch 4: 6.0 + 1.5 GB here).
+    Every model's cache is allocated at once (the embedded model's GQA and MLA at 32K, batch 4: 6.0 + 1.5 GB).
     Returns each model's list of ms, in order."""
     for model in models:
         model.setup_caches(batch, context + steps + 10)
@@ -434,12 +355,14 @@ def tp_speed(args, device: str, dtype: torch.dtype) -> dict:
         result["weight_bytes"][mode] = weight_bytes(model)
         if "ranks" not in result:  # what each rank holds after loading one model
             report_ranks(result, model, where.folder, rank, world, say)
-    times, ratios = interleaved_rounds({"eager": decode_one_token}, models, args, device, lockstep=True, say=say)
+    times, ratios = interleaved_rounds({"eager": decode_one_token}, models, args, device, lockstep=True,
+                                       reverse_models=True, say=say)
     torch.distributed.barrier()
     warnings = machine_drift(result, device, dtype)
-    for (mode, batch, context, _), ms in sorted(times.items()):
+    for mode, batch, context in ((m, b, c) for m in models for b in args.batch for c in args.contexts):
         result["decode"].append(point(machine, models[mode], result["kv_bytes_per_token"][mode], mode, batch, context,
-                                      ms, world_size=world))
+                                      times[mode, batch, context, "eager"], world_size=world))
+    print_points(result, f"(rank 0's times and bytes, the largest rank's cache; {world} ranks, {args.rounds} rounds)", say)
     for batch, context in ((b, c) for b in args.batch for c in args.contexts if len(models) == 2):
         record, warning = speedup(ratios[batch, context, "eager"], args.rounds, f"batch {batch} context {context}")
         m = step_bytes(models["heads"], context, batch) / step_bytes(models["tpla"], context, batch)
@@ -449,7 +372,6 @@ def tp_speed(args, device: str, dtype: torch.dtype) -> dict:
         say(f"tpla over heads, batch {batch} context {context}: {record['measured']:.2f}x measured "
             f"({record['min']:.2f}-{record['max']:.2f} over {args.rounds} rounds), {m:.2f}x in bytes, {f:.2f}x in flops")
         warnings += [warning] if warning else []
-    print_points(result, f"(rank 0's times and bytes, the largest rank's cache; {world} ranks, {args.rounds} rounds)", say)
     finish_warnings(result, warnings, say)
     return result
 
@@ -470,15 +392,16 @@ def new_result(args, device: str, dtype: torch.dtype, world: int = 1, say=print)
             "synthetic_cache": True, "kv_bytes_per_token": {}, "weight_bytes": {}, "prefill": [], "decode": []}, (bw, flops)
 
 
-def interleaved_rounds(steps: dict, models: dict, args, device: str, lockstep: bool = False, say=print):
+def interleaved_rounds(steps: dict, models: dict, args, device: str, lockstep: bool = False,
+                       reverse_models: bool = False, say=print):
     """--rounds rounds over every (batch, context, step) point; at each, the models' decode steps
-    alternate one by one (time_decode), and every other round takes the steps and the models in
-    the reverse order, so neither always runs second. Returns each (model, batch, context, step)'s
+    alternate one by one (time_decode), and every other round takes the steps (with
+    reverse_models, the models too) in the reverse order, so neither always runs first. Returns each (model, batch, context, step)'s
     medians, one per round, and each (batch, context, step)'s speed-ups of the first model over
     the second (when there are two), one per round: the median over the round's pairs of steps."""
     times, ratios = {}, {}
     for rnd in range(args.rounds):
-        order = list(models) if rnd % 2 == 0 else list(models)[::-1]
+        order = list(models)[::-1] if reverse_models and rnd % 2 else list(models)
         for batch in args.batch:
             for context in args.contexts:
                 for mode in steps if rnd % 2 == 0 else list(steps)[::-1]:
@@ -486,11 +409,11 @@ def interleaved_rounds(steps: dict, models: dict, args, device: str, lockstep: b
                                                      args.new_tokens, device, lockstep=lockstep)))
                     for name in models:
                         times.setdefault((name, batch, context, mode), []).append(statistics.median(ms[name]))
-                    line = ", ".join(f"{name} {statistics.median(ms[name]):.1f}" for name in models)
+                    line = ", ".join(f"{name} {statistics.median(ms[name]):.1f}" for name in models) + " ms/token"
                     if len(models) == 2:
                         a, b = (ms[name] for name in models)
                         ratios.setdefault((batch, context, mode), []).append(statistics.median(x / y for x, y in zip(a, b)))
-                        line += f" ms/token, {ratios[batch, context, mode][-1]:.2f}x"
+                        line += f", {ratios[batch, context, mode][-1]:.2f}x"
                     say(f"round {rnd + 1}/{args.rounds}: {mode} batch {batch} context {context}: {line}", file=sys.stderr)
     return times, ratios
 
@@ -701,6 +624,87 @@ def headline(result: dict, json_path: str | None) -> dict:
             keep[key] = [{k: v for k, v in r.items() if k in ("batch", "context", "compiled", "measured", "min", "max")}
                          for r in keep[key]]
     return {**keep, "json": json_path} if json_path else keep
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main():
+    args = parse_args()
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    if args.ppl is not None:
+        result = ppl(args, device, dtype)
+    elif launched() or args.tp or args.synthetic:
+        result = tp_speed(args, device, dtype)
+    else:
+        result = speed(args, device, dtype)
+    if launched() and int(os.environ["RANK"]):
+        return  # rank 0 reports
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    if args.plot and "decode" in result:
+        plot(result, args.plot)
+    print(json.dumps(headline(result, args.json)))
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="checkpoint (speed: the MLA model, default the embedded model's default "
+                                  "conversion; --ppl: the model to score, default the embedded model)")
+    p.add_argument("--baseline", help="GQA checkpoint to compare against (default: the embedded model)")
+    p.add_argument("--contexts", default="1024,4096,16384,32768", help="comma-separated context lengths")
+    p.add_argument("--batch", default="1,4", help="comma-separated batch sizes")
+    p.add_argument("--new-tokens", type=int, default=8, help="timed decode steps per point and model (after a "
+                                                             "warm-up to steady state)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over every point, the compared models interleaved")
+    p.add_argument("--prefill", type=int, default=1024, help="tokens of the real prefill that is timed")
+    p.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
+    p.add_argument("--transformers", action="store_true",
+                   help="also time transformers' own decode of the same weights (Llama at 8K, DeepSeek-V3 at 16K, batch 1)")
+    p.add_argument("--json", help="also write the JSON result here")
+    p.add_argument("--plot", help="write a plot of ms/token against context to this PNG")
+    p.add_argument("--ppl", nargs="?", const="", metavar="TEXT",
+                   help="measure perplexity on this text file instead (no file: the embedded evaluation split)")
+    p.add_argument("--ctx", type=int, default=1024, help="perplexity window length in tokens")
+    p.add_argument("--max-tokens", type=int, help="perplexity: use only the first N tokens of the text")
+    p.add_argument("--synthetic", choices=sorted(k for k, c in SYNTHETIC.items() if c["model_type"].startswith("deepseek")),
+                   help="time TPLA against head-parallel on this real model's shape with random weights "
+                        "(written once under assets/synthetic/), instead of --ckpt")
+    p.add_argument("--layers", type=int, default=4, help="--synthetic: how many of the model's layers")
+    tpla.add_placement_flags(p)
+    args = p.parse_args()
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace):
+    """Everything about the command line that can fail, before any work; --contexts and --batch
+    become lists of ints."""
+    inputs = [p_ for p_ in (args.ckpt, args.baseline, args.ppl) if p_]
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_output_file(path, inputs, flag)
+    if args.synthetic and args.ppl is not None:
+        raise UserError("--synthetic has random weights: its perplexity means nothing; give --ckpt with --ppl")
+    if args.synthetic and not 1 <= args.layers <= SYNTHETIC[args.synthetic]["num_hidden_layers"]:
+        raise UserError(f"--layers {args.layers}: {args.synthetic} has {SYNTHETIC[args.synthetic]['num_hidden_layers']} layers")
+    if args.ppl is not None:
+        if args.ctx < 3:
+            raise UserError("--ctx must be at least 3")
+        return
+    try:
+        args.contexts = [int(c) for c in args.contexts.split(",")]
+        args.batch = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        raise UserError("--contexts and --batch take comma-separated integers, e.g. 1024,4096") from None
+    if min(args.contexts + args.batch) < 1 or min(args.new_tokens, args.prefill, args.layers, args.rounds) < 1:
+        raise UserError("contexts, batch sizes, --new-tokens, --prefill, --layers and --rounds must be positive")
+    if args.synthetic and args.ckpt:
+        raise UserError("--synthetic and --ckpt: give one of them")
+    if args.plot:
+        pyplot()  # fail now, not after the benchmark
+    if args.transformers and importlib.util.find_spec("transformers") is None:
+        raise UserError("--transformers needs transformers: pip install transformers")
 
 
 if __name__ == "__main__":

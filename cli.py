@@ -35,6 +35,10 @@ class UserError(Exception):
     and exits 1."""
 
 
+class FailedElsewhere(Exception):
+    """Another rank failed and said why: this one exits 1 without a word of its own."""
+
+
 def read_text(path: str | Path) -> str:
     """A text file as UTF-8; UserError in one line where it cannot be read."""
     try:
@@ -169,10 +173,10 @@ class LogLines:
 
 
 def _redraw(ref, interval: float) -> None:
-    """Every `interval` seconds, redraw the bar `ref` points to, until it is closed or gone. It
-    holds no reference across the wait (a dropped bar is collected, and closes itself), and it
-    looks at the bar under tqdm's lock, so a bar closed meanwhile is never drawn again after its
-    last line."""
+    """Every `interval` seconds, redraw the bar `ref` points to, unless it drew itself meanwhile,
+    until it is closed or gone. It holds no reference across the wait (a dropped bar is collected,
+    and closes itself), and it looks at the bar under tqdm's lock, so a bar closed meanwhile is
+    never drawn again after its last line."""
     while True:
         time.sleep(interval)
         bar = ref()
@@ -181,7 +185,9 @@ def _redraw(ref, interval: float) -> None:
         with bar.get_lock():
             if bar.disable:
                 return
-            bar.refresh(nolock=True)
+            if time.time() - bar.last_print_t >= interval:  # tqdm's clock of its last line
+                bar.refresh(nolock=True)
+                bar.last_print_t = time.time()
         del bar
 
 
@@ -220,8 +226,8 @@ def run(main) -> None:
     Under torchrun each rank that fails says so in one line (ending [rank N]) and leaves at once,
     without waiting for the others: they learn it from their next collective, which breaks, and
     leave without a word, so the job ends within seconds. (A check every rank fails alike is one
-    line per rank: a rank cannot tell whether another has said it already.)"""
-    import torch.distributed as dist
+    line per rank: a rank cannot tell whether another has said it already; what rank 0 does for
+    all, first_on_rank_0, is rank 0's line alone.)"""
     signal.signal(signal.SIGTERM, _terminate)
     rank = int(os.environ.get("RANK", "0"))
     parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -230,6 +236,8 @@ def run(main) -> None:
         main()
     except UserError as e:
         code, line = 1, f"error: {e}"
+    except FailedElsewhere:
+        code = 1
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
         code, line = 1, "error: standard output was closed before the output was complete (piped into head?)"
@@ -245,20 +253,30 @@ def run(main) -> None:
             code, line = 1, f"error: out of memory: {str(e).splitlines()[0][:200]}"
         elif not parallel:
             raise
-        else:
-            code = 1
-            if not any(s in str(e) for s in PEER_GONE):
-                where = e.__traceback__
-                while where.tb_next:
-                    where = where.tb_next
-                line = (f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                        f"({Path(where.tb_frame.f_code.co_filename).name}:{where.tb_lineno})")
+        else:  # a rank whose peer has gone says nothing: the rank that failed said why
+            code, line = 1, None if any(s in str(e) for s in PEER_GONE) else _where_it_failed(e)
+    _end(code, line, rank, parallel)
+
+
+def _where_it_failed(e: Exception) -> str:
+    """One line for a bug on one rank of many: the exception and the line of code it came from."""
+    where = e.__traceback__
+    while where.tb_next:
+        where = where.tb_next
+    return (f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            f"({Path(where.tb_frame.f_code.co_filename).name}:{where.tb_lineno})")
+
+
+def _end(code: int, line: str | None, rank: int, parallel: bool) -> None:
+    """The end of run(): open bars closed, the one line said, and the process gone with `code`
+    (under torchrun at once, not through a barrier that would wait for ranks stuck waiting for it)."""
+    import torch.distributed as dist
     for bar in list(_BARS):  # a bar cut short ends its line before ours
         bar.close()
     if line:
         print(f"{line} [rank {rank}]" if parallel else line, file=sys.stderr, flush=True)
     if dist.is_available() and dist.is_initialized():
-        if code:  # leave now: the barrier below would wait for ranks that are stuck waiting for this one
+        if code:
             try:
                 sys.stdout.flush()
             except OSError:
@@ -315,8 +333,9 @@ def init_distributed(device: str) -> tuple[int, int, str]:
 def first_on_rank_0(fn, *args):
     """fn(*args) on rank 0, then on the other ranks: what it makes on first use (the default
     conversion, the texts, a synthetic checkpoint) is made once, and the others find it made and
-    get their own result (their own paths). A UserError on rank 0 reaches every rank, so each
-    says it and leaves, and none waits for a rank that has gone. Needs the process group."""
+    get their own result (their own paths). A UserError on rank 0 reaches every rank: rank 0 says
+    it, the others leave without a word (FailedElsewhere), and none waits for a rank that has
+    gone. Needs the process group."""
     import torch.distributed as dist
     box = [None]
     if dist.get_rank() == 0:
@@ -326,5 +345,5 @@ def first_on_rank_0(fn, *args):
             box = [str(e)]
     dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
-        raise UserError(box[0])
+        raise UserError(box[0]) if dist.get_rank() == 0 else FailedElsewhere(box[0])
     return result if dist.get_rank() == 0 else fn(*args)

@@ -665,7 +665,7 @@ def train_step(job: Job, run_: Run, lr: float) -> tuple[float, float, float]:
     the global batch and the step's seconds on rank 0's clock (so the time budget stops every rank
     at the same step)."""
     t0 = time.perf_counter()
-    run_.rng = run_.gen.get_state()  # a run interrupted during this step resumes at its start
+    run_.rng = run_.gen.get_state()  # a run stopped before the optimizer steps resumes at this step's start
     x, y = batch(job.ids, job.args.batch, job.args.seq_len, run_.gen)
     for g in run_.opt.param_groups:
         g["lr"] = lr * g["scale"]
@@ -678,11 +678,12 @@ def train_step(job: Job, run_: Run, lr: float) -> tuple[float, float, float]:
     torch.nn.utils.clip_grad_norm_(run_.params, 1.0)
     run_.opt.step()
     run_.opt.zero_grad(set_to_none=True)
+    run_.step, run_.session_steps, run_.rng = run_.step + 1, run_.session_steps + 1, None  # taken: a stop resumes after it
     summed = torch.tensor([kl, ce, time.perf_counter() - t0 if job.rank == 0 else 0.0], dtype=torch.float64,
                           device=job.device)  # NCCL reduces only GPU tensors
     dist.all_reduce(summed)  # the losses: the mean of the ranks' equal parts
     kl, ce, seconds = summed[0].item() / job.world, summed[1].item() / job.world, summed[2].item()
-    run_.step, run_.session_steps, run_.elapsed, run_.rng = run_.step + 1, run_.session_steps + 1, run_.elapsed + seconds, None
+    run_.elapsed += seconds
     run_.report.setdefault("loss", []).append([run_.step, float(f"{kl:.7g}"), float(f"{ce:.7g}")])
     return kl, ce, seconds
 

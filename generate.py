@@ -125,8 +125,9 @@ def main():
         raise UserError("--compile is not supported with tensor parallelism (the decode step runs eager)")
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    where = tpla.place(args.ckpt, args.tp, args.tpla_transform, pick_device(args.device))
-    dtype = pick_dtype(args.dtype, where.device)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)  # what can fail at once, before joining a process group
+    where = tpla.place(args.ckpt, args.tp, args.tpla_transform, device)
     tok = load_tokenizer(where.folder)
     prompt = encode_prompt(tok, args.prompt, args.chat)  # a bad prompt fails before the weights are read
     model = where.load(dtype)

@@ -480,6 +480,33 @@ def test_bench_tp_heads_reports_every_ranks_cache(tmp_path):
     assert result["decode"][0]["cache_mb"] == 16 * 512 / 1e6
 
 
+def test_tpla_scripts_on_a_checkpoint_with_a_tokenizer(tmp_path):
+    """The TPLA paths that read calibration text themselves, end to end on a tiny conversion with
+    the embedded tokenizer: python tpla.py writes a rotated folder that is the same model on one
+    device; bench.py --ppl --tp tpla with the pca transform (a group of one, calibrated on the
+    embedded calibration split) scores its windows, the decode form on one rank equal to the
+    plain perplexity."""
+    from fetch import EVAL_TEXT
+    _, mla = _tiny_pair_with_tokenizer(tmp_path)
+    res = _script("tpla.py", "--ckpt", str(mla), "--out", str(tmp_path / "rotated"), "--calib-tokens", "512",
+                  "--calib-len", "64", "--queries", "32", "--steps", "2")
+    print(res.stdout)
+    assert res.returncode == 0 and "written" in res.stdout, res.stderr[-2000:]
+    tokens = torch.randint(0, 49152, (2, 40), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert_close("python tpla.py's rotated folder vs the original, one device",
+                     load_model(tmp_path / "rotated")[0](tokens), load_model(mla)[0](tokens), 1e-5)
+    scores = {}
+    for name, extra in (("one device", []), ("--tp tpla, pca, 1 rank", ["--tp", "tpla", "--tpla-transform", "pca"])):
+        res = _script("bench.py", "--ppl", str(EVAL_TEXT), "--ckpt", str(mla), "--ctx", "64", "--max-tokens", "512",
+                      *extra)
+        assert res.returncode == 0, res.stderr[-2000:]
+        scores[name] = json.loads(res.stdout.strip().splitlines()[-1])
+    print(scores)
+    for k in ("ppl", "ppl_decode"):
+        assert abs(scores["--tp tpla, pca, 1 rank"][k] / scores["one device"][k] - 1) < 1e-5
+
+
 def test_finetune_script_writes_stock_checkpoint_and_resumes(tmp_path):
     """finetune.py end to end (with --tpla 2) on a tiny model with the embedded tokenizer: the folder it writes
     loads in stock transformers (DeepseekV3, no custom code) with the cache size unchanged and the

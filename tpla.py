@@ -62,10 +62,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from checkpoint import CheckpointReader, args_from_config, find_checkpoint, load_model, read_config
-from cli import UserError, first_on_rank_0, init_distributed, launched, progress_bar, run
-from fetch import default_or, ensure_default_conversion
+from cli import UserError, first_on_rank_0, init_distributed, launched, progress_bar, read_text, run
+from fetch import default_or, ensure_default_conversion, ensure_texts
 from model import (MLA, Attention, Block, FeedForward, LatentCache, ModelArgs, MoE, Transformer, absorbed_attention,
                    attention_mask)
+from tokenizer import load_tokenizer
 from writer import check_output, earlier_output, write_model
 
 MODES = ("tpla", "heads")
@@ -267,8 +268,6 @@ def latent_moment(attn: MLA, x: torch.Tensor) -> torch.Tensor:
 def calibration_ids(folder: Path, n_tokens: int = 2048, seq_len: int = 512, text: str | None = None) -> torch.Tensor:
     """(n_tokens / seq_len, seq_len) token ids from the start of `text` (a file; default: the
     embedded calibration split)."""
-    from fetch import ensure_texts, read_text
-    from tokenizer import load_tokenizer
     ids = load_tokenizer(folder).encode(read_text(text or ensure_texts()[0]))[:n_tokens]
     return torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
 

@@ -33,7 +33,7 @@ import torch
 
 from checkpoint import (INDEX, SAFETENSORS_DTYPES, STACKED_EXPERTS, CheckpointReader, args_from_config,
                         checkpoint_tensors, float32_or, hf_name, read_config, rope_rows)
-from cli import UserError, remove_temporary, temporary_folder
+from cli import UserError, read_json, remove_temporary, temporary_folder
 from model import ModelArgs
 
 
@@ -103,10 +103,10 @@ def earlier_output(out: str | Path) -> bool:
 def _written_files(folder: Path) -> set[str]:
     marker = folder / MARKER
     try:
-        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
+        files = read_json(marker)["files"]
         assert isinstance(files, list) and all(isinstance(f, str) for f in files)
         return set(files)
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+    except (UserError, KeyError, TypeError, AssertionError):  # unreadable, not JSON, not what we wrote
         raise UserError(f"--out {folder}: its {MARKER} is damaged, so what else the folder holds is "
                         "unknown; choose a new folder, or empty this one yourself") from None
 

@@ -4,7 +4,7 @@ rope key dealt to the ranks like the latent (split), each shard's scores scaled 
 keeps the two other readings, so that the table can be made again.
 
     python convert.py --method transmla --out assets/SmolLM2-135M-Instruct-mla-transmla --eval-text none
-    python docs/tpla_variants.py --ckpt assets/SmolLM2-135M-Instruct-mla-transmla     # about 10 min here
+    python docs/tpla_variants.py --ckpt assets/SmolLM2-135M-Instruct-mla-transmla     # 22 min here
 
 Each row runs TPLA on `--world` ranks in one process, as tpla.SimulatedTPLA does: the first half of
 every window in MLA form (the prefill), the second in TPLA form (each shard a softmax of its own,
