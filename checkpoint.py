@@ -21,6 +21,7 @@ What is in here:
   safetensors file(s), so memory never holds two copies of the weights.
 """
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -577,6 +578,17 @@ class CheckpointReader:
         self.blocks = {}  # expert weight -> (stacked tensor, (first row, rows)), for mistral4
         if model_kind(self.args.extra) == "mistral4":
             self._unstack_experts()
+        self._untie_a_trained_head()
+
+    def _untie_a_trained_head(self):
+        """A config that says tie_word_embeddings while the files also hold an lm_head.weight of other
+        values (a head trained apart after the tie, as fine-tuning and quantization tools write it):
+        the logits come from that head, as transformers (5.x) and vLLM compute them; a head equal to
+        the embeddings changes nothing. Reads the two tensors only in that rare case."""
+        head, emb = hf_name("output.weight"), hf_name("tok_embeddings.weight")
+        if (self.args.tie_embeddings and head in self.weight_map and emb in self.weight_map
+                and self.shape(head) == self.shape(emb) and not torch.equal(self.get(head), self.get(emb))):
+            self.args = replace(self.args, tie_embeddings=False)
 
     @staticmethod
     def _read_index(path: Path) -> dict[str, str]:

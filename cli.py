@@ -229,8 +229,9 @@ def run(main) -> None:
     line per rank: a rank cannot tell whether another has said it already; what rank 0 does for
     all, first_on_rank_0, is rank 0's line alone.)"""
     signal.signal(signal.SIGTERM, _terminate)
-    rank = int(os.environ.get("RANK", "0"))
-    parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank = int(os.environ["RANK"]) if os.environ.get("RANK", "").isdigit() else 0
+    world = os.environ.get("WORLD_SIZE", "1")
+    parallel = world.isdigit() and int(world) > 1
     code, line = 0, None
     try:
         main()
@@ -302,9 +303,27 @@ def leave_process_group(timeout_s: float = 60.0) -> None:
     dist.destroy_process_group()
 
 
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def launched() -> bool:
-    """Whether torchrun (or anything that sets its environment) started this process."""
-    return "WORLD_SIZE" in os.environ
+    """Whether torchrun (or anything that sets its whole environment) started this process. A
+    job that exports only some of torchrun's variables (a scheduler's WORLD_SIZE=1, an old
+    `export`) runs as one process when it asks for one, and is refused in one line when it asks
+    for more. Raises UserError for the latter."""
+    present = [k for k in TORCHRUN_VARIABLES if k in os.environ]
+    if not present:
+        return False
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not world.isdigit() or int(world) < 1:
+        raise UserError(f"WORLD_SIZE={world!r} in the environment: must be a positive whole number")
+    if len(present) == len(TORCHRUN_VARIABLES):
+        return True
+    if int(world) == 1:
+        return False  # one process asked for: run as one, whatever else is missing
+    missing = ", ".join(k for k in TORCHRUN_VARIABLES if k not in os.environ)
+    raise UserError(f"WORLD_SIZE={world} is set but {missing} not: start the ranks with torchrun "
+                    f"(torchrun --nproc-per-node {world} ...), or unset WORLD_SIZE to run one process")
 
 
 def init_distributed(device: str) -> tuple[int, int, str]:

@@ -344,7 +344,7 @@ def mla_args(gqa: ModelArgs, layer: LayerMLA, params: dict) -> ModelArgs:
     return replace(gqa, kv_lora_rank=R, q_lora_rank=params["wq_a.weight"].shape[0] if "wq_a.weight" in params else 0,
                    qk_nope_head_dim=d_h, qk_rope_head_dim=r, v_head_dim=d_h, head_dim=d_h, qkv_bias=has_bias,
                    o_bias=has_bias, rope_pairs=None if ordinary else list(layer.pairs), n_kv_heads=H,
-                   sliding_window=None)  # stock DeepSeek has no sliding window: attend to everything
+                   sliding_window=None, max_seq_len=declared_context(gqa))
 
 
 def balance_input(params: dict, rest: dict, cov: torch.Tensor, R: int) -> float:
@@ -596,6 +596,27 @@ def check_source(reader: CheckpointReader, recipe: Recipe):
                             f"checkpoint; converting would drop it and change the model, so nothing is written")
 
 
+def declared_context(args: ModelArgs) -> int:
+    """The context the converted folder declares (max_position_embeddings): the source's, or its
+    sliding window where that is shorter. Stock DeepSeek-V3 and Mistral4 have no sliding window,
+    so past the window the converted model would attend to tokens the original never sees: the
+    folder claims only the context where the two are the same model (what vLLM's
+    --disable-sliding-window does to such a model)."""
+    return min(args.max_seq_len, args.sliding_window or args.max_seq_len)
+
+
+def engine_notes(args: ModelArgs) -> list[str]:
+    """What the converted folder will compute differently from the source, and where, one line
+    each, said before any work."""
+    notes = []
+    if declared_context(args) < args.max_seq_len:
+        notes.append(f"the source attends to its last {args.sliding_window} tokens (sliding_window) and stock "
+                     f"DeepSeek-V3 has no sliding window: the converted folder declares max_position_embeddings "
+                     f"{declared_context(args)} (the source {args.max_seq_len}), where the two are the same model "
+                     "in every engine; past it the conversion attends to every earlier token")
+    return notes
+
+
 def check_request(args: ModelArgs, recipe: Recipe):
     """Say in one line what is wrong with the request, before any work is done."""
     rope_dim, kv_lora_rank, freqfold, q_lora_rank = recipe.rope_dim, recipe.kv_lora_rank, recipe.freqfold, recipe.q_lora_rank
@@ -615,6 +636,23 @@ def check_request(args: ModelArgs, recipe: Recipe):
                         f"- rope_dim = {2 * L - rope_dim} for this model (no compression at the maximum)")
     if q_lora_rank < 0 or q_lora_rank > args.dim:
         raise UserError(f"--q-lora-rank {q_lora_rank}: must be between 0 (full-rank query) and hidden size {args.dim}")
+
+
+FAST_SHAPES = ((512, 64), (256, 64))  # R + r = 576 and 320: the latents the engines' MLA kernels take
+
+
+def fitting_shape(args: ModelArgs) -> tuple[int, int]:
+    """(R, r), the latent a conversion of this model gets unless told: the engines' fast MLA shape
+    (FAST_SHAPES, 576 before 320) where r divides head_dim and it cuts the cache at least 1.5x,
+    else a quarter of the original's 2 x n_kv_heads x head_dim values with r = head_dim / 2 (at
+    most 64): the embedded SmolLM2's 384 -> 64 + 32. Never the embedded model's numbers for a model
+    of another shape."""
+    before, d_h = 2 * args.n_kv_heads * args.head_dim, args.head_dim
+    for R, r in FAST_SHAPES:
+        if d_h % r == 0 and 1.5 * (R + r) <= before:
+            return R, r
+    r = min(64, d_h // 2)
+    return max(before // 4 - r, r), r
 
 
 def mla_kernels(kv_lora_rank: int, rope_dim: int) -> str:
@@ -689,12 +727,15 @@ def main():
     device = pick_device(args.device)
     folder = default_or(args.ckpt)
     reader = CheckpointReader(folder)
-    recipe = chosen_recipe(args)
+    recipe = chosen_recipe(args, reader.args)
     check_request(reader.args, recipe)
     texts = [t for t in (args.calib_text, args.eval_text) if t and t != "none"]
-    out = check_output(Path(args.out) if args.out else folder.parent / f"{folder.name}-mla", [folder, *texts])
+    out = check_output(Path(args.out) if args.out else default_out(folder, args.method, recipe, reader.args),
+                       [folder, *texts])
     replacing = earlier_output(out)
     check_source(reader, recipe)
+    for line in engine_notes(reader.args):
+        print(f"note: {line}", file=sys.stderr)
     dtype = written_dtype(args.dtype, reader.stored_dtype(), recipe.latent_rms)
     calib, eval_path, eval_ids = read_texts(args, folder, reader.args.vocab_size)
     report = {"settings": settings(args.method, recipe, calib), "source": str(folder), "out": str(out),
@@ -719,8 +760,9 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="GQA checkpoint: folder, .safetensors or index file (default: embedded SmolLM2)")
     p.add_argument("--out", help="output folder (default: the checkpoint folder's name + '-mla', beside it)")
-    p.add_argument("--kv-lora-rank", type=int, default=FITTED.kv_lora_rank, help="R: latent values cached per token per layer")
-    p.add_argument("--rope-dim", type=int, default=FITTED.rope_dim, help="r: dims of the shared rope key (qk_rope_head_dim)")
+    p.add_argument("--kv-lora-rank", type=int,
+                   help="R: latent values cached per token per layer (default: picked for the model, see fitting_shape)")
+    p.add_argument("--rope-dim", type=int, help="r: dims of the shared rope key (qk_rope_head_dim; default: as R)")
     p.add_argument("--freqfold", type=int, default=FITTED.freqfold, help="F: adjacent RoPE frequencies folded into one PCA")
     p.add_argument("--q-lora-rank", type=int, default=FITTED.q_lora_rank, help="low-rank query of this rank (0: full rank)")
     p.add_argument("--method", default="fitted", choices=list(METHODS),
@@ -748,14 +790,27 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def chosen_recipe(args: argparse.Namespace) -> Recipe:
-    """--method's recipe, with the sizes and any single setting the command line gives."""
+def chosen_recipe(args: argparse.Namespace, gqa: ModelArgs) -> Recipe:
+    """--method's recipe, with the sizes (given, or fitting_shape's for this model) and any single
+    setting the command line gives."""
     if not 0 < args.latent_rms <= 1e-4:  # sqrt(eps) / 10: the norm then is off linear by 0.5%
         raise UserError(f"--latent-rms {args.latent_rms:g}: must be above 0 and at most 1e-4 (the latent norm's "
                         f"sqrt(eps) is 1e-3; beyond 1e-4 it stops being linear)")
     chosen = {k: getattr(args, k) for k in ("rope_select", "latent_fit", "output_fit") if getattr(args, k) is not None}
-    return replace(METHODS[args.method], kv_lora_rank=args.kv_lora_rank, rope_dim=args.rope_dim, freqfold=args.freqfold,
+    R, r = fitting_shape(gqa)
+    return replace(METHODS[args.method], kv_lora_rank=args.kv_lora_rank or R, rope_dim=args.rope_dim or r,
+                   freqfold=args.freqfold,
                    q_lora_rank=args.q_lora_rank, latent_rms=args.latent_rms, **chosen)
+
+
+def default_out(folder: Path, method: str, recipe: Recipe, gqa: ModelArgs) -> Path:
+    """Where a conversion goes without --out: beside the source, named "-mla" for this model's
+    default recipe (what generate.py and bench.py load without --ckpt, for the embedded model),
+    "-mla-{method}-{R}+{r}" for any other, which so never replaces the default one."""
+    R, r = fitting_shape(gqa)
+    default = replace(FITTED, kv_lora_rank=R, rope_dim=r)
+    tag = "" if recipe == default else f"-{method}-{recipe.kv_lora_rank}+{recipe.rope_dim}"
+    return folder.parent / f"{folder.name}-mla{tag}"
 
 
 def settings(method: str, recipe: Recipe, calib: torch.Tensor) -> dict:

@@ -408,6 +408,38 @@ def test_every_source_tensor_has_a_place_or_is_refused(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_a_tied_config_with_a_trained_head_computes_the_head(tmp_path):
+    """A config that says tie_word_embeddings while the file holds an lm_head.weight of its own
+    values (a head fine-tuned apart): the logits come from that head, as transformers computes
+    them, and the conversion writes that head; a head equal to the embeddings stays tied."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+    from dataclasses import replace
+    from convert import OFFICIAL, convert_layers, write_checkpoint
+    tokens = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(7))
+    calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(6))
+    for name, moved in (("trained head", 0.05), ("head equal to the embeddings", 0.0)):
+        src = tmp_path / name.replace(" ", "-")
+        _llama(src, tie_word_embeddings=True)
+        weights = load_file(src / "model.safetensors")
+        emb = weights["model.embed_tokens.weight"]
+        weights["lm_head.weight"] = emb + moved * torch.randn(emb.shape, generator=torch.Generator().manual_seed(3))
+        save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+        ref = AutoModelForCausalLM.from_pretrained(src).eval()
+        assert torch.equal(ref.lm_head.weight, weights["lm_head.weight"])  # the oracle keeps the file's head
+        ours, _ = load_model(src)
+        assert ours.args.tie_embeddings == (moved == 0)
+        assert_close(f"{name}: ours vs transformers", ours(tokens), ref(tokens).logits, 1e-4)
+        out = tmp_path / f"{src.name}-mla"
+        recipe = replace(OFFICIAL, rope_dim=8, kv_lora_rank=24, freqfold=2)
+        write_checkpoint(CheckpointReader(src), out, convert_layers(CheckpointReader(src), calib, recipe),
+                         torch.float32, {})
+        written = load_file(out / "model.safetensors")["lm_head.weight"]
+        print(f"  {name}: converted lm_head vs the file's, max |diff| "
+              f"{(written - weights['lm_head.weight']).abs().max().item():.3g}")
+        assert torch.equal(written, weights["lm_head.weight"])
+
+
 def test_writer_reads_its_folder_back_before_commit(llama, tmp_path):
     """A tensor the written config has no place for, or one it declares and did not get: the writer
     refuses to commit, in one line, and leaves nothing behind (not even its temporary folder)."""

@@ -442,6 +442,24 @@ def test_tp_user_errors(tp_tiny):
         assert not out.exists()
 
 
+def test_a_partial_torchrun_environment(tmp_path):
+    """A job that exports WORLD_SIZE without RANK / MASTER_ADDR (a scheduler, an old `export`):
+    WORLD_SIZE=1 runs as one process; more ranks, or a WORLD_SIZE that is not a number, is one
+    clear line naming what is missing, no traceback."""
+    gqa, _ = _tiny_pair_with_tokenizer(tmp_path)
+    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                                                             "MASTER_ADDR", "MASTER_PORT")}
+    argv = [sys.executable, "generate.py", "--ckpt", str(gqa), "--prompt", "Hi", "--max-new-tokens", "2",
+            "--temperature", "0"]
+    one = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env={**clean, "WORLD_SIZE": "1"})
+    print(one.stderr.strip().splitlines()[-1:])
+    assert one.returncode == 0 and "Traceback" not in one.stderr, one.stderr[-2000:]
+    for world, needle in (("2", "RANK, MASTER_ADDR, MASTER_PORT not: start the ranks with torchrun"),
+                          ("two", "must be a positive whole number")):
+        _one_clear_line(subprocess.run(argv, cwd=ROOT, capture_output=True, text=True,
+                                       env={**clean, "WORLD_SIZE": world}), needle)
+
+
 def test_bench_tp_speed_runs(tp_tiny):
     """bench.py under 2 ranks times head-parallel and TPLA decode in one run; rank 0 reports the JSON."""
     out = tp_tiny["mla3"].parent / "bench_tp.json"

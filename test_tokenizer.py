@@ -3,14 +3,16 @@
     pytest test_tokenizer.py -s        # -s shows the counts
 
 A tokenizer.json runs in Hugging Face `tokenizers` itself, so what is ours there is the wrapper
-(special tokens, decode flags, the BOS / EOS and end-of-turn ids), the chat formats and the
-generation around it; the oracle is transformers. A tiktoken-format tokenizer.model (Llama-3's
+(special tokens, decode flags, the BOS / EOS and end-of-turn ids), the chat templates' rendering
+(jinja2, set up as transformers sets it up) and the generation around it; the oracle is transformers. A tiktoken-format tokenizer.model (Llama-3's
 release) runs in tiktoken with special tokens of our choosing: the oracle is transformers'
 TikTokenConverter and AutoTokenizer. Kinds: the embedded SmolLM2 (byte-level); SentencePiece-style
 BPE in both forms (Llama-2 / Mistral v0.1 normalizer, Mistral v0.3 Metaspace) with byte fallback
 and a BOS template; byte-level with overlapping added tokens and with flagged ones; Llama-3's
-tokenizer.model. Then generate.py's prompt and greedy tokens against transformers, and a Mistral
-with a SentencePiece tokenizer converted end to end.
+tokenizer.model. Chat templates as checkpoints write them: Qwen2.5-Instruct's (its default system
+turn), a reasoning model's, transformers' helpers, and the one-line errors of one that does not
+render. Then generate.py's prompt and greedy tokens against transformers, and a Mistral with a
+SentencePiece tokenizer converted end to end.
 """
 import json
 import shutil
@@ -199,6 +201,215 @@ def _train_bpe(tmp_path, texts: list[str], pre_tokenizer):
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     hf.save(str(tmp_path / "tokenizer.json"))
     return hf
+
+
+# ----------------------------------------------------------------------------- chat templates as checkpoints write them
+
+# Qwen2.5-Instruct's chat_template, as its tokenizer_config.json holds it: its literals use Jinja's
+# "\n" escape (a backslash and an n), and without a system message it writes its own system turn
+QWEN25_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
+
+# a reasoning model's template, written for this test in the manner of QwQ and Qwen3: earlier
+# answers lose their reasoning, the generation prompt opens a reasoning block (an empty one when
+# the caller passes enable_thinking=False), and a role it does not know is refused
+REASONING_TEMPLATE = r"""{%- for message in messages %}
+    {%- if message.role not in ['system', 'user', 'assistant'] %}
+        {{- raise_exception('Conversation roles must be system, user or assistant, not ' + message.role) }}
+    {%- endif %}
+    {%- set content = message.content %}
+    {%- if message.role == 'assistant' and '</think>' in content %}
+        {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+    {%- endif %}
+    {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- else %}
+        {{- '<think>\n' }}
+    {%- endif %}
+{%- endif %}
+"""
+
+
+def _qwen_style_folder(folder: Path, template, where: str = "tokenizer_config.json") -> Path:
+    """A Qwen2-style tokenizer folder: byte-level BPE over the 256 byte symbols alone (no merges, so
+    a prompt's length is its bytes, plain to count), Qwen's three special tokens and the two
+    reasoning markers as ordinary added tokens. The template goes where `where` says: in
+    tokenizer_config.json, as the "default" of a list of named templates, or in chat_template.jinja."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    hf = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    hf.pre_tokenizer, hf.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    hf.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                           for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
+    hf.add_tokens([AddedToken(t, normalized=False) for t in ("<think>", "</think>")])
+    folder.mkdir(exist_ok=True)
+    hf.save(str(folder / "tokenizer.json"))
+    config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
+              "tokenizer_class": "Qwen2Tokenizer"}
+    if where == "named list":
+        config["chat_template"] = [{"name": "tool_use", "template": "{{ raise_exception('not this one') }}"},
+                                   {"name": "default", "template": template}]
+    elif where == "chat_template.jinja":
+        (folder / "chat_template.jinja").write_text(template)
+    else:
+        config["chat_template"] = template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _chat_both_ways(folder: Path, messages: list[dict], **kwargs) -> tuple[list[int], list[int], str, str]:
+    """(our ids, transformers' ids, our text, transformers' text) of a chat with its generation prompt."""
+    from transformers import AutoTokenizer
+    from tokenizer import load_tokenizer
+    ours, theirs = load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+    want = theirs.apply_chat_template(messages, add_generation_prompt=True, return_dict=False, **kwargs)
+    text = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+    return ours.encode_chat(messages, **kwargs), list(want), ours.apply_chat_template(messages, **kwargs), text
+
+
+@pytest.mark.parametrize("where", ["tokenizer_config.json", "named list", "chat_template.jinja"])
+def test_qwen25_template_keeps_its_default_system_turn(tmp_path, where):
+    """Qwen2.5-Instruct's template without a system message writes "You are Qwen, created by
+    Alibaba Cloud..." itself; with one, it writes that instead. Both as transformers renders them."""
+    folder = _qwen_style_folder(tmp_path / "qwen", QWEN25_TEMPLATE, where)
+    user = [{"role": "user", "content": "Name three rivers."}]
+    for messages in (user, [{"role": "system", "content": "Answer in French."}, *user]):
+        ours, theirs, text, want = _chat_both_ways(folder, messages)
+        print(f"Qwen2.5 template ({where}), {len(messages)} messages: ours {len(ours)} tokens, "
+              f"transformers {len(theirs)}, {_differ(ours, theirs)} differ")
+        assert ours == theirs and text == want
+        assert ("You are Qwen, created by Alibaba Cloud." in text) == (len(messages) == 1)
+
+
+def test_reasoning_template_opens_its_block(tmp_path):
+    """A template whose generation prompt opens a reasoning block ("<think>\\n"), and one the caller
+    closes with enable_thinking=False (a keyword passed through to the template), as transformers."""
+    from tokenizer import load_tokenizer
+    folder = _qwen_style_folder(tmp_path / "reasoning", REASONING_TEMPLATE)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"},
+                {"role": "assistant", "content": "<think>\nAdd them.\n</think>\n\n4"},
+                {"role": "user", "content": "And 3 + 3?"}]
+    think = load_tokenizer(folder).engine.added["<think>"]  # an added token: one id
+    for kwargs in ({}, {"enable_thinking": False}):
+        ours, theirs, text, want = _chat_both_ways(folder, messages, **kwargs)
+        print(f"reasoning template {kwargs}: ours {len(ours)} tokens, transformers {len(theirs)}, "
+              f"{_differ(ours, theirs)} differ; ends {text[-24:]!r}")
+        assert ours == theirs and text == want and "Add them." not in text
+        assert text.endswith("<think>\n" if not kwargs else "<think>\n\n</think>\n\n") and ours.count(think) == 1
+
+
+def test_chat_template_helpers_and_bos_as_transformers(tmp_path):
+    """The helpers transformers gives a template (tojson without HTML escapes and with an indent,
+    strftime_now, {% break %}, {% generation %}) and a template that writes bos_token itself on a
+    tokenizer whose post-processor adds one too: one BOS, as transformers encodes the chat."""
+    from fetch import ensure_texts
+    ensure_texts()
+    _sentencepiece_bpe(tmp_path, "normalizer")  # its post-processor: "<s> $A"
+    template = ("{{ bos_token }}Today: {{ strftime_now('%d %b %Y') }}\n{% for m in messages %}"
+                "{% if loop.index > 2 %}{% break %}{% endif %}{{ m | tojson }}\n{{ m | tojson(indent=2) }}\n"
+                "{% endfor %}{% if add_generation_prompt %}{% generation %}assistant:{% endgeneration %}{% endif %}")
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    messages = [{"role": "user", "content": "Grüße <b>&</b> 😀", "name": None}, {"role": "assistant", "content": "x"},
+                {"role": "user", "content": "never written"}]
+    ours, theirs, text, want = _chat_both_ways(tmp_path, messages)
+    print(f"helpers and BOS: ours {len(ours)} tokens, transformers {len(theirs)}, {_differ(ours, theirs)} differ, "
+          f"BOS {ours.count(1)} time(s)")
+    assert ours == theirs and text == want and ours.count(1) == 1 and "never" not in text and "Grüße <b>" in text
+
+
+def _chat_refused(folder: Path, messages: list[dict], match: str) -> str:
+    """encode_chat's one-line UserError for `folder`, which must match `match`."""
+    from cli import UserError
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(folder)  # a template that cannot render still loads: only a chat needs it
+    with pytest.raises(UserError, match=match) as e:
+        tok.encode_chat(messages)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_chat_template_user_errors(tmp_path):
+    """One line each, naming the template's file and jinja's message: raise_exception for a role
+    the template refuses (transformers raises the same message), a syntax error, an unknown filter,
+    an error inside the template's own code, a chat_template that is not one, none at all."""
+    import jinja2
+    from transformers import AutoTokenizer
+    folder = _qwen_style_folder(tmp_path / "reasoning", REASONING_TEMPLATE)
+    wrong = [{"role": "narrator", "content": "Once upon a time"}]
+    with pytest.raises(jinja2.TemplateError, match="not narrator"):
+        AutoTokenizer.from_pretrained(folder).apply_chat_template(wrong, tokenize=False)
+    errors = [_chat_refused(folder, wrong, r"tokenizer_config.json \(its chat_template\): the chat template "
+                                           r"refused the conversation: Conversation roles must be .* not narrator")]
+    user = [{"role": "user", "content": "Hi"}]
+    for template, match in (("{% for m in messages %}{{ m.content }}\n{% if %}", "does not compile, line 2"),
+                            ("{{ messages | shout }}", "does not compile, line 1: No filter named 'shout'"),
+                            ("{{ messages[0].content + 1 }}", r"failed \(TypeError: "),
+                            ("{{ messages[5].content.upper() }}", r"failed \(UndefinedError: "),
+                            ("{{ ''.__class__.__mro__ }}", r"failed \(SecurityError: "),
+                            (["not", "named"], "not a template")):
+        _qwen_style_folder(folder, template)
+        errors.append(_chat_refused(folder, user, match))
+    (folder / "tokenizer_config.json").write_text("{}")
+    errors.append(_chat_refused(folder, user, r"no chat template \(chat_template.jinja, or tokenizer_config.json's"))
+    print("\n".join(errors))
 
 
 # ----------------------------------------------------------------------------- every kind the families ship
@@ -428,8 +639,8 @@ def test_generate_prints_what_transformers_decodes(tmp_path):
 
 def test_generate_user_errors(tmp_path):
     """One line each, before the weights are read where the prompt alone decides: a prompt that is
-    not UTF-8, --chat where the checkpoint has no chat format we render, a prompt token the model
-    has no embedding for."""
+    not UTF-8, --chat where the checkpoint has no chat template or one with a syntax error, a prompt
+    token the model has no embedding for."""
     from fetch import ensure_texts
     ensure_texts()
     _sentencepiece_bpe(tmp_path, "normalizer")
@@ -446,7 +657,9 @@ def test_generate_user_errors(tmp_path):
     one_line(b"--prompt", b"Hi", needle="is past the model's vocab_size 259")
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # damaged: only a check that reads it would notice
-    one_line(b"--prompt", b"Hi", b"--chat", needle="no chat template we know")
+    one_line(b"--prompt", b"Hi", b"--chat", needle="no chat template (chat_template.jinja, or tokenizer_config")
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}")  # no endfor
+    one_line(b"--prompt", b"Hi", b"--chat", needle="chat_template.jinja: the chat template does not compile, line 1")
 
 
 # ----------------------------------------------------------------------------- what cannot be read

@@ -29,12 +29,20 @@ with only a tokenizer.model, those two flags. generate.py adds them to a plain p
 transformers' tokenizer(prompt) does; perplexity (evaluate.py, convert.py, bench.py,
 finetune.py) encodes without them, its documented protocol.
 
-Chat formats are rendered by our own code, no jinja: ChatML (SmolLM2, Qwen2) and Llama-3. The
-template is read only to recognise the format, its default system prompt and its date line.
+Chats are rendered from the checkpoint's own Jinja chat template (chat_template.jinja, else
+tokenizer_config.json's chat_template) by jinja2 as transformers renders it: the same sandbox,
+whitespace rules, helpers (tojson, raise_exception, strftime_now) and variables (messages,
+add_generation_prompt, the named special tokens, tools=None), and the text is encoded without
+special tokens added around it, as transformers' apply_chat_template(tokenize=True) encodes it. A
+template is the checkpoint's code, so its defaults (Qwen2.5's system turn, a reasoning block opened
+in the generation prompt) come out as written. Only Meta's original Llama-3 release (a bare
+tokenizer.model) has no template: its format comes from its tokens (Llama-3's, or ChatML's),
+written below in Jinja too.
 """
 import base64
-import re
-import time
+import functools
+import json
+from datetime import datetime
 from pathlib import Path
 
 from cli import UserError, read_json
@@ -42,6 +50,16 @@ from cli import UserError, read_json
 # Llama-3's split (tiktoken's pat_str in Meta's release; transformers' TikTokenConverter default)
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# the chat formats of a tiktoken-format tokenizer.model folder without a template, by its tokens:
+# Llama-3-Instruct's turns (a BOS where the folder names one), and ChatML's
+LLAMA3_CHAT = ("{{- bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' "
+               "+ m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+CHATML_CHAT = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+               "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# what transformers hands a template by these names, where tokenizer_config.json names the token
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 class HFTokenizers:
@@ -102,12 +120,17 @@ class TiktokenModel:
 
 class Tokenizer:
     """encode / decode / encode_chat over one engine; bos_id, eos_ids (the ids that end generation).
-    Streaming: decode the growing list of ids and hold back a trailing "\ufffd" (half a character)."""
+    Streaming: decode the growing list of ids and hold back a trailing "\ufffd" (half a character).
+
+    chat_template: the checkpoint's Jinja template ("" when it has none); template_where: the file
+    it is written in, for error messages (without one, the line that says so); special_tokens: name
+    -> text of the named special tokens (bos_token, eos_token...) the template may write."""
 
     def __init__(self, engine: "HFTokenizers | TiktokenModel", bos_id: int | None, eos_ids: set[int],
-                 chat_template: str, bos_token: str = ""):
+                 chat_template: str, template_where: str, special_tokens: dict[str, str]):
         self.engine = engine
-        self.bos_id, self.eos_ids, self.chat_template, self.bos_token = bos_id, eos_ids, chat_template, bos_token
+        self.bos_id, self.eos_ids = bos_id, eos_ids
+        self.chat_template, self.template_where, self.special_tokens = chat_template, template_where, special_tokens
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`; special tokens written in it count as special tokens (as in Hugging
@@ -123,34 +146,82 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.engine.decode(ids, skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        t = self.chat_template
-        if "<|im_start|>" in t:  # ChatML (SmolLM2, Qwen2)
-            # a default system prompt is a literal inside the template: no quotes or jinja in it
-            default = re.search(r"<\|im_start\|>system\n([^'\"{}]*?)<\|im_end\|>", t)
-            if default and messages and messages[0]["role"] != "system":
-                messages = [{"role": "system", "content": default.group(1)}, *messages]
-            out = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-            return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-        if "<|start_header_id|>" in t:  # Llama-3
-            out = self.bos_token
-            if "Cutting Knowledge Date" in t:  # Llama-3.1 and later: always a system turn, dated
-                system = messages[0]["content"].strip() if messages and messages[0]["role"] == "system" else ""
-                messages = messages[1:] if messages and messages[0]["role"] == "system" else messages
-                cutoff = re.search(r"Cutting Knowledge Date: (\w+ \d+)", t).group(1)
-                date = re.search(r"date_string = \"([^\"]+)\"", t)
-                # transformers hands templates strftime_now, which Llama-3.2 uses for today's date
-                date = time.strftime("%d %b %Y") if "strftime_now" in t or not date else date.group(1)
-                out += (f"<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: {cutoff}\n"
-                        f"Today Date: {date}\n\n{system}<|eot_id|>")
-            out += "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
-                           for m in messages)
-            return out + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
-        raise UserError("this checkpoint has no chat template we know (ChatML or Llama-3)")
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """The conversation as the checkpoint's template writes it (transformers' apply_chat_template
+        with tokenize=False). kwargs reach the template as variables (enable_thinking=False...).
+        UserError (one line) without a template, or where the template fails."""
+        if not self.chat_template:
+            raise UserError(self.template_where)
+        # transformers drops the keys whose value is None (an API's content=None), which templates
+        # handle as missing and would otherwise print as "None"
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        variables = {**self.special_tokens, "tools": None, "documents": None, **kwargs}
+        return render_chat_template(self.chat_template, self.template_where, messages=messages,
+                                    add_generation_prompt=add_generation_prompt, **variables)
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        # the template writes its own BOS: transformers tokenizes its text without special tokens
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        # the template writes its own BOS where it wants one: transformers encodes the text without
+        # special tokens added around it (one BOS, not two)
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs))
+
+
+class _TemplateRaised(Exception):
+    """What a template's raise_exception(message) raises: the template refused its input."""
+
+
+def _tojson(value, ensure_ascii: bool = False, indent: int | None = None, separators=None,
+            sort_keys: bool = False) -> str:
+    # transformers' tojson: plain json.dumps (jinja's own escapes <, >, & and ' for HTML)
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _raise_exception(message: str):
+    raise _TemplateRaised(message)
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_template(template: str):
+    """A chat template compiled in the environment transformers renders templates in: jinja's
+    sandbox (a template is code from the checkpoint), a block tag taking the indent before it and
+    the newline after it, {% break %} / {% continue %}, and its helpers."""
+    import jinja2.ext
+    import jinja2.sandbox
+
+    class Generation(jinja2.ext.Extension):
+        # {% generation %}...{% endgeneration %} marks the assistant's text for transformers' training
+        # masks (return_assistant_tokens_mask); rendered, it is its body
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[jinja2.ext.loopcontrols, Generation])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)  # Llama-3.2's today's date
+    return env.from_string(template)
+
+
+def render_chat_template(template: str, where: str, **variables) -> str:
+    """`template` rendered with `variables` as transformers renders a chat template. Raises UserError
+    (one line) naming `where` (the template's file) and jinja's message when it does not render:
+    jinja2 not installed, a syntax error or unknown filter, raise_exception, an error inside."""
+    try:
+        import jinja2
+    except ImportError:
+        raise UserError(f"{where}: rendering a chat template needs jinja2: pip install jinja2") from None
+    try:
+        return _compile_template(template).render(**variables)
+    except _TemplateRaised as e:
+        raise UserError(f"{where}: the chat template refused the conversation: {e}") from None
+    except jinja2.TemplateSyntaxError as e:  # an unknown filter or test is one too
+        raise UserError(f"{where}: the chat template does not compile, line {e.lineno}: {e.message}") from None
+    except Exception as e:  # whatever the template's code raises (undefined names, str + int...) is its own
+        message = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"{where}: the chat template failed ({type(e).__name__}: {message})") from None
 
 
 def load_tokenizer(ckpt_dir: str | Path) -> Tokenizer:
@@ -181,12 +252,7 @@ def load_tokenizer(ckpt_dir: str | Path) -> Tokenizer:
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in e):
             raise UserError(f"{folder / name}: eos_token_id must be a token id or a list of them")
         eos |= set(e)
-    template = config.get("chat_template")
-    if template is None and (folder / "chat_template.jinja").is_file():
-        template = (folder / "chat_template.jinja").read_text()
-    template = template if isinstance(template, str) else ""  # a list of named templates: not ours
-    if not template:  # none written down (a bare Llama-3 tokenizer.model): recognise the format by its tokens
-        template = next((t for t in ("<|start_header_id|>", "<|im_start|>") if t in ids), "")
+    template, where = _chat_template(folder, config, engine)
     # the end of a chat turn ends generation too, where the chat format has one
     ends = [eos_token] + [t for t in ("<|im_end|>", "<|eot_id|>", "<|eom_id|>") if t in template]
     eos |= {ids[t] for t in ends if t in ids}
@@ -194,7 +260,30 @@ def load_tokenizer(ckpt_dir: str | Path) -> Tokenizer:
     bos_id = model_config.get("bos_token_id", ids.get(bos_token))
     if bos_id is not None and (not isinstance(bos_id, int) or isinstance(bos_id, bool)):
         raise UserError(f"{folder / 'config.json'}: bos_token_id must be a token id")
-    return Tokenizer(engine, bos_id, eos, template, bos_token or "")
+    special_tokens = {k: name for k in SPECIAL_TOKEN_NAMES if (name := _token_name(config.get(k))) is not None}
+    return Tokenizer(engine, bos_id, eos, template, where, special_tokens)
+
+
+def _chat_template(folder: Path, config: dict, engine: "HFTokenizers | TiktokenModel") -> tuple[str, str]:
+    """(the folder's chat template, the file it is written in), as transformers picks it:
+    chat_template.jinja first, then tokenizer_config.json's chat_template, from a list of named
+    templates the one named "default". Without one, ("", the line that refuses a chat)."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8"), str(folder / "chat_template.jinja")
+    template, where = config.get("chat_template"), f"{folder / 'tokenizer_config.json'} (its chat_template)"
+    if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default", template)
+        where = f"{folder / 'tokenizer_config.json'} (its chat_template 'default')" if "default" in named else where
+    if isinstance(template, str) and template:
+        return template, where
+    if template is not None:
+        return "", f"{where}: not a template (a string, or a list of named ones, one named 'default')"
+    if isinstance(engine, TiktokenModel):  # Meta's original Llama-3 release writes none: its format by its tokens
+        for token, builtin, name in (("<|start_header_id|>", LLAMA3_CHAT, "Llama-3"), ("<|im_start|>", CHATML_CHAT, "ChatML")):
+            if token in engine.added:
+                return builtin, f"{folder} (no chat template; {name}'s format, by its tokens)"
+    return "", f"{folder}: no chat template (chat_template.jinja, or tokenizer_config.json's chat_template)"
 
 
 def _token_name(entry) -> str | None:

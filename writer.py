@@ -331,6 +331,7 @@ def write_model(model, source: Path, out: Path, dtype: torch.dtype, record: dict
     config = {k: v for k, v in read_config(source).items() if k != "quantization_config"}  # written dequantized
     config.update(torch_dtype=str(dtype).removeprefix("torch."), **record)
     args = CheckpointReader(source).args
+    config["tie_word_embeddings"] = args.tie_embeddings  # False where the source's head was trained apart
     state = model.state_dict()
     with CheckpointWriter(out, config, args, inputs=[source, *inputs]) as writer:
         for name in ("tok_embeddings", "norm") + (() if args.tie_embeddings else ("output",)):
