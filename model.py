@@ -172,6 +172,19 @@ def softmax_scale_factor(scaling: dict | None) -> float:
     return yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
 
 
+def model_rope(a: "ModelArgs", n_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cos / sin tables (n_pos, rope_dim / 2) a model of config `a` rotates with: its frequencies
+    (the pairs rope_pairs of a head_dim RoPE, for convert.py's intermediate models), times YaRN's
+    gain where it has one."""
+    if a.rope_pairs is None:
+        inv_freq = rope_frequencies(a.rope_dim, a.rope_theta, a.rope_scaling)
+    else:
+        inv_freq = rope_frequencies(a.head_dim, a.rope_theta, a.rope_scaling)[torch.tensor(a.rope_pairs)]
+    cos, sin = rope_table(inv_freq, n_pos)
+    gain = rope_attention_factor(a.rope_scaling)  # YaRN's temperature, on cos and sin
+    return cos * gain, sin * gain
+
+
 def rope_table(inv_freq: torch.Tensor, n_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
     angles = torch.outer(torch.arange(n_pos, dtype=torch.float32, device=inv_freq.device), inv_freq)  # (n_pos, dim/2)
     return angles.cos(), angles.sin()
@@ -482,15 +495,7 @@ class Transformer(nn.Module):
         """The cos / sin tables of positions 0 ... n_pos - 1; by default of the trained context, at most
         4096 positions to start with (a 10M-token context would need gigabytes): setup_caches and
         forward grow them when a longer cache or sequence comes."""
-        a = self.args
-        n_pos = n_pos or min(a.max_seq_len, 4096)
-        if a.rope_pairs is None:
-            inv_freq = rope_frequencies(a.rope_dim, a.rope_theta, a.rope_scaling)
-        else:
-            inv_freq = rope_frequencies(a.head_dim, a.rope_theta, a.rope_scaling)[torch.tensor(a.rope_pairs)]
-        cos, sin = rope_table(inv_freq, n_pos)
-        gain = rope_attention_factor(a.rope_scaling)  # YaRN's temperature, on cos and sin
-        cos, sin = cos * gain, sin * gain
+        cos, sin = model_rope(self.args, n_pos or min(self.args.max_seq_len, 4096))
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
 

@@ -110,6 +110,101 @@ def test_folder_has_what_engines_need(tiny, tmp_path):
     assert config["first_k_dense_replace"] == config["num_hidden_layers"] and config["q_lora_rank"] is None
 
 
+# ----------------------------------------------------------------------------- the RoPE each engine reads
+
+def yarn_get_mscale(scale: float, mscale: float) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def vllm_rope(params: dict, r: int) -> tuple[torch.Tensor, float, float]:
+    """A DeepSeek folder's RoPE as vLLM builds it, transcribed from its source (deepseek_v2.py:
+    any rope_type but "default" becomes "deepseek_yarn"; rotary_embedding get_rope and
+    deepseek_scaling_rope.py; SGLang's deepseek_v2.py reads it the same way): (r / 2 inverse
+    frequencies, the gain on cos and sin, the factor on the softmax scale)."""
+    theta = params.get("rope_theta", 10000)
+    base = 1.0 / (theta ** (torch.arange(0, r, 2, dtype=torch.float64) / r))
+    if params.get("rope_type", "default") == "default":
+        return base, 1.0, 1.0
+    f, L = params["factor"], params["original_max_position_embeddings"]
+    beta_fast, beta_slow = params.get("beta_fast", 32), params.get("beta_slow", 1)
+    mscale, mscale_all = params.get("mscale", 1), params.get("mscale_all_dim", 0)
+
+    def pair(turns):
+        return r * math.log(L / (turns * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = max(math.floor(pair(beta_fast)), 0), min(math.ceil(pair(beta_slow)), r - 1)
+    ramp = ((torch.arange(r // 2, dtype=torch.float64) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    keep = (1 - ramp) * params.get("extrapolation_factor", 1)
+    inv_freq = base / f * (1 - keep) + base * keep
+    gain = yarn_get_mscale(f, mscale) / yarn_get_mscale(f, mscale_all) * params.get("attn_factor", 1)
+    return inv_freq, gain, yarn_get_mscale(f, mscale_all) ** 2
+
+
+LLAMA31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+           "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("scaling", ["llama3", "llama3 kept", "linear", "yarn"])
+def test_written_rope_reads_alike_in_every_engine(scaling):
+    """The rope_parameters convert.py writes for a Llama-3.1-shaped source (head_dim 128, theta
+    500000, r = 64): transformers (its own RoPE functions on the written config), vLLM (its reading
+    transcribed above) and ours compute the same frequencies, the same gain on cos and sin and the
+    same softmax scale. The source's llama3 written as it is (--keep-rope-scaling) is the
+    fault this avoids: vLLM's frequencies then differ by radians within the context."""
+    from transformers import DeepseekV3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from convert import written_rope
+    from model import ModelArgs, rope_attention_factor, rope_frequencies, softmax_scale_factor
+    source = {"llama3": LLAMA31, "llama3 kept": LLAMA31, "linear": {"rope_type": "linear", "factor": 4.0},
+              "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}[scaling]
+    gqa = ModelArgs(head_dim=128, rope_theta=500000.0, rope_scaling=source, max_seq_len=131072)
+    written, q_gain = written_rope(gqa, 64, keep=scaling == "llama3 kept")
+    params = {"rope_theta": 500000.0, "rope_type": "default", **written}
+    ours = (rope_frequencies(64, 500000.0, written).double(), rope_attention_factor(written), softmax_scale_factor(written))
+    cfg = DeepseekV3Config(hidden_size=256, num_attention_heads=2, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                           v_head_dim=128, kv_lora_rank=64, max_position_embeddings=131072, rope_parameters=params)
+    kind = params["rope_type"]
+    inv, gain = ROPE_INIT_FUNCTIONS[kind](cfg, "cpu") if kind != "default" else (ours[0], 1.0)
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
+    theirs = {"transformers": (inv.double(), gain, yarn_apply_mscale(cfg.rope_parameters, 1.0)),
+              "vLLM": vllm_rope(params, 64)}
+    for engine, (f, g, s) in theirs.items():
+        phase = 131072 * (f - ours[0]).abs().max().item()
+        print(f"{scaling}: {engine} vs ours: phase apart at 131072 tokens {phase:.3g} rad, cos/sin gain {g:.4f} vs "
+              f"{ours[1]:.4f}, softmax factor {s:.4f} vs {ours[2]:.4f} (queries x {q_gain:.4f})")
+        if scaling == "llama3 kept" and engine == "vLLM":
+            assert phase > 1  # the fault: vLLM computes DeepSeek's YaRN from a llama3 dict
+            continue
+        assert torch.allclose(f, ours[0], rtol=1e-6) and abs(g - ours[1]) < 1e-6 and abs(s - ours[2]) < 1e-6
+
+
+def test_what_no_engine_reads_is_said_before_any_work(tiny, tmp_path):
+    """What a stock DeepSeek-V3 folder cannot say, and no engine's DeepSeek reads (their sources:
+    docs/engines.md), convert.py says in one line each before any work: a sliding window (the
+    folder then declares the window as its context, where it is the same model), attention biases
+    (vLLM and SGLang skip them, llama.cpp cannot load them), a Mixtral's Mistral4 class that
+    transformers' AutoModelForCausalLM does not map; and the cache each engine holds (cache_line)."""
+    from checkpoint import CheckpointReader
+    from conftest import _converted
+    from dataclasses import replace
+    from convert import FITTED, cache_line, engine_notes
+    recipe = replace(FITTED, kv_lora_rank=8, rope_dim=8)
+    notes = {name: engine_notes(CheckpointReader(tiny[name][0]).args, recipe)
+             for name in ("mistral", "qwen2", "llama", "mixtral")}
+    for name, said in notes.items():
+        print(name, *said, sep="\n  ")
+    cache = cache_line(CheckpointReader(tiny["llama"][0]).args, recipe)
+    print(cache)
+    assert cache.startswith("per token per layer, R + r = 8 + 8 = 16 values (the original 64, 4.00x less)")
+    assert "VLLM_MLA_DISABLE=1" in cache and "4 x 2 x (16 + 8) = 192, 3.00x the original" in cache
+    assert any("sliding_window" in n and "max_position_embeddings 8" in n for n in notes["mistral"])
+    assert any("vLLM and SGLang skip" in n and "llama.cpp cannot load" in n for n in notes["qwen2"])
+    assert any("Mistral4ForCausalLM" in n and "AutoModelForCausalLM" in n for n in notes["mixtral"])
+    assert not any("bias" in n or "window" in n or "Mistral4" in n for n in notes["llama"])
+    out = _converted(tiny["mistral"][0], tmp_path / "mistral-mla")
+    config = json.loads((out / "config.json").read_text())
+    assert config["max_position_embeddings"] == 8 and "sliding_window" not in config
+
+
 # ----------------------------------------------------------------------------- the embedded model
 
 # how much more (mean NLL, nats) a reading may cost the converted model than it costs the original

@@ -298,6 +298,42 @@ def test_conversion_steps_exact(tiny, name):
     print(f"{name}: dropping RoPE to r = {r} of {L} changes logits by up to {dropped:.3g} (expected: not exact)")
 
 
+@torch.no_grad()
+def test_written_rope_moves_the_frequencies_and_nothing_else(tmp_path):
+    """A llama3-scaled Llama with one KV head (so nothing is cut with every rope pair kept, r =
+    head_dim; one pair lies where llama3 blends, so no YaRN equals it): the folder's RoPE is
+    DeepSeek's YaRN fitted to llama3's frequencies (convert.written_rope), and the conversion
+    equals the original run at exactly those frequencies (the queries' factor undoes the softmax
+    scale YaRN brings). With keep_rope_scaling it equals the original itself."""
+    import transformers as tf
+    from checkpoint import CheckpointReader
+    from dataclasses import replace
+    from convert import OFFICIAL, convert_in_memory, rope_fold_error
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 64, "rope_theta": 500000.0}
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                                       intermediate_size=96, vocab_size=VOCAB, max_position_embeddings=256,
+                                       rope_parameters=llama3)).save_pretrained(tmp_path / "mqa")
+    folder = tmp_path / "mqa"
+    a = CheckpointReader(folder).args
+    d = a.head_dim
+    calib = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(6))
+    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(7))
+    recipe = replace(OFFICIAL, latent_rms=1e-10, rope_dim=d, kv_lora_rank=d, freqfold=1)
+    folded = convert_in_memory(CheckpointReader(folder), calib, recipe)
+    kept = convert_in_memory(CheckpointReader(folder), calib, replace(recipe, keep_rope_scaling=True))
+    written = folded.args.rope_scaling
+    moved, worst, _ = rope_fold_error(a, d)
+    print(f"llama3 written as {written}: {moved} of {d // 2} frequencies move, by up to {worst:.0%}")
+    assert written["rope_type"] == "yarn" and moved >= 1 and kept.args.rope_scaling == a.rope_scaling
+    original = load_model(folder)[0](tokens)
+    at_written = load_model(folder, rope_scaling=written)[0](tokens)
+    assert_close("llama3 written as YaRN vs the original at YaRN's frequencies", folded(tokens), at_written, 1e-4)
+    assert_close("llama3 kept vs the original", kept(tokens), original, 1e-4)
+    print(f"  the fold vs the original itself: max |logit diff| {(folded(tokens) - original).abs().max().item():.3g}")
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
 @torch.no_grad()
 def test_output_refit(tiny, name):

@@ -305,6 +305,28 @@ def test_convert_refuses_what_cannot_fit():
     assert conversion_memory(args, fewer // 256, 256, "cpu")["device"] <= need["device"] - need["hidden"] // 2
 
 
+def test_convert_picks_the_latent_for_the_model(tmp_path):
+    """Without --kv-lora-rank / --rope-dim the latent is chosen for the model being converted: the
+    engines' fast MLA shapes where they cut the cache at least 1.5x, else a quarter of it; the
+    embedded model's 64 + 32 only for its own shape. Without --out, only the default recipe is
+    written as "-mla" (what the scripts load by default); any other gets a name of its own."""
+    from dataclasses import replace
+    from convert import FITTED, OFFICIAL, default_out, fitting_shape
+    from model import ModelArgs
+    shapes = {"SmolLM2-135M": (3, 64, (64, 32)), "Llama-3-8B": (8, 128, (512, 64)), "Llama-3.2-1B": (8, 64, (512, 64)),
+              "Qwen2.5-0.5B": (2, 64, (32, 32)), "Qwen2.5-7B": (4, 128, (512, 64)), "Llama-2-7B": (32, 128, (512, 64)),
+              "head_dim 96 (64 does not divide it: a quarter)": (8, 96, (336, 48))}
+    for name, (kv, d_h, want) in shapes.items():
+        got = fitting_shape(ModelArgs(n_kv_heads=kv, head_dim=d_h))
+        print(f"  {name}: {2 * kv * d_h} values per token per layer -> R + r = {got[0]} + {got[1]}")
+        assert got == want, name
+    smol = ModelArgs(n_kv_heads=3, head_dim=64)
+    src = tmp_path / "model"
+    assert default_out(src, "fitted", replace(FITTED, kv_lora_rank=64, rope_dim=32), smol).name == "model-mla"
+    assert default_out(src, "fitted", replace(FITTED, kv_lora_rank=128, rope_dim=32), smol).name == "model-mla-fitted-128+32"
+    assert default_out(src, "transmla", replace(OFFICIAL, kv_lora_rank=64, rope_dim=32), smol).name == "model-mla-transmla-64+32"
+
+
 def test_convert_user_errors(tiny, tmp_path):
     folder = str(tiny["llama"][0])
     calib = tmp_path / "calib.txt"
