@@ -343,7 +343,8 @@ def _rms(rows: torch.Tensor, cov: torch.Tensor) -> float:
 
 def written_rope(gqa: ModelArgs, r: int, keep: bool = False) -> tuple[dict | None, float]:
     """The rope_scaling a converted folder declares for its r-dim RoPE (pair m: the source's pair
-    m * head_dim / r), in a form transformers, vLLM, SGLang and llama.cpp compute alike, and the
+    m * head_dim / r), in a form transformers, vLLM and SGLang compute alike (llama.cpp: measured
+    0.14 nats apart on a tiny Llama-3.1, docs/engines.md), and the
     factor on the queries that keeps every score what it was. vLLM and SGLang build DeepSeek's
     YaRN for any rope_scaling but the default, and llama.cpp's DeepSeek graph has no llama3
     frequency table (their sources, docs/engines.md), so:
@@ -682,8 +683,9 @@ def engine_notes(args: ModelArgs, recipe: Recipe) -> list[str]:
         cost = (f"{moved} of its {recipe.rope_dim // 2} frequencies move, by up to {worst:.0%} ({phase:.2f} rad over "
                 f"1024 tokens); --keep-rope-scaling keeps {kind}, exact in transformers only" if moved else
                 "exactly, none of the kept frequencies lying where it differs")
-        notes.append(f"the source's {kind} rope_scaling is written as DeepSeek's YaRN, the RoPE transformers, vLLM, "
-                     f"SGLang and llama.cpp all compute: {cost}")
+        notes.append(f"the source's {kind} rope_scaling is written as DeepSeek's YaRN, the RoPE transformers, vLLM "
+                     f"and SGLang compute alike (llama.cpp reads a YaRN folder 0.14 nats apart on a tiny Llama-3.1, "
+                     f"docs/engines.md; llama3 as it is not at all): {cost}")
     if args.n_experts:
         notes.append("a mixture of experts is written as stock Mistral4, the MLA model whose router is Mixtral's (no "
                      "DeepSeek class computes it): transformers loads it by name, Mistral4ForCausalLM, but not by "
