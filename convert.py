@@ -684,8 +684,8 @@ def engine_notes(args: ModelArgs, recipe: Recipe) -> list[str]:
                 f"1024 tokens); --keep-rope-scaling keeps {kind}, exact in transformers only" if moved else
                 "exactly, none of the kept frequencies lying where it differs")
         notes.append(f"the source's {kind} rope_scaling is written as DeepSeek's YaRN, the RoPE transformers, vLLM "
-                     f"and SGLang compute alike (llama.cpp reads a YaRN folder 0.14 nats apart on a tiny Llama-3.1, "
-                     f"docs/engines.md; llama3 as it is not at all): {cost}")
+                     f"and SGLang compute alike (llama.cpp, whose DeepSeek loader ignores beta_fast and beta_slow, 0.14 "
+                     f"nats apart on a tiny Llama-3.1: docs/engines.md; llama3 as it is, not at all): {cost}")
     if args.n_experts:
         notes.append("a mixture of experts is written as stock Mistral4, the MLA model whose router is Mixtral's (no "
                      "DeepSeek class computes it): transformers loads it by name, Mistral4ForCausalLM, but not by "
