@@ -397,9 +397,9 @@ def rope_fold_error(gqa: ModelArgs, r: int) -> tuple[int, float, float]:
     return int((rel > 1e-6).sum()), rel.max().item(), 1024 * (got - target).abs().max().item()
 
 
-def mla_args(gqa: ModelArgs, layer: LayerMLA, params: dict, keep_rope: bool = False) -> ModelArgs:
-    """ModelArgs of the converted model: rope_pairs where the pairs are not ordinary RoPE (the
-    equivalence tests' intermediate models), else ordinary RoPE of the written scaling (written_rope)."""
+def mla_args(gqa: ModelArgs, layer: LayerMLA, params: dict) -> ModelArgs:
+    """ModelArgs of the converted model; rope_pairs only where the pairs are not ordinary RoPE (the
+    equivalence tests' intermediate models)."""
     H, d_h, _ = layer.wq.shape
     r, R = layer.kpe.shape[0], layer.lat.shape[0]
     ordinary = all(p * r == m * d_h for m, p in enumerate(layer.pairs))
@@ -407,8 +407,7 @@ def mla_args(gqa: ModelArgs, layer: LayerMLA, params: dict, keep_rope: bool = Fa
     return replace(gqa, kv_lora_rank=R, q_lora_rank=params["wq_a.weight"].shape[0] if "wq_a.weight" in params else 0,
                    qk_nope_head_dim=d_h, qk_rope_head_dim=r, v_head_dim=d_h, head_dim=d_h, qkv_bias=has_bias,
                    o_bias=has_bias, rope_pairs=None if ordinary else list(layer.pairs), n_kv_heads=H,
-                   sliding_window=None, max_seq_len=declared_context(gqa),
-                   rope_scaling=written_rope(gqa, r, keep_rope)[0] if ordinary else gqa.rope_scaling)
+                   sliding_window=None, max_seq_len=declared_context(gqa))
 
 
 def balance_input(params: dict, rest: dict, cov: torch.Tensor, R: int) -> float:
@@ -472,13 +471,16 @@ class ConvertedLayer:
 
 def mla_block(gqa: ModelArgs, layer: LayerMLA, block: Block, cov: torch.Tensor, q_lora_rank: int,
               latent_rms: float = LATENT_RMS, keep_rope: bool = False) -> ConvertedLayer:
-    """`layer` as a float32 Block in the stock layout (to_deepseek, balance_input) with the rest of `block`."""
+    """`layer` as a float32 Block in the stock layout (to_deepseek, balance_input) with the rest of
+    `block`; with ordinary RoPE, the rope scaling written_rope gives (keep_rope: the source's)."""
     params = to_deepseek(layer, block.attention, cov, q_lora_rank, gqa.qkv_bias or gqa.o_bias,
                          ModelArgs.latent_norm_eps, latent_rms)
-    args = mla_args(gqa, layer, params, keep_rope)
-    if args.rope_pairs is None:  # the scores as they were, under the rope every engine reads alike
+    args = mla_args(gqa, layer, params)
+    if args.rope_pairs is None:  # ordinary RoPE: the scaling engines read alike, the scores as they were
+        scaling, q_gain = written_rope(gqa, args.qk_rope_head_dim, keep_rope)
+        args = replace(args, rope_scaling=scaling)
         q = "wq_b.weight" if "wq_b.weight" in params else "wq.weight"
-        params[q] = params[q] * written_rope(gqa, args.qk_rope_head_dim, keep_rope)[1]
+        params[q] = params[q] * q_gain
     rest = {k: v for k, v in block.state_dict().items() if not k.startswith("attention.")}
     input_scale = balance_input(params, rest, cov, layer.lat.shape[0])
     with torch.device("meta"):

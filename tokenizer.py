@@ -208,11 +208,8 @@ def _compile_template(template: str):
 def render_chat_template(template: str, where: str, **variables) -> str:
     """`template` rendered with `variables` as transformers renders a chat template. Raises UserError
     (one line) naming `where` (the template's file) and jinja's message when it does not render:
-    jinja2 not installed, a syntax error or unknown filter, raise_exception, an error inside."""
-    try:
-        import jinja2
-    except ImportError:
-        raise UserError(f"{where}: rendering a chat template needs jinja2: pip install jinja2") from None
+    a syntax error or unknown filter, raise_exception, an error inside."""
+    import jinja2
     try:
         return _compile_template(template).render(**variables)
     except _TemplateRaised as e:
