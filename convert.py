@@ -23,9 +23,12 @@ The steps, each one function below (test_equivalence.py proves the exact ones ex
                 converted layer's attention output matches the original layer's: one linear map
                 that absorbs what the dropped RoPE and the dropped latent dims did to the scores
                 and the values, as far as it can.               (--output-fit, default)
+6. fit_block    block reconstruction: q, kv_a, kv_b and o trained together by Adam so that each
+                converted attention's output matches the original's on the calibration
+                activations, a few hundred steps per layer.  (--block-fit 200, default)
 
 A Recipe names the method's settings (OFFICIAL: TransMLA's; FITTED: the default); convert_layer,
-right after the five steps, is the whole method for one layer: a pure function of the original
+right after the six steps, is the whole method for one layer: a pure function of the original
 block, its calibration activations and the recipe. Every map acts on x1 = [x ; 1], so biases
 (Qwen2) ride through every step as a last column. Statistics are float64 second moments of the
 attention input. convert_layers streams the calibration text through the original model layer
@@ -109,12 +112,13 @@ class Recipe:
     rope_select: str | None = "key"  # step 2's basis: "key" energy (TransMLA) or "score" energy; None: no RoRoPE
     latent_fit: str | None = "attention"  # step 3: "bkv" (TransMLA) or "attention"; None: the whole latent
     output_fit: bool = True  # step 5: o_proj refitted by least squares
+    block_fit: int = 0  # step 6: Adam steps of block reconstruction per layer (fit_block); 0: none
     latent_rms: float = LATENT_RMS  # the latent's RMS under its RMSNorm (to_deepseek)
     keep_rope_scaling: bool = False  # write the source's rope scaling as it is (written_rope), not a form every engine reads
 
 
-OFFICIAL = Recipe(latent_fit="bkv", output_fit=False)  # the official TransMLA method, step for step
-FITTED = Recipe()  # the latent and o_proj fitted to what attention computes: the default
+OFFICIAL = Recipe(latent_fit="bkv", output_fit=False, block_fit=0)  # the official TransMLA method, step for step
+FITTED = Recipe(block_fit=200)  # the latent and o_proj fitted to what attention computes, then all maps jointly: the default
 METHODS = {"transmla": OFFICIAL, "fitted": FITTED}
 
 
@@ -343,18 +347,19 @@ def _rms(rows: torch.Tensor, cov: torch.Tensor) -> float:
 
 def written_rope(gqa: ModelArgs, r: int, keep: bool = False) -> tuple[dict | None, float]:
     """The rope_scaling a converted folder declares for its r-dim RoPE (pair m: the source's pair
-    m * head_dim / r), in a form transformers, vLLM and SGLang compute alike (llama.cpp: measured
-    0.14 nats apart on a tiny Llama-3.1, docs/engines.md), and the
+    m * head_dim / r), in a form transformers, vLLM, SGLang and llama.cpp compute alike, and the
     factor on the queries that keeps every score what it was. vLLM and SGLang build DeepSeek's
     YaRN for any rope_scaling but the default, and llama.cpp's DeepSeek graph has no llama3
-    frequency table (their sources, docs/engines.md), so:
+    frequency table and reads YaRN's betas at 32 and 1 whatever the file says (their sources,
+    docs/engines.md), so:
     - none stays none; linear stays linear, with what turns vLLM's YaRN into it (extrapolation
       factor 0, mscale = mscale_all_dim = 0: no gain): exact.
-    - llama3 and yarn become YaRN with the boundary pairs (yarn_fit) closest to the source's
-      frequencies on the kept pairs, mscale = mscale_all_dim = 1 (cos and sin unscaled in every
-      engine; the softmax scale times s = mscale(factor)^2 in each), and the queries times
-      g^2 / s, g the source's gain on cos and sin (on every dim of its heads). Exact where no kept
-      pair lies where llama3 blends (between low_freq_factor and high_freq_factor).
+    - llama3 and yarn become YaRN at betas 32 and 1 with the original context (yarn_fit) that
+      brings it closest to the source's frequencies on the kept pairs, mscale = mscale_all_dim = 1
+      (cos and sin unscaled in every engine; the softmax scale times s = mscale(factor)^2 in each),
+      and the queries times g^2 / s, g the source's gain on cos and sin (on every dim of its
+      heads). Exact where the source's own ramp is YaRN's at 32 and 1; for llama3 the pairs in
+      the two ramps move (docs/engines.md: no measurable cost at 4x).
     keep: the source's scaling as it is (exact in transformers and here, not in the other engines)."""
     scaling = gqa.rope_scaling or {}
     kind = scaling.get("rope_type", "default")
@@ -365,27 +370,25 @@ def written_rope(gqa: ModelArgs, r: int, keep: bool = False) -> tuple[dict | Non
         return {"rope_type": "linear", "factor": factor, "original_max_position_embeddings": L,
                 "extrapolation_factor": 0.0, "mscale": 0.0, "mscale_all_dim": 0.0}, 1.0
     target = rope_frequencies(gqa.head_dim, gqa.rope_theta, scaling)[:: gqa.head_dim // r]
-    beta_fast, beta_slow = yarn_fit(target, r, gqa.rope_theta, factor, L)
-    yarn = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": L, "beta_fast": beta_fast,
-            "beta_slow": beta_slow, "mscale": 1.0, "mscale_all_dim": 1.0}
+    yarn = {"rope_type": "yarn", "factor": factor, **yarn_fit(target, r, gqa.rope_theta, factor, L),
+            "mscale": 1.0, "mscale_all_dim": 1.0}
     return yarn, rope_attention_factor(scaling) ** 2 / softmax_scale_factor(yarn)
 
 
-def yarn_fit(target: torch.Tensor, r: int, theta: float, factor: float, L: int) -> tuple[float, float]:
-    """(beta_fast, beta_slow) of the r-dim YaRN (model.yarn_frequencies, as DeepSeek and the
-    engines compute it) whose frequencies come closest to `target` (r / 2 inverse frequencies) in
-    the worst pair's error (so the worst phase error at any distance): every integer boundary pair
-    low < high tried, each beta put half a pair inside its boundary so the engines' floor and
-    ceil land on it."""
-    def betas(low, high):  # pair i turns L / (2 pi theta^(2i/r)) times over L positions
-        return tuple(L / (2 * math.pi) * theta ** (-2 * i / r) for i in (low + 0.5, high - 0.5))
+def yarn_fit(target: torch.Tensor, r: int, theta: float, factor: float, L: int) -> dict:
+    """The fields of the r-dim YaRN (model.yarn_frequencies, as DeepSeek and the engines compute
+    it) whose frequencies come closest to `target` (r / 2 inverse frequencies) in the worst pair's
+    error (so the worst phase error at any distance), with beta_fast and beta_slow at YaRN's own
+    32 and 1: llama.cpp's DeepSeek loader reads no other (it ignores the file's), so only the
+    original context is fitted, from L to 8 L in steps of 2^(1/32) (never below L: vLLM sizes its
+    cos/sin table as that context times the factor)."""
+    def fields(context):
+        return {"original_max_position_embeddings": context, "beta_fast": 32.0, "beta_slow": 1.0}
 
-    def error(b):
-        got = yarn_frequencies(rope_frequencies(r, theta, None), r, theta, {
-            "factor": factor, "original_max_position_embeddings": L, "beta_fast": b[0], "beta_slow": b[1]})
+    def error(context):
+        got = yarn_frequencies(rope_frequencies(r, theta, None), r, theta, {"factor": factor, **fields(context)})
         return (got.double() - target.double()).abs().max().item()
-    candidates = [betas(lo, hi) for lo in range(r // 2) for hi in range(lo + 1, r // 2 + 1)]
-    return min(candidates, key=error)
+    return fields(min((int(L * 2 ** (k / 32)) for k in range(97)), key=error))
 
 
 def rope_fold_error(gqa: ModelArgs, r: int) -> tuple[int, float, float]:
@@ -456,6 +459,61 @@ def refit_output(block: Block, converted: Block, h: torch.Tensor, rope_gqa: tupl
 
 # ----------------------------------------------------------------------------- one layer: the whole method
 
+def fit_block(block: Block, converted: Block, h: torch.Tensor, rope_gqa: tuple, rope: tuple, mask: torch.Tensor,
+              steps: int, lr: float = 3e-3, batch: int = 4, seed: int = 0) -> tuple[float, float]:
+    """Step 6, block reconstruction: the converted attention's maps (q, kv_a, kv_b, o; its norms
+    stay as they are) trained by Adam (lr decayed to 0 on a cosine) for `steps` steps of `batch`
+    calibration samples so that its output matches the original attention's at the original
+    model's hidden states h (N, T, D): the loss steps 3 and 5 minimise one matrix at a time in
+    closed form, now for all of them jointly (the local fitting of GPTQ / AWQ and of TPLA's
+    "align" stage). Each weight row is trained as its RMS times a unit-scale row, so that a step
+    moves every row by the same fraction: the latent rows of kv_a, 1e-5 of the query rows' size,
+    as much as those. An exact layer is left as it is, and so is one the training would not
+    improve. Edits converted in place (float32); returns the relative error (mean squared error
+    over the original output's mean square, on all of h) before and after."""
+    attn = converted.attention
+    with torch.no_grad():
+        x = torch.cat([converted.attention_norm(h[b:b + 8]) for b in range(0, len(h), 8)])
+        want = torch.cat([block.attention(block.attention_norm(h[b:b + 8]), *rope_gqa, mask) for b in range(0, len(h), 8)])
+
+    scale = want.pow(2).mean()
+    if not scale > 0:  # an attention whose output nothing reads (o_proj all zeros): nothing to fit
+        return 0.0, 0.0
+
+    def error():
+        with torch.no_grad():
+            got = torch.cat([attn(x[b:b + 8], *rope, mask) for b in range(0, len(h), 8)])
+            return ((got - want).pow(2).mean() / scale).item()
+    first = error()
+    if first < 1e-6:  # nothing to fit: exact but for float rounding, which Adam's normalised steps would amplify
+        return first, first
+    before = {n: p.detach().clone() for n, p in attn.named_parameters()}
+    rows = {n: p.detach().pow(2).mean(dim=-1, keepdim=True).sqrt().clamp_min(1e-30)
+            for n, p in attn.named_parameters() if "norm" not in n}
+    unit = {n: (p.detach() / rows[n]).requires_grad_() for n, p in attn.named_parameters() if n in rows}
+    opt = torch.optim.Adam(unit.values(), lr=lr)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.enable_grad():
+        for _ in range(steps):
+            idx = torch.randint(0, len(h), (batch,), generator=gen)
+            got = torch.func.functional_call(attn, {n: rows[n] * u for n, u in unit.items()}, (x[idx], *rope, mask))
+            loss = (got - want[idx]).pow(2).mean() / scale
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            decay.step()
+    with torch.no_grad():
+        for n, p in attn.named_parameters():
+            if n in unit:
+                p.copy_(rows[n] * unit[n])
+        last = error()
+        if not last < first:  # never worse than the closed-form fits (nor NaN)
+            for n, p in attn.named_parameters():
+                p.copy_(before[n])
+    return first, min(first, last)
+
+
 @dataclass
 class ConvertedLayer:
     """One converted layer: what the writer writes, the next layers' calibration needs, and a test
@@ -492,8 +550,8 @@ def mla_block(gqa: ModelArgs, layer: LayerMLA, block: Block, cov: torch.Tensor, 
 @torch.no_grad()
 def convert_layer(block: Block, gqa: ModelArgs, h: torch.Tensor, h_partial: torch.Tensor | None,
                   recipe: Recipe) -> ConvertedLayer:
-    """Steps 1-5 on one GQA block of a model of config `gqa`: a pure function of the block, its
-    calibration activations and the recipe, run where h is (a GPU: minutes for a 7B model).
+    """Steps 1-6 on one GQA block of a model of config `gqa`: a pure function of the block, its
+    calibration activations and the recipe (step 6 draws its batches with a fixed seed), run where h is (a GPU: minutes for a 7B model).
     h (N, T, D): the original model's hidden states at the block's input; h_partial: the
     partial-RoPE model's (the conversion's layers before this one with RoRoPE alone), on which,
     as in the official code, the latent is fitted (needed when recipe.latent_fit is set).
@@ -513,12 +571,16 @@ def convert_layer(block: Block, gqa: ModelArgs, h: torch.Tensor, h_partial: torc
             else:
                 layer = bkv_pca(layer, cov, recipe.kv_lora_rank)
         out = mla_block(gqa, layer, block, cov, recipe.q_lora_rank, recipe.latent_rms, recipe.keep_rope_scaling)  # 4
+        pos = torch.arange(h.shape[1])
+        ropes, mask = (model_rope(gqa, len(pos)), model_rope(out.args, len(pos))), attention_mask(pos, pos)
         if recipe.output_fit:  # 5, on the original model's activations
-            T = h.shape[1]
-            pos = torch.arange(T)
-            w = refit_output(block, out.block, h, model_rope(gqa, T), model_rope(out.args, T), attention_mask(pos, pos))
+            w = refit_output(block, out.block, h, *ropes, mask)
             out.params["wo.weight"] = w
             out.block.attention.wo.weight.data.copy_(w)
+        if recipe.block_fit:  # 6, on the original model's activations
+            fit_block(block, out.block, h, *ropes, mask, recipe.block_fit)
+            out.params.update({k: v.to(FIT) for k, v in out.block.attention.state_dict().items()
+                               if k in out.params and "norm" not in k})
     return replace(out, partial=partial)
 
 
@@ -685,14 +747,14 @@ def engine_notes(args: ModelArgs, recipe: Recipe) -> list[str]:
         cost = (f"{moved} of its {recipe.rope_dim // 2} frequencies move, by up to {worst:.0%} ({phase:.2f} rad over "
                 f"1024 tokens); --keep-rope-scaling keeps {kind}, exact in transformers only" if moved else
                 "exactly, none of the kept frequencies lying where it differs")
-        notes.append(f"the source's {kind} rope_scaling is written as DeepSeek's YaRN, the RoPE transformers, vLLM "
-                     f"and SGLang compute alike (llama.cpp, whose DeepSeek loader ignores beta_fast and beta_slow, 0.14 "
-                     f"nats apart on a tiny Llama-3.1: docs/engines.md; llama3 as it is, not at all): {cost}")
+        notes.append(f"the source's {kind} rope_scaling is written as DeepSeek's YaRN, the RoPE transformers, vLLM, "
+                     f"SGLang and llama.cpp compute alike ({kind} as it is only transformers does): {cost}")
     if args.n_experts:
         notes.append("a mixture of experts is written as stock Mistral4, the MLA model whose router is Mixtral's (no "
                      "DeepSeek class computes it): transformers loads it by name, Mistral4ForCausalLM, but not by "
                      "AutoModelForCausalLM (nor so lm-eval's hf model); vLLM 0.32 has no Mistral4 and its "
-                     "transformers fallback crashes on it; generate.py and bench.py run it")
+                     "transformers fallback crashes on it; llama.cpp's converter refuses Mistral4ForCausalLM; "
+                     "generate.py and bench.py run it")
     if args.qkv_bias or args.o_bias:
         notes.append("the source's attention biases are written as DeepSeek-V3's (attention_bias), which transformers "
                      "and these scripts compute, but vLLM and SGLang skip without a word and llama.cpp cannot load: "
@@ -885,18 +947,22 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--q-lora-rank", type=int, default=FITTED.q_lora_rank, help="low-rank query of this rank (0: full rank)")
     p.add_argument("--method", default="fitted", choices=list(METHODS),
                    help="recipe: 'transmla' is the official method (RoRoPE, FreqFold, BKV-PCA); 'fitted' "
-                        "(default) is --latent-fit attention --output-fit on top of it")
+                        f"(default) is --latent-fit attention --output-fit --block-fit {FITTED.block_fit} on top of it")
     p.add_argument("--latent-fit", choices=("bkv", "attention"),
                    help="the joint latent: 'bkv' balanced key/value PCA (TransMLA), 'attention' PCA weighted "
                         "by what the queries and o_proj read of it")
     p.add_argument("--output-fit", action=argparse.BooleanOptionalAction,
                    help="refit o_proj by least squares so each layer's attention output matches the original's")
+    p.add_argument("--block-fit", type=int,
+                   help="Adam steps of block reconstruction per layer after the closed-form fits (fitted: "
+                        f"{FITTED.block_fit}; 0: none)")
     p.add_argument("--rope-select", choices=("key", "score"),
                    help="RoRoPE's basis: 'key' energy (TransMLA) or 'score' energy (queries and keys together)")
     p.add_argument("--keep-rope-scaling", action="store_true",
                    help="write a llama3 or yarn rope_scaling as it is: exact in transformers and here, but vLLM, "
                         "SGLang and llama.cpp compute another RoPE from it (default: DeepSeek's YaRN, closest fit)")
-    p.add_argument("--calib-text", help="calibration text file (default: the embedded calibration split)")
+    p.add_argument("--calib-text", help="calibration text file, one document a line (default: the embedded "
+                                        "calibration split and as many Wikipedia training passages)")
     p.add_argument("--calib-tokens", type=int, default=128 * 256,
                    help="calibration budget in tokens: at most this // --calib-len samples (documents: one per line)")
     p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration sample")
@@ -904,7 +970,8 @@ def parse_args() -> argparse.Namespace:
                                        "evaluation split for the default model; 'none' to skip)")
     p.add_argument("--dtype", help="dtype of the written weights (default: the input's)")
     p.add_argument("--device", help="where the calibration and fits run: cpu, cuda, cuda:1 (default: cuda if "
-                                    "available); the output is the same to float rounding")
+                                    "available); the closed-form steps give the same to float rounding, the "
+                                    "block fit's Adam steps drift further")
     p.add_argument("--latent-rms", type=float, default=LATENT_RMS,
                    help="the latent's RMS under its RMSNorm (default %(default)g; 1e-10: linear to fp32 "
                         "precision, for fp32 and bf16 only; at most 1e-4)")
@@ -917,7 +984,8 @@ def chosen_recipe(args: argparse.Namespace, gqa: ModelArgs) -> Recipe:
     if not 0 < args.latent_rms <= 1e-4:  # sqrt(eps) / 10: the norm then is off linear by 0.5%
         raise UserError(f"--latent-rms {args.latent_rms:g}: must be above 0 and at most 1e-4 (the latent norm's "
                         f"sqrt(eps) is 1e-3; beyond 1e-4 it stops being linear)")
-    chosen = {k: getattr(args, k) for k in ("rope_select", "latent_fit", "output_fit") if getattr(args, k) is not None}
+    chosen = {k: getattr(args, k) for k in ("rope_select", "latent_fit", "output_fit", "block_fit")
+              if getattr(args, k) is not None}
     R, r = fitting_shape(gqa)
     return replace(METHODS[args.method], kv_lora_rank=args.kv_lora_rank or R, rope_dim=args.rope_dim or r,
                    freqfold=args.freqfold, keep_rope_scaling=args.keep_rope_scaling,
@@ -937,7 +1005,8 @@ def default_out(folder: Path, method: str, recipe: Recipe, gqa: ModelArgs) -> Pa
 def settings(method: str, recipe: Recipe, calib: torch.Tensor) -> dict:
     """What the run did, as config.json's "transmla" record and the report keep it."""
     return {"method": method, "rope_select": recipe.rope_select, "latent_fit": recipe.latent_fit,
-            "output_fit": recipe.output_fit, "kv_lora_rank": recipe.kv_lora_rank, "rope_dim": recipe.rope_dim,
+            "output_fit": recipe.output_fit, "block_fit": recipe.block_fit, "kv_lora_rank": recipe.kv_lora_rank,
+            "rope_dim": recipe.rope_dim,
             "freqfold": recipe.freqfold, "q_lora_rank": recipe.q_lora_rank, "latent_rms": recipe.latent_rms,
             "calibration": f"{calib.shape[0]} samples x {calib.shape[1]} tokens"}
 
@@ -957,13 +1026,12 @@ def written_dtype(asked: str | None, stored: torch.dtype, latent_rms: float) -> 
 def read_texts(args: argparse.Namespace, folder: Path, vocab_size: int):
     """The calibration samples (N, --calib-len) and the evaluation text's path and ids (None, None:
     no evaluation); the embedded texts by default for the embedded model."""
-    from fetch import ensure_texts
+    from fetch import calibration_documents, ensure_texts
     from tokenizer import load_tokenizer
-    if args.calib_text is None or (args.eval_text is None and args.ckpt is None):
-        calib_default, eval_default = ensure_texts()
-    eval_path = args.eval_text if args.eval_text else (eval_default if args.ckpt is None else None)
+    eval_path = args.eval_text if args.eval_text else (ensure_texts()[1] if args.ckpt is None else None)
     eval_path = None if eval_path == "none" else eval_path
-    documents = [line for line in read_text(args.calib_text or calib_default).splitlines() if line.strip()]
+    documents = ([line for line in read_text(args.calib_text).splitlines() if line.strip()] if args.calib_text
+                 else calibration_documents())
     tok = load_tokenizer(folder)
     calib = calibration_samples(documents, tok, args.calib_len, max(1, args.calib_tokens // args.calib_len))
     eval_ids = tok.encode(read_text(eval_path)) if eval_path else None

@@ -372,6 +372,42 @@ def test_output_refit(tiny, name):
     assert after < 0.9 * before
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+@torch.no_grad()
+def test_block_fit(tiny, name):
+    """fit_block (step 6): after steps 1-5 on a compressed layer, training every map of the
+    converted attention jointly lowers its output error against the original's on the
+    calibration activations, and on activations it never saw, below what steps 1-5 leave."""
+    from checkpoint import CheckpointReader
+    from convert import attention_pca, fit_block, gqa_as_mla, mla_block, refit_output, rorope, second_moments
+    from model import Block, rope_frequencies, rope_table
+    reader = CheckpointReader(tiny[name][0])
+    a = reader.args
+    with torch.device("meta"):
+        block = Block(a)
+    reader.fill(block, "layers.0.")
+    h, held_out = torch.randn(80, 32, a.dim, generator=torch.Generator().manual_seed(8)).split([64, 16])
+    T, mask = h.shape[1], torch.ones(h.shape[1], h.shape[1], dtype=torch.bool).tril()
+    inv_freq = rope_frequencies(a.head_dim, a.rope_theta, a.rope_scaling)
+    cov = second_moments(block.attention_norm, h)
+    L = a.n_kv_heads * a.head_dim
+    layer = rorope(gqa_as_mla(block.attention, a.n_kv_heads, a.head_dim), cov, a.head_dim // 2, 2, a.n_kv_heads)
+    layer = attention_pca(layer, cov, L // 4, block.attention.wo.weight)
+    mla = mla_block(a, layer, block, cov, 0).block
+    rope, rope_gqa = rope_table(inv_freq[torch.tensor(layer.pairs)], T), rope_table(inv_freq, T)
+    mla.attention.wo.weight.copy_(refit_output(block, mla, h, rope_gqa, rope, mask))
+
+    def error(x):
+        want = block.attention(block.attention_norm(x), *rope_gqa, mask)
+        return ((mla.attention(mla.attention_norm(x), *rope, mask) - want).pow(2).mean() / want.pow(2).mean()).item()
+    before = error(h), error(held_out)
+    fit_block(block, mla, h, rope_gqa, rope, mask, steps=200)
+    after = error(h), error(held_out)
+    print(f"{name}: relative attention-output error, R = {L // 4}, steps 1-5 -> + 200 Adam steps: calibration "
+          f"{before[0]:.4g} -> {after[0]:.4g}, held out {before[1]:.4g} -> {after[1]:.4g}")
+    assert after[0] < before[0] and after[1] < before[1]
+
+
 def _conversion(tiny, name: str, device: str) -> list:
     """Each layer's converted parameters, fitted method at R = 20, calibrated and fitted on `device`."""
     from checkpoint import CheckpointReader
@@ -461,13 +497,13 @@ def test_converted_folder_loads_in_stock_transformers(tiny, name, tmp_path):
 
 def test_convert_embedded_model_loads_in_stock_transformers(smollm, tmp_path):
     """python convert.py on the embedded model at the default setting (R = 64, r = 32, F = 4; a
-    smaller calibration budget to keep CI short): the folder loads in stock transformers with the
-    cache of R + r values per token per layer and matches our model on it."""
+    smaller calibration budget and 20 block-fit steps to keep CI short): the folder loads in stock
+    transformers with the cache of R + r values per token per layer and matches our model on it."""
     from transformers import AutoModelForCausalLM
     from generate import generate
     from tokenizer import load_tokenizer
     out = tmp_path / "smollm-mla"
-    res = _script("convert.py", "--out", str(out), "--calib-tokens", "4096", "--eval-text", "none")
+    res = _script("convert.py", "--out", str(out), "--calib-tokens", "4096", "--eval-text", "none", "--block-fit", "20")
     print(res.stdout)
     assert res.returncode == 0, res.stderr
     report = json.loads((out / "convert_report.json").read_text())

@@ -163,15 +163,19 @@ def test_attention_pca_has_the_least_weighted_error(layer0):
 
 # ----------------------------------------------------------------------------- the embedded model
 
-FITTED_CEILING = 60.0  # measured 56.52 (2026-12-01): the default conversion, 16 x 256 calibration tokens
+STEPS_1_5_CEILING = 60.0  # measured 56.52 (2026-12-01), 56.51 (2026-12-07): steps 1-5, 16 x 256 calibration tokens
+BLOCK_FIT_STEPS = 50  # the default's block fit, shortened for the suite
+FITTED_CEILING = 55.0  # measured 51.03 (2026-12-07): steps 1-5 and 50 block-fit steps, the same calibration
 
 
 @torch.no_grad()
 def test_embedded_conversion_quality_floors():
-    """SmolLM2-135M at the default setting (R = 64, r = 32, F = 4) with 16 x 256 calibration tokens,
-    perplexity on the first 2 x 1024 evaluation tokens (measured 2026-12-01: original 28.80,
-    transmla 90.41, bkv + refit 57.95, attention 84.84, fitted 56.52). The default (fitted) stays
-    under FITTED_CEILING; each fit is no worse than its absence, alone and on top of the other."""
+    """SmolLM2-135M at the default setting (R = 64, r = 32, F = 4) with 16 x 256 calibration tokens
+    of the news split, perplexity on the first 2 x 1024 evaluation tokens (measured 2026-12-01:
+    original 28.80, transmla 90.41, bkv + refit 57.95, attention 84.84, steps 1-5 56.52; 2026-12-07:
+    fitted 51.03). The
+    default (fitted: steps 1-5 and BLOCK_FIT_STEPS of block fit) stays under FITTED_CEILING, steps
+    1-5 under theirs; each fit is no worse than its absence, alone and on top of the others."""
     from checkpoint import CheckpointReader, load_model
     from cli import read_text
     from convert import Recipe, calibration_samples, convert_in_memory
@@ -184,15 +188,18 @@ def test_embedded_conversion_quality_floors():
     calib = calibration_samples([d for d in read_text(calib_path).splitlines() if d.strip()], tok, 256, 16)
     ids = tok.encode(read_text(eval_path))[: 2 * 1024]
     ppl = {"original": perplexity(load_model(folder)[0], ids, 1024)["ppl"]}
-    for name, latent_fit, output_fit in (("transmla", "bkv", False), ("bkv + refit", "bkv", True),
-                                         ("attention", "attention", False), ("fitted", "attention", True)):
-        model = convert_in_memory(CheckpointReader(folder), calib, Recipe(rope_dim=32, kv_lora_rank=64, freqfold=4,
-                                                                          latent_fit=latent_fit, output_fit=output_fit))
+    for name, latent_fit, output_fit, block_fit in (
+            ("transmla", "bkv", False, 0), ("bkv + refit", "bkv", True, 0), ("attention", "attention", False, 0),
+            ("steps 1-5", "attention", True, 0), ("fitted", "attention", True, BLOCK_FIT_STEPS)):
+        recipe = Recipe(rope_dim=32, kv_lora_rank=64, freqfold=4, latent_fit=latent_fit, output_fit=output_fit,
+                        block_fit=block_fit)
+        model = convert_in_memory(CheckpointReader(folder), calib, recipe)
         ppl[name] = perplexity(model, ids, 1024)["ppl"]
         print(f"{name:>12}: perplexity {ppl[name]:.2f} (original {ppl['original']:.2f})")
-    assert ppl["fitted"] < FITTED_CEILING
-    assert ppl["bkv + refit"] <= ppl["transmla"] and ppl["fitted"] <= ppl["attention"]  # the o_proj refit
-    assert ppl["attention"] <= ppl["transmla"] and ppl["fitted"] <= ppl["bkv + refit"]  # the weighted latent
+    assert ppl["fitted"] < FITTED_CEILING and ppl["steps 1-5"] < STEPS_1_5_CEILING
+    assert ppl["bkv + refit"] <= ppl["transmla"] and ppl["steps 1-5"] <= ppl["attention"]  # the o_proj refit
+    assert ppl["attention"] <= ppl["transmla"] and ppl["steps 1-5"] <= ppl["bkv + refit"]  # the weighted latent
+    assert ppl["fitted"] <= ppl["steps 1-5"]  # the block fit
     assert ppl["original"] < ppl["fitted"]
 
 

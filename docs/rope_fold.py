@@ -6,7 +6,7 @@ its 32 pairs where llama3 blends, 2 of them among the 16 the default r = 32 keep
 not SmolLM2 any more (its slow pairs turn 8x slower): it is the "original" both conversions are
 held against, on the embedded evaluation split (docs/engines.md).
 
-    python docs/rope_fold.py        # two default conversions and their evaluation: about 14 min here
+    python docs/rope_fold.py        # two conversions (steps 1-5, news calibration, as measured) and their evaluation: about 14 min here
 """
 import json
 import shutil
@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fetch import EVAL_TEXT, ensure_default_model, ensure_texts  # noqa: E402
+from fetch import CALIB_TEXT, EVAL_TEXT, ensure_default_model, ensure_texts  # noqa: E402
 
 LLAMA31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
            "original_max_position_embeddings": 8192}
@@ -43,7 +43,8 @@ def main():
     for label, extra in (("llama3 kept (--keep-rope-scaling)", ["--keep-rope-scaling"]), ("written as YaRN", [])):
         out = ROOT / "assets" / f"SmolLM2-llama3-mla{'-kept' if extra else ''}"
         subprocess.run([sys.executable, str(ROOT / "convert.py"), "--ckpt", str(src), "--out", str(out),
-                        "--eval-text", str(EVAL_TEXT), *extra], check=True)
+                        "--eval-text", str(EVAL_TEXT), "--calib-text", str(CALIB_TEXT), "--block-fit", "0", *extra],
+                       check=True)
         report = json.loads((out / "convert_report.json").read_text())
         rows[label] = (report["ppl_before"], report["ppl_after"])
         shutil.rmtree(out)
