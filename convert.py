@@ -984,6 +984,8 @@ def chosen_recipe(args: argparse.Namespace, gqa: ModelArgs) -> Recipe:
     if not 0 < args.latent_rms <= 1e-4:  # sqrt(eps) / 10: the norm then is off linear by 0.5%
         raise UserError(f"--latent-rms {args.latent_rms:g}: must be above 0 and at most 1e-4 (the latent norm's "
                         f"sqrt(eps) is 1e-3; beyond 1e-4 it stops being linear)")
+    if args.block_fit is not None and args.block_fit < 0:
+        raise UserError(f"--block-fit {args.block_fit}: the number of Adam steps per layer, 0 or more (0: no block fit)")
     chosen = {k: getattr(args, k) for k in ("rope_select", "latent_fit", "output_fit", "block_fit")
               if getattr(args, k) is not None}
     R, r = fitting_shape(gqa)

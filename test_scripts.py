@@ -335,7 +335,8 @@ def test_convert_user_errors(tiny, tmp_path):
               "--kv-lora-rank", "16"]
     out = tmp_path / "out"
     for extra, needle in ((["--rope-dim", "3"], "--rope-dim 3"), (["--rope-dim", "6"], "--rope-dim 6"),
-                          (["--kv-lora-rank", "1000"], "--kv-lora-rank 1000"), (["--freqfold", "3"], "--freqfold 3")):
+                          (["--kv-lora-rank", "1000"], "--kv-lora-rank 1000"), (["--freqfold", "3"], "--freqfold 3"),
+                          (["--block-fit", "-3"], "--block-fit -3")):
         _one_clear_line(_script("convert.py", *common, "--out", str(out), *extra), needle)
     _one_clear_line(_script("convert.py", *common, "--out", str(out), "--calib-text", str(tmp_path / "none.txt")),
                     "none.txt: no such file")
