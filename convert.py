@@ -551,7 +551,8 @@ def mla_block(gqa: ModelArgs, layer: LayerMLA, block: Block, cov: torch.Tensor, 
 def convert_layer(block: Block, gqa: ModelArgs, h: torch.Tensor, h_partial: torch.Tensor | None,
                   recipe: Recipe) -> ConvertedLayer:
     """Steps 1-6 on one GQA block of a model of config `gqa`: a pure function of the block, its
-    calibration activations and the recipe (step 6 draws its batches with a fixed seed), run where h is (a GPU: minutes for a 7B model).
+    calibration activations and the recipe (step 6 draws its batches with a fixed seed), run
+    where h is (a GPU: minutes for a 7B model).
     h (N, T, D): the original model's hidden states at the block's input; h_partial: the
     partial-RoPE model's (the conversion's layers before this one with RoRoPE alone), on which,
     as in the official code, the latent is fitted (needed when recipe.latent_fit is set).

@@ -173,8 +173,8 @@ def ensure_wiki_texts() -> tuple[Path, Path]:
 def calibration_documents(passage_words: int = 220, least_words: int = 151) -> list[str]:
     """convert.py's default calibration text, one document a string: the news calibration split
     (CALIB_TEXT) and as many passages of the Wikipedia training articles (WIKI_TRAIN; runs of
-    `passage_words` words, tails under `least_words` dropped, drawn with a fixed seed), in a fixed shuffled
-    order. Two kinds of English, so that the fits do not learn one source's drift: with the news
+    `passage_words` words, tails under `least_words` dropped, drawn with a fixed seed), in a fixed
+    shuffled order. Two kinds of English, so that the fits do not learn one source's drift: with the news
     alone the default conversion reads held-out Wikipedia at 70.6, with both at 46.5
     (docs/accuracy.md)."""
     news = read_text(ensure_texts()[0]).splitlines()

@@ -228,8 +228,8 @@ EMBEDDED_BOUND = {"engine eps": 1e-4, "fp16": 0.004, "q8_0": 0.004}  # 0.1% of t
 @torch.no_grad()
 def test_embedded_conversion_reads_alike(tmp_path):
     """convert.py's default conversion of the embedded model (a smaller calibration budget and 20
-    block-fit steps to keep CI short), mean NLL on 2 x 512 evaluation tokens in each reading: what each reading costs the
-    conversion stays within EMBEDDED_BOUND of what it costs the original."""
+    block-fit steps to keep CI short), mean NLL on 2 x 512 evaluation tokens in each reading: what
+    each reading costs the conversion stays within EMBEDDED_BOUND of what it costs the original."""
     from fetch import EVAL_TEXT, ensure_default_model, ensure_texts
     from tokenizer import load_tokenizer
     ensure_texts()

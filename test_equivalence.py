@@ -334,6 +334,17 @@ def test_written_rope_moves_the_frequencies_and_nothing_else(tmp_path):
     print(f"  the fold vs the original itself: max |logit diff| {(folded(tokens) - original).abs().max().item():.3g}")
 
 
+def _compressed_layer(a, block, h: torch.Tensor, cov: torch.Tensor) -> tuple:
+    """block (of a model of config a) through steps 1-4 at R = a quarter of its KV width, half its
+    rope dims kept, F = 2: (the converted Block, its rope table over h's length)."""
+    from convert import attention_pca, gqa_as_mla, mla_block, rorope
+    from model import rope_frequencies, rope_table
+    layer = rorope(gqa_as_mla(block.attention, a.n_kv_heads, a.head_dim), cov, a.head_dim // 2, 2, a.n_kv_heads)
+    layer = attention_pca(layer, cov, a.n_kv_heads * a.head_dim // 4, block.attention.wo.weight)
+    inv_freq = rope_frequencies(a.head_dim, a.rope_theta, a.rope_scaling)
+    return mla_block(a, layer, block, cov, 0).block, rope_table(inv_freq[torch.tensor(layer.pairs)], h.shape[1])
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
 @torch.no_grad()
 def test_output_refit(tiny, name):
@@ -341,7 +352,7 @@ def test_output_refit(tiny, name):
     is the original o_proj; on a compressed layer it lowers the attention-output error on the
     calibration activations below what the original o_proj leaves (with the default damping)."""
     from checkpoint import CheckpointReader
-    from convert import attention_pca, gqa_as_mla, mla_block, refit_output, rorope, second_moments
+    from convert import gqa_as_mla, mla_block, refit_output, second_moments
     from model import Block, rope_frequencies, rope_table
     reader = CheckpointReader(tiny[name][0])
     a = reader.args
@@ -359,10 +370,7 @@ def test_output_refit(tiny, name):
     assert_close(f"{name}: o_proj refitted on an exact conversion vs the original", w, block.attention.wo.weight, 1e-4)
 
     L = a.n_kv_heads * a.head_dim
-    layer = rorope(exact, cov, a.head_dim // 2, 2, a.n_kv_heads)
-    layer = attention_pca(layer, cov, L // 4, block.attention.wo.weight)
-    mla = mla_block(a, layer, block, cov, 0).block
-    rope = rope_table(inv_freq[torch.tensor(layer.pairs)], T)
+    mla, rope = _compressed_layer(a, block, h, cov)
     x = mla.attention_norm(h)  # its input is scaled (convert.balance_input)
     want = block.attention(block.attention_norm(h), *rope_table(inv_freq, T), mask)
     before = (mla.attention(x, *rope, mask) - want).pow(2).mean().item()
@@ -379,7 +387,7 @@ def test_block_fit(tiny, name):
     converted attention jointly lowers its output error against the original's on the
     calibration activations, and on activations it never saw, below what steps 1-5 leave."""
     from checkpoint import CheckpointReader
-    from convert import attention_pca, fit_block, gqa_as_mla, mla_block, refit_output, rorope, second_moments
+    from convert import fit_block, refit_output, second_moments
     from model import Block, rope_frequencies, rope_table
     reader = CheckpointReader(tiny[name][0])
     a = reader.args
@@ -388,13 +396,9 @@ def test_block_fit(tiny, name):
     reader.fill(block, "layers.0.")
     h, held_out = torch.randn(80, 32, a.dim, generator=torch.Generator().manual_seed(8)).split([64, 16])
     T, mask = h.shape[1], torch.ones(h.shape[1], h.shape[1], dtype=torch.bool).tril()
-    inv_freq = rope_frequencies(a.head_dim, a.rope_theta, a.rope_scaling)
-    cov = second_moments(block.attention_norm, h)
+    rope_gqa = rope_table(rope_frequencies(a.head_dim, a.rope_theta, a.rope_scaling), T)
     L = a.n_kv_heads * a.head_dim
-    layer = rorope(gqa_as_mla(block.attention, a.n_kv_heads, a.head_dim), cov, a.head_dim // 2, 2, a.n_kv_heads)
-    layer = attention_pca(layer, cov, L // 4, block.attention.wo.weight)
-    mla = mla_block(a, layer, block, cov, 0).block
-    rope, rope_gqa = rope_table(inv_freq[torch.tensor(layer.pairs)], T), rope_table(inv_freq, T)
+    mla, rope = _compressed_layer(a, block, h, second_moments(block.attention_norm, h))
     mla.attention.wo.weight.copy_(refit_output(block, mla, h, rope_gqa, rope, mask))
 
     def error(x):

@@ -173,9 +173,9 @@ def test_embedded_conversion_quality_floors():
     """SmolLM2-135M at the default setting (R = 64, r = 32, F = 4) with 16 x 256 calibration tokens
     of the news split, perplexity on the first 2 x 1024 evaluation tokens (measured 2026-12-01:
     original 28.80, transmla 90.41, bkv + refit 57.95, attention 84.84, steps 1-5 56.52; 2026-12-07:
-    fitted 51.03). The
-    default (fitted: steps 1-5 and BLOCK_FIT_STEPS of block fit) stays under FITTED_CEILING, steps
-    1-5 under theirs; each fit is no worse than its absence, alone and on top of the others."""
+    fitted 51.03). The default (fitted: steps 1-5 and BLOCK_FIT_STEPS of block fit) stays under
+    FITTED_CEILING, steps 1-5 under theirs; each fit is no worse than its absence, alone and on top
+    of the others."""
     from checkpoint import CheckpointReader, load_model
     from cli import read_text
     from convert import Recipe, calibration_samples, convert_in_memory

@@ -28,14 +28,14 @@ from quantization import f32_gguf, folders  # noqa: E402
 
 
 def llama_bench(binary: str, gguf: Path, contexts: list[int], tokens: int, reps: int, threads: int) -> dict:
-    """{context: (ms/token mean, its standard deviation)} from llama-bench's JSON."""
+    """{str(context): (ms/token mean, its standard deviation)} from llama-bench's JSON."""
     out = subprocess.run([binary, "-m", str(gguf), "-p", "0", "-n", str(tokens), "-d", ",".join(map(str, contexts)),
                           "-t", str(threads), "-r", str(reps), "-o", "json"], check=True, capture_output=True,
                          text=True).stdout
     rows = {}
     for r in json.loads(out):
         ts, sd = r["avg_ts"], r["stddev_ts"]
-        rows[r["n_depth"]] = (1000 / ts, 1000 * sd / ts ** 2)
+        rows[str(r["n_depth"])] = (1000 / ts, 1000 * sd / ts ** 2)  # keyed as JSON keys them
     return rows
 
 
@@ -69,7 +69,6 @@ def main():
             result[name] = llama_bench(args.llama_bench, gguf, contexts, args.tokens, args.reps, args.threads)
             print(name, result[name], flush=True)
         result["bench.py"] = bench_py(contexts, work)
-    result = json.loads(json.dumps(result))  # as the file holds it: the contexts as keys are strings
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     print_table(result)

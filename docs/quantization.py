@@ -31,22 +31,21 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 
-# (base type, overrides) rows; None = the f32 reference, no quantizing
+# the overrides tried on both 4-bit base types
+OVERRIDES = [
+    [],
+    ["attn_kv_a_mqa=bf16"],
+    ["token_embd=q8_0"],
+    ["token_embd=q8_0", "attn_kv_a_mqa=bf16"],
+    ["token_embd=q8_0", "attn_kv_a_mqa=q8_0"],
+    ["token_embd=q8_0", "attn_kv_a_mqa=q8_0", "attn_k_b=q8_0", "attn_v_b=q8_0"],
+]
+# (base type, overrides) rows; f32 is the reference, no quantizing
 RECIPES = [
     ("f32", []),
     ("q8_0", []),
-    ("Q4_K_M", []),
-    ("Q4_K_M", ["attn_kv_a_mqa=bf16"]),
-    ("Q4_K_M", ["token_embd=q8_0"]),
-    ("Q4_K_M", ["token_embd=q8_0", "attn_kv_a_mqa=bf16"]),
-    ("Q4_K_M", ["token_embd=q8_0", "attn_kv_a_mqa=q8_0"]),
-    ("Q4_K_M", ["token_embd=q8_0", "attn_kv_a_mqa=q8_0", "attn_k_b=q8_0", "attn_v_b=q8_0"]),
-    ("q4_0", []),
-    ("q4_0", ["attn_kv_a_mqa=bf16"]),
-    ("q4_0", ["token_embd=q8_0"]),
-    ("q4_0", ["token_embd=q8_0", "attn_kv_a_mqa=bf16"]),
-    ("q4_0", ["token_embd=q8_0", "attn_kv_a_mqa=q8_0"]),
-    ("q4_0", ["token_embd=q8_0", "attn_kv_a_mqa=q8_0", "attn_k_b=q8_0", "attn_v_b=q8_0"]),
+    *[("Q4_K_M", o) for o in OVERRIDES],
+    *[("q4_0", o) for o in OVERRIDES],
     ("q4_0", ["token_embd=q8_0", "attn_kv_a_mqa=q8_0", "attn_k_b=q8_0", "attn_v_b=q8_0", "attn_q=q8_0"]),
 ]
 
