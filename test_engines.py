@@ -227,7 +227,7 @@ EMBEDDED_BOUND = {"engine eps": 1e-4, "fp16": 0.004, "q8_0": 0.004}  # 0.1% of t
 
 @torch.no_grad()
 def test_embedded_conversion_reads_alike(tmp_path):
-    """convert.py's default conversion of the embedded model (a smaller calibration budget and 20
+    """convert.py's default conversion of the embedded model (a smaller calibration budget and 5
     block-fit steps to keep CI short), mean NLL on 2 x 512 evaluation tokens in each reading: what
     each reading costs the conversion stays within EMBEDDED_BOUND of what it costs the original."""
     from fetch import EVAL_TEXT, ensure_default_model, ensure_texts
@@ -235,7 +235,7 @@ def test_embedded_conversion_reads_alike(tmp_path):
     ensure_texts()
     src = ensure_default_model()
     out = tmp_path / "smollm-mla"
-    res = _script("convert.py", "--out", str(out), "--calib-tokens", "4096", "--eval-text", "none", "--block-fit", "20")
+    res = _script("convert.py", "--out", str(out), "--calib-tokens", "4096", "--eval-text", "none", "--block-fit", "5")
     assert res.returncode == 0, res.stderr
     ids = torch.tensor(load_tokenizer(src).encode(EVAL_TEXT.read_text())[: 2 * 512]).view(2, 512)
 

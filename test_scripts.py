@@ -275,7 +275,7 @@ def test_convert_cost_estimate_on_the_embedded_model(tmp_path):
     after the first layers how long the run will take. The time is printed, not asserted: no test
     may pass or fail by how busy the machine is (docs/real_sizes.md: the measured times on a quiet machine)."""
     res = _script("convert.py", "--device", "cpu", "--calib-tokens", "8192", "--eval-text", "none",
-                  "--block-fit", "20", "--out", str(tmp_path / "mla"))
+                  "--block-fit", "5", "--out", str(tmp_path / "mla"))
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads((tmp_path / "mla" / "convert_report.json").read_text())
     est, peak, seconds = report["estimate"], report["convert_peak_rss_mb"], report["convert_seconds"]
@@ -460,6 +460,7 @@ def test_tp_user_errors(tp_tiny):
     for argv, needle in ((["--ckpt", str(tp_tiny["mqa3"])], "needs an MLA"),
                          (["--ckpt", str(tp_tiny["mla3"]), "--world", "3"], "does not divide the latent"),
                          (["--ckpt", str(tp_tiny["mla3"]), "--world", "1"], "no split to fit"),
+                         (["--ckpt", str(tp_tiny["mla3"]), "--align", "-1"], "--align -1"),
                          (["--ckpt", str(out)], "")):
         _one_clear_line(_script("tpla.py", *argv, "--out", str(out)), needle)
         assert not out.exists()
@@ -627,7 +628,7 @@ def test_finetune_script_writes_stock_checkpoint_and_resumes(tmp_path):
 
 # the modules in layers, each importing only from the layers before it (a reader meets the model
 # first and the drivers last; nothing imports upward, so no two files import each other)
-LAYERS = [("cli", "model"), ("checkpoint", "tokenizer", "evaluate"), ("writer",), ("fetch",), ("convert", "tpla"),
+LAYERS = [("cli", "model"), ("checkpoint", "tokenizer", "evaluate"), ("writer",), ("fetch",), ("convert",), ("tpla",),
           ("generate",), ("bench", "finetune")]
 
 

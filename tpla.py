@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=2 bench.py --ppl --tp tpla --tpla-transform pca-sorted
     torchrun --nproc_per_node=2 bench.py --contexts 32768 --batch 4     # tpla vs heads decode speed
     python tpla.py --ckpt MLA_DIR --world 2      # MLA_DIR-tpla2: the same model, its latent rotated for the split
+    python tpla.py --align 60                    # ... then each layer trained to agree with itself under the split
 
 The problem. Head-parallel tensor parallelism (DeepSeek's, `--tp heads`) gives each rank some of
 the heads, but every MLA head reads the whole latent, so every rank caches, and reads at every
@@ -23,7 +24,8 @@ before slicing, decides what each shard holds: `hadamard` (every latent dim in e
 `pca` (the eigenvectors of the calibration latents' second moment, dealt round-robin so that
 each shard gets an equal share of the energy), `pca-sorted` (the top half on rank 0), `none`
 (the default: convert.py's latent is energy-sorted already), or a rotation fitted to the split
-itself (`python tpla.py`, fit_rotation). The latent RMSNorm is computed on the whole latent,
+itself (`python tpla.py`, fit_rotation). `--align N` then trains each layer's maps for the split
+(align_for_tpla: the paper's "align" stage as a local fit, the same fit as convert.py's step 6). The latent RMSNorm is computed on the whole latent,
 before slicing: every rank holds the (small) down-projection and normalises each new token's
 latent itself. Its elementwise weight is not rotation invariant, so all of it but its RMS (a
 uniform factor, which is) moves into the up-projection first. Every rank keeps the whole rope key.
@@ -311,14 +313,15 @@ def fit_rotation(attn: MLA, x: torch.Tensor, cos, sin, world: int, start: int, s
 
 
 def rotate_for_tpla(path: str | Path, out: str | Path, world: int, calib: torch.Tensor, queries: int = 1024,
-                    steps: int = 40, lr: float = 3e-3, log=print, inputs=()) -> dict:
+                    steps: int = 40, lr: float = 3e-3, log=print, inputs=(), align: int = 0, align_lr: float = 1e-2) -> dict:
     """Write `out`: the MLA checkpoint at `path` with every layer's latent rotated by fit_rotation,
     fitted on calibration ids (N, T) on about `queries` decode steps spread evenly over the second
     halves of the windows (the cost of a step grows with the queries; many windows, each with a
     few queries, fit a rotation that holds on other text better than a few windows with many).
     On one device it is the same model (a rotation of the latent is exact); under `--tp tpla`
-    with `world` ranks (transform none) its shards' softmaxes agree better. Returns the
-    per-layer errors."""
+    with `world` ranks (transform none) its shards' softmaxes agree better. With align > 0 each
+    rotated layer is then aligned (align_for_tpla, `align` Adam steps): no longer the same model
+    on one device, but close to it, and closer to it under TPLA. Returns the per-layer errors."""
     reader = CheckpointReader(path)
     check_parallel(reader.args, "tpla", world)
     model, folder = load_model(reader.folder)
@@ -329,7 +332,7 @@ def rotate_for_tpla(path: str | Path, out: str | Path, world: int, calib: torch.
     model.set_rope(max(T, model.rope_cos.shape[0]))
     cos, sin = model.rope_cos[:T], model.rope_sin[:T]
     mask = attention_mask(torch.arange(T), torch.arange(T))
-    before, after = [], []
+    before, after, aligned = [], [], []
     bar = progress_bar(total=len(model.layers), desc=f"fit the rotation for TPLA x{world}", unit="layer")
     for i, block in enumerate(model.layers):
         attn = block.attention
@@ -339,6 +342,9 @@ def rotate_for_tpla(path: str | Path, out: str | Path, world: int, calib: torch.
         Q, e0, e1 = fit_rotation(attn, x, cos, sin, world, T // 2, stride, steps, lr)
         with torch.no_grad():
             fold_transform(attn, Q)
+        if align:
+            aligned.append(align_for_tpla(attn, x, (cos, sin), mask, world, align, align_lr))
+        with torch.no_grad():
             h = block(h, cos, sin, mask)  # the next layer's inputs (exact: the rotation changes nothing)
         before.append(e0)
         after.append(e1)
@@ -348,8 +354,32 @@ def rotate_for_tpla(path: str | Path, out: str | Path, world: int, calib: torch.
     bar.close()
     record = {"world": world, "calib_tokens": calib.numel(), "query_stride": stride, "steps": steps, "lr": lr,
               "error_before": [round(e, 5) for e in before], "error_after": [round(e, 5) for e in after]}
+    if align:
+        record.update(align_steps=align, align_error=[[round(e, 5) for e in pair] for pair in aligned])
     write_model(model, folder, Path(out), reader.stored_dtype(), {"tpla_rotation": record}, inputs)
     return record
+
+
+def align_for_tpla(attn: MLA, x: torch.Tensor, rope: tuple, mask: torch.Tensor, world: int, steps: int,
+                   lr: float = 1e-2, batch: int = 2) -> tuple[float, float]:
+    """TPLA's "align" stage as a local fit: attn's maps (q, kv_a, kv_b, o) trained by
+    convert.fit_output so that, on the normed inputs x (N, T, D), its output in TPLA form over
+    `world` ranks (the queries of each window's second half decoded after an MLA-form prefill,
+    SimulatedTPLA) and in MLA form both match its MLA output before the fit: in each batch of
+    `batch` windows the first half take the TPLA form, the others the MLA form, so the model
+    stays itself on one device while its shards learn to agree. Edits attn in place; returns the
+    error of that mix before and after (relative mean squared error)."""
+    from convert import fit_output
+    T = x.shape[1]
+    with torch.no_grad():
+        want = torch.cat([attn(x[b:b + batch], *rope, mask) for b in range(0, len(x), batch)])
+    attn.__class__ = SimulatedTPLA
+    attn.world, attn.start, attn.rows = world, T // 2, torch.arange(batch // 2, device=x.device)
+    try:
+        return fit_output(attn, x, want, rope, mask, steps, lr, batch)
+    finally:
+        attn.__class__ = MLA
+        del attn.world, attn.start, attn.rows
 
 
 # ----------------------------------------------------------------------------- sharding one layer
@@ -571,9 +601,14 @@ def main():
     p.add_argument("--queries", type=int, default=1024, help="decode steps per layer to fit on, spread over the windows")
     p.add_argument("--steps", type=int, default=40, help="Adam steps per layer")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam's learning rate for the rotation's generator")
+    p.add_argument("--align", type=int, default=0,
+                   help="then Adam steps per layer aligning the weights for the split (align_for_tpla; 0: none, "
+                        "the same model on one device)")
     a = p.parse_args()
     if a.world < 2:
         raise UserError(f"--world {a.world}: with one rank TPLA is exact already, there is no split to fit")
+    if a.align < 0:
+        raise UserError(f"--align {a.align}: the number of Adam steps per layer, 0 or more (0: no alignment)")
     folder = find_checkpoint(a.ckpt) if a.ckpt else ensure_default_conversion()
     check_parallel(CheckpointReader(folder).args, "tpla", a.world)  # before reading any text
     out = Path(a.out) if a.out else folder.parent / f"{folder.name}-tpla{a.world}"
@@ -584,10 +619,14 @@ def main():
     if len(calib) == 0:
         raise UserError(f"the calibration text has fewer than --calib-len {a.calib_len} tokens")
     record = rotate_for_tpla(folder, out, a.world, calib, a.queries, a.steps, a.lr, log=lambda line: None,
-                             inputs=inputs)  # the bar shows each layer's errors as it goes
+                             inputs=inputs, align=a.align)  # the bar shows each layer's errors as it goes
     before, after = (sum(record[k]) / len(record[k]) for k in ("error_before", "error_after"))
     print(f"TPLA x{a.world} relative error of the attention output, mean over {len(record['error_before'])} "
           f"layers: {before:.4f} -> {after:.4f}")
+    if a.align:
+        mix = [sum(pair[i] for pair in record["align_error"]) / len(record["align_error"]) for i in (0, 1)]
+        print(f"aligned ({a.align} steps per layer): relative error of TPLA and MLA forms together, mean "
+              f"{mix[0]:.4f} -> {mix[1]:.4f}; on one device no longer the same model, but close to it")
     print(f"written {out}{' (it replaced the earlier output there)' if replacing else ''}: run it with "
           f"--tp tpla --tpla-transform none on {a.world} ranks")
 
