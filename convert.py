@@ -509,9 +509,9 @@ def fit_output(attn: torch.nn.Module, x: torch.Tensor, want: torch.Tensor, rope:
 def adam_steps(attn: torch.nn.Module, x: torch.Tensor, want: torch.Tensor, scale: torch.Tensor, rope: tuple,
                mask: torch.Tensor, steps: int, lr: float, batch: int, seed: int):
     """`steps` Adam steps (lr decayed to 0 on a cosine) on random batches of `batch` rows of x, on
-    attn's weights, in place; the loss is the mean squared error against want over `scale`. Each weight row is trained
-    as its RMS times a unit-scale row, so that a step moves every row by the same fraction: the
-    latent rows of kv_a, 1e-5 of the query rows' size, as much as those."""
+    attn's weights, in place; the loss is the mean squared error against want over `scale`. Each
+    weight row is trained as its RMS times a unit-scale row, so that a step moves every row by the
+    same fraction: the latent rows of kv_a, 1e-5 of the query rows' size, as much as those."""
     rows = {n: p.detach().pow(2).mean(dim=-1, keepdim=True).sqrt().clamp_min(1e-30)
             for n, p in attn.named_parameters() if "norm" not in n}
     unit = {n: (p.detach() / rows[n]).requires_grad_() for n, p in attn.named_parameters() if n in rows}

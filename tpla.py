@@ -25,9 +25,9 @@ before slicing, decides what each shard holds: `hadamard` (every latent dim in e
 each shard gets an equal share of the energy), `pca-sorted` (the top half on rank 0), `none`
 (the default: convert.py's latent is energy-sorted already), or a rotation fitted to the split
 itself (`python tpla.py`, fit_rotation). `--align N` then trains each layer's maps for the split
-(align_for_tpla: the paper's "align" stage as a local fit, the same fit as convert.py's step 6). The latent RMSNorm is computed on the whole latent,
-before slicing: every rank holds the (small) down-projection and normalises each new token's
-latent itself. Its elementwise weight is not rotation invariant, so all of it but its RMS (a
+(align_for_tpla: the paper's "align" stage as a local fit, the same fit as convert.py's step 6).
+The latent RMSNorm is computed on the whole latent, before slicing: every rank holds the (small)
+down-projection and normalises each new token's latent itself. Its elementwise weight is not rotation invariant, so all of it but its RMS (a
 uniform factor, which is) moves into the up-projection first. Every rank keeps the whole rope key.
 
 Prefill runs in plain MLA form (exact, nothing split across ranks but the heads): each rank
@@ -313,7 +313,8 @@ def fit_rotation(attn: MLA, x: torch.Tensor, cos, sin, world: int, start: int, s
 
 
 def rotate_for_tpla(path: str | Path, out: str | Path, world: int, calib: torch.Tensor, queries: int = 1024,
-                    steps: int = 40, lr: float = 3e-3, log=print, inputs=(), align: int = 0, align_lr: float = 1e-2) -> dict:
+                    steps: int = 40, lr: float = 3e-3, log=print, inputs=(), align: int = 0,
+                    align_lr: float = 1e-2) -> dict:
     """Write `out`: the MLA checkpoint at `path` with every layer's latent rotated by fit_rotation,
     fitted on calibration ids (N, T) on about `queries` decode steps spread evenly over the second
     halves of the windows (the cost of a step grows with the queries; many windows, each with a
@@ -345,7 +346,7 @@ def rotate_for_tpla(path: str | Path, out: str | Path, world: int, calib: torch.
         if align:
             aligned.append(align_for_tpla(attn, x, (cos, sin), mask, world, align, align_lr))
         with torch.no_grad():
-            h = block(h, cos, sin, mask)  # the next layer's inputs (exact: the rotation changes nothing)
+            h = block(h, cos, sin, mask)  # the next layer's inputs (the rotation changes nothing; an alignment little)
         before.append(e0)
         after.append(e1)
         bar.update()

@@ -34,9 +34,10 @@ def main():
     print(f"| checkpoint | text | one device: ppl / ppl_decode | TPLA x{a.world}: ppl / ppl_decode | ppl_decode |")
     print("|---|---|---|---|---|")
     for ckpt in a.ckpts:
-        ids = {name: load_tokenizer(Path(ckpt)).encode(read_text(path))[: a.max_tokens] for name, path in texts.items()}
+        tok = load_tokenizer(Path(ckpt))
+        ids = {name: tok.encode(read_text(path))[: a.max_tokens] for name, path in texts.items()}
         for name in texts:
-            model = load_model(ckpt)[0]
+            model = load_model(ckpt)[0]  # afresh for each text: simulate() turns its layers into TPLA in place
             one = perplexity(model, ids[name], a.ctx)
             split = perplexity(tpla.simulate(model, a.world, start=a.ctx // 2), ids[name], a.ctx)
             print(f"| {Path(ckpt).name} | {name} | {one['ppl']:.2f} / {one['ppl_decode']:.2f} | {split['ppl']:.2f} / "
