@@ -25,7 +25,7 @@ The steps, each one function below (test_equivalence.py proves the exact ones ex
                 and the values, as far as it can.               (--output-fit, default)
 6. fit_block    block reconstruction: q, kv_a, kv_b and o trained together by Adam so that each
                 converted attention's output matches the original's on the calibration
-                activations, 150 steps per layer.               (--block-fit 150, default)
+                activations, 200 steps per layer.               (--block-fit 200, default)
 
 A Recipe names the method's settings (OFFICIAL: TransMLA's; FITTED: the default); convert_layer,
 right after the six steps, is the whole method for one layer: a pure function of the original
@@ -111,6 +111,7 @@ class Recipe:
     q_lora_rank: int = 0  # a low-rank query of this rank (0: full rank)
     rope_select: str | None = "key"  # step 2's basis: "key" energy (TransMLA) or "score" energy; None: no RoRoPE
     latent_fit: str | None = "attention"  # step 3: "bkv" (TransMLA) or "attention"; None: the whole latent
+    latent_stream: str = "partial"  # step 3's statistics: the "partial"-RoPE model's (TransMLA) or the "original" model's
     output_fit: bool = True  # step 5: o_proj refitted by least squares
     block_fit: int = 0  # step 6: Adam steps of block reconstruction per layer (fit_block); 0: none
     latent_rms: float = LATENT_RMS  # the latent's RMS under its RMSNorm (to_deepseek)
@@ -118,7 +119,8 @@ class Recipe:
 
 
 OFFICIAL = Recipe(latent_fit="bkv", output_fit=False, block_fit=0)  # the official TransMLA method, step for step
-FITTED = Recipe(block_fit=150)  # the latent and o_proj fitted to what attention computes, then all maps jointly: the default
+FITTED = Recipe(latent_stream="original", block_fit=200)  # the latent and o_proj fitted to what attention
+# computes on the original model's hidden states, then all maps jointly: the default
 METHODS = {"transmla": OFFICIAL, "fitted": FITTED}
 
 
@@ -433,25 +435,31 @@ def balance_input(params: dict, rest: dict, cov: torch.Tensor, R: int) -> float:
 
 # ----------------------------------------------------------------------------- step 5
 
-def refit_output(block: Block, converted: Block, h: torch.Tensor, rope_gqa: tuple, rope: tuple,
-                 mask: torch.Tensor, damp: float = 1e-3) -> torch.Tensor:
+@torch.no_grad()
+def attention_outputs(block: Block, h: torch.Tensor, rope: tuple, mask: torch.Tensor) -> torch.Tensor:
+    """What block's attention outputs (N, T, D) at its hidden states h (N, T, D), 8 samples at a time:
+    the original layer's, which steps 5 and 6 fit the converted layer's to."""
+    return torch.cat([block.attention(block.attention_norm(h[b:b + 8]), *rope, mask) for b in range(0, len(h), 8)])
+
+
+def refit_output(converted: Block, h: torch.Tensor, want: torch.Tensor, rope: tuple, mask: torch.Tensor,
+                 damp: float = 1e-3) -> torch.Tensor:
     """o_proj's weight (float64) refitted by least squares: what the original attention outputs at
-    the hidden states h, from what the converted heads output there (o_proj's input).
-    Every head's output, attention weights included, is a linear function of o_proj's input, so this
-    corrects the scores' and the values' errors together, as far as one linear map can."""
+    the hidden states h (want, attention_outputs), from what the converted heads output there
+    (o_proj's input). Every head's output, attention weights included, is a linear function of
+    o_proj's input, so this corrects the scores' and the values' errors together, as far as one
+    linear map can."""
     attn = converted.attention
     seen = []
     hook = attn.wo.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
     n = attn.wo.weight.shape[1]
     own, cross = torch.zeros(n, n, dtype=FIT), torch.zeros(attn.wo.weight.shape[0], n, dtype=FIT)
     for b in range(0, len(h), 8):
-        want = block.attention(block.attention_norm(h[b:b + 8]), *rope_gqa, mask)  # (B, T, D)
         attn(converted.attention_norm(h[b:b + 8]), *rope, mask)  # its input scaled (balance_input)
-        if attn.wo.bias is not None:  # the bias stays; the weight fits the rest
-            want = want - attn.wo.bias
+        target = want[b:b + 8] - attn.wo.bias if attn.wo.bias is not None else want[b:b + 8]  # the bias stays
         v = seen.pop().reshape(-1, n).to(FIT)  # (B*T, H*d_v)
         own += v.T @ v
-        cross += want.reshape(-1, want.shape[-1]).to(FIT).T @ v
+        cross += target.reshape(-1, target.shape[-1]).to(FIT).T @ v
     hook.remove()
     ridge = damp * own.diagonal().mean() * torch.eye(n, dtype=FIT)
     return torch.linalg.solve(own + ridge, cross.T).T
@@ -459,25 +467,24 @@ def refit_output(block: Block, converted: Block, h: torch.Tensor, rope_gqa: tupl
 
 # ----------------------------------------------------------------------------- one layer: the whole method
 
-def fit_block(block: Block, converted: Block, h: torch.Tensor, rope_gqa: tuple, rope: tuple, mask: torch.Tensor,
+def fit_block(converted: Block, h: torch.Tensor, want: torch.Tensor, rope: tuple, mask: torch.Tensor,
               steps: int, lr: float = 1e-2, batch: int = 4, seed: int = 0) -> tuple[float, float]:
     """Step 6, block reconstruction: the converted attention's maps (q, kv_a, kv_b, o; its norms
-    stay as they are) trained (fit_output) so that its output matches the original attention's at
-    the original model's hidden states h (N, T, D): the loss steps 3 and 5 minimise one matrix at
-    a time in closed form, now for all of them jointly (the local fitting of GPTQ / AWQ and of
-    TPLA's "align" stage). Edits converted in place (float32); returns the relative error before
-    and after (fit_output)."""
+    stay as they are) trained (fit_output) so that its output matches the original attention's,
+    want (attention_outputs), at the original model's hidden states h (N, T, D): the loss steps 3
+    and 5 minimise one matrix at a time in closed form, now for all of them jointly (the local
+    fitting of GPTQ / AWQ and of TPLA's "align" stage). Edits converted in place (float32);
+    returns the relative error before and after (fit_output)."""
     with torch.no_grad():
         x = torch.cat([converted.attention_norm(h[b:b + 8]) for b in range(0, len(h), 8)])
-        want = torch.cat([block.attention(block.attention_norm(h[b:b + 8]), *rope_gqa, mask) for b in range(0, len(h), 8)])
     return fit_output(converted.attention, x, want, rope, mask, steps, lr, batch, seed)
 
 
 def fit_output(attn: torch.nn.Module, x: torch.Tensor, want: torch.Tensor, rope: tuple, mask: torch.Tensor,
                steps: int, lr: float = 1e-2, batch: int = 4, seed: int = 0) -> tuple[float, float]:
     """Train attention attn's weights (not its norms) by Adam (adam_steps) so that attn(x), x
-    (N, T, D), matches want (N, T, D) in mean squared error (lr 1e-2 and 150 steps: the best
-    held-out error per minute of those measured, docs/block_fit_settings.py). An exact attention
+    (N, T, D), matches want (N, T, D) in mean squared error (lr 1e-2: the best held-out error per
+    minute of those measured, docs/block_fit_settings.py; step 6 takes 200 steps). An exact attention
     is left as it is. If the training does not lower the error, it is run again from the start at
     a third of the rate (a tiny Qwen2 layer, whose q bias rides a near-linear q_norm, needs that),
     and if that does not either, attn is left as it was. Returns the relative error (mean squared
@@ -574,7 +581,8 @@ def convert_layer(block: Block, gqa: ModelArgs, h: torch.Tensor, h_partial: torc
     where h is (a GPU: minutes for a 7B model).
     h (N, T, D): the original model's hidden states at the block's input; h_partial: the
     partial-RoPE model's (the conversion's layers before this one with RoRoPE alone), on which,
-    as in the official code, the latent is fitted (needed when recipe.latent_fit is set).
+    as in the official code, the latent is fitted where recipe.latent_stream is "partial" (None
+    otherwise: the default fits it on h, better and a stream less, docs/accuracy.md).
     Forward passes in float32; second moments and every fit in FIT (float64): the eigenvalues
     that RoRoPE and the PCA rank span 10 or more orders of magnitude."""
     with torch.device(h.device):  # every tensor the steps make, beside h
@@ -583,9 +591,10 @@ def convert_layer(block: Block, gqa: ModelArgs, h: torch.Tensor, h_partial: torc
         if recipe.rope_select:
             layer = rorope(layer, cov, recipe.rope_dim, recipe.freqfold, gqa.n_kv_heads, recipe.rope_select)  # 2
         partial = None
-        if recipe.latent_fit:  # 3, on the partial-RoPE model's own activations
-            partial = mla_block(gqa, layer, block, cov, 0, keep_rope=recipe.keep_rope_scaling)
-            cov = second_moments(block.attention_norm, h_partial)
+        if recipe.latent_fit:  # 3
+            if recipe.latent_stream == "partial":  # on the partial-RoPE model's own activations, as the official code
+                partial = mla_block(gqa, layer, block, cov, 0, keep_rope=recipe.keep_rope_scaling)
+                cov = second_moments(block.attention_norm, h_partial)
             if recipe.latent_fit == "attention":
                 layer = attention_pca(layer, cov, recipe.kv_lora_rank, block.attention.wo.weight)
             else:
@@ -593,12 +602,14 @@ def convert_layer(block: Block, gqa: ModelArgs, h: torch.Tensor, h_partial: torc
         out = mla_block(gqa, layer, block, cov, recipe.q_lora_rank, recipe.latent_rms, recipe.keep_rope_scaling)  # 4
         pos = torch.arange(h.shape[1])
         ropes, mask = (model_rope(gqa, len(pos)), model_rope(out.args, len(pos))), attention_mask(pos, pos)
+        if recipe.output_fit or recipe.block_fit:
+            want = attention_outputs(block, h, ropes[0], mask)
         if recipe.output_fit:  # 5, on the original model's activations
-            w = refit_output(block, out.block, h, *ropes, mask)
+            w = refit_output(out.block, h, want, ropes[1], mask)
             out.params["wo.weight"] = w
             out.block.attention.wo.weight.data.copy_(w)
         if recipe.block_fit:  # 6, on the original model's activations
-            fit_block(block, out.block, h, *ropes, mask, recipe.block_fit)
+            fit_block(out.block, h, want, ropes[1], mask, recipe.block_fit)
             out.params.update({k: v.to(FIT) for k, v in out.block.attention.state_dict().items()
                                if k in out.params and "norm" not in k})
     return replace(out, partial=partial)
@@ -632,18 +643,18 @@ def convert_layers(reader: CheckpointReader, calib: torch.Tensor, recipe: Recipe
     """Stream the calibration samples calib (N, T) through the model one layer at a time and
     convert each layer (convert_layer); yield the ConvertedLayers, in order, on the CPU.
 
-    Two streams of hidden states run side by side on `device`: the original model's, which the
-    RoRoPE basis and refit_output are fitted on, and the partial-RoPE model's (each layer sees
-    what the partial-RoPE layers before it produce), which the latent is fitted on. Memory: one
-    layer, its fits and the two streams (conversion_memory). progress(), if given, after each
-    layer is written."""
+    The original model's hidden states, which every fit is fitted on, run through the layers on
+    `device`; with recipe.latent_stream "partial" (the official method) a second stream beside
+    them, the partial-RoPE model's (each layer sees what the partial-RoPE layers before it
+    produce), which the latent is fitted on. Memory: one layer, its fits and the streams
+    (conversion_memory). progress(), if given, after each layer is written."""
     gqa = reader.args
     T = calib.shape[1]
     with torch.device("meta"):
         emb = torch.nn.Embedding(gqa.vocab_size, gqa.dim)
     reader.fill(emb, "tok_embeddings.", device=device)
     h = emb(calib.to(device))  # (N, T, D)
-    h_partial = h.clone() if recipe.latent_fit else None
+    h_partial = h.clone() if recipe.latent_fit and recipe.latent_stream == "partial" else None
     del emb
     for i in range(gqa.n_layers):
         with torch.device(device):  # every tensor made here, on the device (not while we yield: the caller's)
@@ -873,7 +884,10 @@ def conversion_memory(args: ModelArgs, n_samples: int, length: int, device: str)
     """Bytes a conversion holds at its peak beyond what the process holds before it starts, from the
     config alone: {"device": where the work runs, "host": the CPU's share when that is a GPU (the
     writer), "hidden": the calibration activations alone}. The terms, each a phase's tensors:
-    - hidden states: the original model's and the partial-RoPE model's, N x T x D float32 each;
+    - activations, N x T x D float32 each, three (the default): the original model's hidden
+      states, the original attention's outputs and the converted one's inputs (steps 5-6); the
+      official method has the partial-RoPE model's hidden states instead of the last two, and
+      step 6's error adds a few more;
     - at the start, the embedding table (float32) beside them;
     - per layer: the original, partial and converted blocks (float32), the layer's MLA form and its
       fits in float64 (about three copies of q, the up-projections and the latent maps), the
@@ -883,7 +897,7 @@ def conversion_memory(args: ModelArgs, n_samples: int, length: int, device: str)
     D, H, d_h, T, V = args.dim, args.n_heads, args.head_dim, length, args.vocab_size
     L = args.n_kv_heads * d_h
     layer = sum(math.prod(shape) for ours, (_, shape) in checkpoint_tensors(args).items() if ours.startswith("layers.0."))
-    hidden = 2 * n_samples * T * D * 4
+    hidden = 3 * n_samples * T * D * 4
     embedding = V * D * 4
     mla64 = 3 * 8 * (2 * H * d_h * (D + 1) + 3 * H * d_h * L + 2 * L * (D + 1))
     ffn = args.hidden_dim * max(1, args.n_experts_per_tok) if args.n_experts else args.hidden_dim
@@ -967,10 +981,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--q-lora-rank", type=int, default=FITTED.q_lora_rank, help="low-rank query of this rank (0: full rank)")
     p.add_argument("--method", default="fitted", choices=list(METHODS),
                    help="recipe: 'transmla' is the official method (RoRoPE, FreqFold, BKV-PCA); 'fitted' "
-                        f"(default) is --latent-fit attention --output-fit --block-fit {FITTED.block_fit} on top of it")
+                        f"(default) is --latent-fit attention --latent-stream original --output-fit --block-fit "
+                        f"{FITTED.block_fit} on top of it")
     p.add_argument("--latent-fit", choices=("bkv", "attention"),
                    help="the joint latent: 'bkv' balanced key/value PCA (TransMLA), 'attention' PCA weighted "
                         "by what the queries and o_proj read of it")
+    p.add_argument("--latent-stream", choices=("original", "partial"),
+                   help="hidden states the latent is fitted on: the 'original' model's (fitted) or the "
+                        "'partial'-RoPE model's, a second stream (transmla, as the official code)")
     p.add_argument("--output-fit", action=argparse.BooleanOptionalAction,
                    help="refit o_proj by least squares so each layer's attention output matches the original's")
     p.add_argument("--block-fit", type=int,
@@ -1006,7 +1024,7 @@ def chosen_recipe(args: argparse.Namespace, gqa: ModelArgs) -> Recipe:
                         f"sqrt(eps) is 1e-3; beyond 1e-4 it stops being linear)")
     if args.block_fit is not None and args.block_fit < 0:
         raise UserError(f"--block-fit {args.block_fit}: the number of Adam steps per layer, 0 or more (0: no block fit)")
-    chosen = {k: getattr(args, k) for k in ("rope_select", "latent_fit", "output_fit", "block_fit")
+    chosen = {k: getattr(args, k) for k in ("rope_select", "latent_fit", "latent_stream", "output_fit", "block_fit")
               if getattr(args, k) is not None}
     R, r = fitting_shape(gqa)
     return replace(METHODS[args.method], kv_lora_rank=args.kv_lora_rank or R, rope_dim=args.rope_dim or r,
@@ -1027,9 +1045,8 @@ def default_out(folder: Path, method: str, recipe: Recipe, gqa: ModelArgs) -> Pa
 def settings(method: str, recipe: Recipe, calib: torch.Tensor) -> dict:
     """What the run did, as config.json's "transmla" record and the report keep it."""
     return {"method": method, "rope_select": recipe.rope_select, "latent_fit": recipe.latent_fit,
-            "output_fit": recipe.output_fit, "block_fit": recipe.block_fit, "kv_lora_rank": recipe.kv_lora_rank,
-            "rope_dim": recipe.rope_dim,
-            "freqfold": recipe.freqfold, "q_lora_rank": recipe.q_lora_rank, "latent_rms": recipe.latent_rms,
+            "latent_stream": recipe.latent_stream, "output_fit": recipe.output_fit, "block_fit": recipe.block_fit,
+            "kv_lora_rank": recipe.kv_lora_rank, "rope_dim": recipe.rope_dim, "freqfold": recipe.freqfold, "q_lora_rank": recipe.q_lora_rank, "latent_rms": recipe.latent_rms,
             "calibration": f"{calib.shape[0]} samples x {calib.shape[1]} tokens"}
 
 

@@ -49,7 +49,7 @@ float32 student once, then shards them: that, not training, sets the peak for th
 models), a bf16 mixed-precision policy on GPUs; --batch is the global
 batch, each rank training on its N-th of every step's windows (the same windows as one process
 would draw); each block's activations are recomputed in the backward (--no-checkpoint-activations
-keeps them: more memory, less compute).
+keeps them: more memory, less compute; one CPU process keeps them by default).
 Without torchrun the same code runs as a group of one.
 
 Resuming: every --save-every steps, at the end and on Ctrl-C or SIGTERM (one process) the
@@ -582,7 +582,7 @@ def build(job: Job) -> Run:
                                         job.state["unfolded"] if job.state else None)
     names = trainable_names(student, args.trainable)
     gpu_bf16 = torch.bfloat16 if device.startswith("cuda") and job.dtype == torch.bfloat16 else None
-    student = shard(student, device, gpu_bf16, args.checkpoint_activations)
+    student = shard(student, device, gpu_bf16, recompute_activations(args.checkpoint_activations, job.world, device))
     params = [p for name, p in student.named_parameters() if name in names]  # the norms unfolded have gone
     b = args.batch // job.world
     run_ = Run(student, teacher, params, optimizer(student, params, args.lr, args.weight_decay),
@@ -751,6 +751,13 @@ def summary(job: Job, run_: Run):
         print(f"{k:<{width}}  {v}")
 
 
+def recompute_activations(asked: bool | None, world: int, device: str) -> bool:
+    """--checkpoint-activations, or by default: on GPUs and over several ranks, where the models
+    that need it are trained; off in one CPU process, where memory is plenty for the models a CPU
+    trains and the recompute costs a tenth of the speed (docs/accuracy.md)."""
+    return asked if asked is not None else world > 1 or not device.startswith("cpu")
+
+
 def default_dtype(device: str) -> torch.dtype:
     """bf16 autocast where matmuls run natively in it (CUDA; CPUs with AVX512-BF16 or AMX): a step
     is faster there than fp32. Elsewhere it is emulated: many times slower (docs/accuracy.md)."""
@@ -788,9 +795,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=50, help="save the training state every N steps")
     p.add_argument("--keep-state", action="store_true", help="keep the state folder after a finished run "
                                                              "(default: removed once the output is written)")
-    p.add_argument("--checkpoint-activations", action=argparse.BooleanOptionalAction, default=True,
-                   help="recompute each block's activations in the backward (default): the memory of one block's "
-                        "activations instead of all of them, for a little compute (docs/real_sizes.md)")
+    p.add_argument("--checkpoint-activations", action=argparse.BooleanOptionalAction,
+                   help="recompute each block's activations in the backward: the memory of one block's activations "
+                        "instead of all of them, for a little compute (docs/real_sizes.md; default: on GPUs and "
+                        "with several ranks, not in one CPU process)")
     p.add_argument("--eval-text", nargs="+", help="perplexity before and after on these files ('none': skip; "
                                                   "default: the evaluation split and held-out Wikipedia for the "
                                                   "embedded model, none otherwise)")

@@ -352,7 +352,7 @@ def test_output_refit(tiny, name):
     is the original o_proj; on a compressed layer it lowers the attention-output error on the
     calibration activations below what the original o_proj leaves (with the default damping)."""
     from checkpoint import CheckpointReader
-    from convert import gqa_as_mla, mla_block, refit_output, second_moments
+    from convert import attention_outputs, gqa_as_mla, mla_block, refit_output, second_moments
     from model import Block, rope_frequencies, rope_table
     reader = CheckpointReader(tiny[name][0])
     a = reader.args
@@ -366,15 +366,15 @@ def test_output_refit(tiny, name):
     exact = gqa_as_mla(block.attention, a.n_kv_heads, a.head_dim)
     mla = mla_block(a, exact, block, cov, 0, latent_rms=1e-10).block  # its latent norm linear to fp32 precision
     rope = rope_table(inv_freq[torch.tensor(exact.pairs)], T)
-    w = refit_output(block, mla, h, rope_table(inv_freq, T), rope, mask, damp=0.0)
+    want = attention_outputs(block, h, rope_table(inv_freq, T), mask)
+    w = refit_output(mla, h, want, rope, mask, damp=0.0)
     assert_close(f"{name}: o_proj refitted on an exact conversion vs the original", w, block.attention.wo.weight, 1e-4)
 
     L = a.n_kv_heads * a.head_dim
     mla, rope = _compressed_layer(a, block, h, cov)
     x = mla.attention_norm(h)  # its input is scaled (convert.balance_input)
-    want = block.attention(block.attention_norm(h), *rope_table(inv_freq, T), mask)
     before = (mla.attention(x, *rope, mask) - want).pow(2).mean().item()
-    mla.attention.wo.weight.copy_(refit_output(block, mla, h, rope_table(inv_freq, T), rope, mask))
+    mla.attention.wo.weight.copy_(refit_output(mla, h, want, rope, mask))
     after = (mla.attention(x, *rope, mask) - want).pow(2).mean().item()
     print(f"{name}: attention output mean squared error, R = {L // 4}: {before:.4g} -> {after:.4g} with o_proj refitted")
     assert after < 0.9 * before
@@ -387,7 +387,7 @@ def test_block_fit(tiny, name):
     converted attention jointly lowers its output error against the original's on the
     calibration activations, and on activations it never saw, below what steps 1-5 leave."""
     from checkpoint import CheckpointReader
-    from convert import fit_block, refit_output, second_moments
+    from convert import attention_outputs, fit_block, refit_output, second_moments
     from model import Block, rope_frequencies, rope_table
     reader = CheckpointReader(tiny[name][0])
     a = reader.args
@@ -399,13 +399,14 @@ def test_block_fit(tiny, name):
     rope_gqa = rope_table(rope_frequencies(a.head_dim, a.rope_theta, a.rope_scaling), T)
     L = a.n_kv_heads * a.head_dim
     mla, rope = _compressed_layer(a, block, h, second_moments(block.attention_norm, h))
-    mla.attention.wo.weight.copy_(refit_output(block, mla, h, rope_gqa, rope, mask))
+    want = attention_outputs(block, h, rope_gqa, mask)
+    mla.attention.wo.weight.copy_(refit_output(mla, h, want, rope, mask))
 
     def error(x):
         want = block.attention(block.attention_norm(x), *rope_gqa, mask)
         return ((mla.attention(mla.attention_norm(x), *rope, mask) - want).pow(2).mean() / want.pow(2).mean()).item()
     before = error(h), error(held_out)
-    fit_block(block, mla, h, rope_gqa, rope, mask, steps=200)
+    fit_block(mla, h, want, rope, mask, steps=200)
     after = error(h), error(held_out)
     print(f"{name}: relative attention-output error, R = {L // 4}, steps 1-5 -> + 200 Adam steps: calibration "
           f"{before[0]:.4g} -> {after[0]:.4g}, held out {before[1]:.4g} -> {after[1]:.4g}")

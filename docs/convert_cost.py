@@ -13,7 +13,9 @@ stated fraction of the vendor's peak rates, float32 and float64 apart, since con
 float64 at 1/64 of their float32 rate, plus reading the checkpoint and writing the result (bf16)
 at an assumed disk rate.
 
-Counted per layer, n = samples x tokens, P = the layer's parameters, A = its attention's:
+Counted per layer, n = samples x tokens, P = the layer's parameters, A = its attention's, for the
+recipe the measurement in docs/convert_cost.md used (steps 1-5, the latent on the partial-RoPE
+stream; today's default has no second stream and adds step 6, whose Adam steps are not counted):
   float32  the original block over the hidden states (2 n P), the partial-RoPE block (2 n P), and
            refit_output's two attention passes (2 x 2 n A); each attention core 2 n T H d_h.
   float64  second_moments twice (2 x 2 n (D+1)^2), refit_output's normal equations

@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 def main():
     data = json.loads((HERE / "fidelity_minutes.json").read_text())
     fig, axes = plt.subplots(1, 2, figsize=(11, 5), sharex=True)
-    markers = "osD^v<>"
+    markers = "osD^v<>p*X"
     for ax, text in zip(axes, ("evaluation split", "held-out Wikipedia")):
         for run, marker in zip(data["runs"], markers):
             ax.scatter(run["minutes"], run[text], s=36, marker=marker, label=run["label"])
