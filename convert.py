@@ -117,6 +117,11 @@ class Recipe:
     latent_rms: float = LATENT_RMS  # the latent's RMS under its RMSNorm (to_deepseek)
     keep_rope_scaling: bool = False  # write the source's rope scaling as it is (written_rope), not a form every engine reads
 
+    @property
+    def partial_stream(self) -> bool:
+        """Whether step 3 needs the partial-RoPE model's hidden states (a second stream)."""
+        return bool(self.latent_fit) and self.latent_stream == "partial"
+
 
 OFFICIAL = Recipe(latent_fit="bkv", output_fit=False, block_fit=0)  # the official TransMLA method, step for step
 FITTED = Recipe(latent_stream="original", block_fit=200)  # the latent and o_proj fitted to what attention
@@ -592,7 +597,7 @@ def convert_layer(block: Block, gqa: ModelArgs, h: torch.Tensor, h_partial: torc
             layer = rorope(layer, cov, recipe.rope_dim, recipe.freqfold, gqa.n_kv_heads, recipe.rope_select)  # 2
         partial = None
         if recipe.latent_fit:  # 3
-            if recipe.latent_stream == "partial":  # on the partial-RoPE model's own activations, as the official code
+            if recipe.partial_stream:  # on the partial-RoPE model's own activations, as the official code
                 partial = mla_block(gqa, layer, block, cov, 0, keep_rope=recipe.keep_rope_scaling)
                 cov = second_moments(block.attention_norm, h_partial)
             if recipe.latent_fit == "attention":
@@ -654,7 +659,7 @@ def convert_layers(reader: CheckpointReader, calib: torch.Tensor, recipe: Recipe
         emb = torch.nn.Embedding(gqa.vocab_size, gqa.dim)
     reader.fill(emb, "tok_embeddings.", device=device)
     h = emb(calib.to(device))  # (N, T, D)
-    h_partial = h.clone() if recipe.latent_fit and recipe.latent_stream == "partial" else None
+    h_partial = h.clone() if recipe.partial_stream else None
     del emb
     for i in range(gqa.n_layers):
         with torch.device(device):  # every tensor made here, on the device (not while we yield: the caller's)
@@ -1046,7 +1051,8 @@ def settings(method: str, recipe: Recipe, calib: torch.Tensor) -> dict:
     """What the run did, as config.json's "transmla" record and the report keep it."""
     return {"method": method, "rope_select": recipe.rope_select, "latent_fit": recipe.latent_fit,
             "latent_stream": recipe.latent_stream, "output_fit": recipe.output_fit, "block_fit": recipe.block_fit,
-            "kv_lora_rank": recipe.kv_lora_rank, "rope_dim": recipe.rope_dim, "freqfold": recipe.freqfold, "q_lora_rank": recipe.q_lora_rank, "latent_rms": recipe.latent_rms,
+            "kv_lora_rank": recipe.kv_lora_rank, "rope_dim": recipe.rope_dim, "freqfold": recipe.freqfold,
+            "q_lora_rank": recipe.q_lora_rank, "latent_rms": recipe.latent_rms,
             "calibration": f"{calib.shape[0]} samples x {calib.shape[1]} tokens"}
 
 

@@ -3,12 +3,13 @@
 
     python docs/block_fit_settings.py --layers 4,16 --settings "steps=150,lr=1e-2" "steps=200,lr=1e-2"
 
-A full conversion costs six to ten minutes and says one number; this asks each setting the question step 6
-answers, per layer, in seconds: the embedded model's default calibration (160 samples of 256 tokens:
-128 fitted on, the other 32 held out), each listed layer converted by steps 1-5 on the original
-model's activations (the default recipe's one stream), then fit_block at each setting from the same start. Printed per layer and
-setting: the relative error of the attention output (mean squared error over the original
-output's mean square) on the 128 fitted samples and on the 32 held out, and the seconds it took.
+A full conversion costs six to ten minutes and says one number; this asks each setting the question
+step 6 answers, per layer, in seconds: the embedded model's default calibration (160 samples of 256
+tokens: 128 fitted on, the other 32 held out), each listed layer converted by steps 1-5 on the
+original model's activations (the default recipe's one stream), then fit_block at each setting from
+the same start. Printed per layer and setting: the relative error of the attention output (mean
+squared error over the original output's mean square) on the 128 fitted samples and on the 32 held
+out, and the seconds it took.
 """
 import argparse
 import copy
